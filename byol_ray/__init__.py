@@ -1,0 +1,1 @@
+"""BYOL at cluster scale."""

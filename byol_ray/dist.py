@@ -1,0 +1,36 @@
+"""Distributed facts through one door: rank, world size, main process; sensible without a process group."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (the EMA and the registry read this one)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity without a process group)."""
+    if not is_initialized():
+        return value
+    value = value.clone()
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+    return value / world_size()
