@@ -1,0 +1,74 @@
+"""Checkpoint files: atomic save (write, fsync, rename), validated load, latest-in-folder lookup."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "state.pt"
+REQUIRED_KEYS = ("online", "target", "optimizer", "scaler", "step", "epoch", "rng", "config")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` so that ``path`` is either the old file or the complete new one, never half.
+
+    Args:
+        state: an engine state dict.
+        path: destination file; its folder is created.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: a ``state.pt`` file, or a folder holding one.
+        map_location: device for the tensors.
+
+    Returns:
+        The state dict; raises ``FileNotFoundError``/``ValueError`` naming the file when it is missing,
+        unreadable or not a byol-ray checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a state.pt file or a checkpoint folder")
+    try:
+        # weights_only=False: the state holds numpy RNG state and Python tuples; only load your own files.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it may be truncated") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a byol-ray checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The ``epoch_NNNN/state.pt`` with the highest epoch under ``folder``, or None."""
+    folder = Path(folder)
+    found = []
+    for candidate in folder.glob(f"epoch_*/{CHECKPOINT_NAME}"):
+        match = re.fullmatch(r"epoch_(\d+)", candidate.parent.name)
+        if match:
+            found.append((int(match.group(1)), candidate))
+    return max(found)[1] if found else None

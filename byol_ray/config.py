@@ -1,0 +1,388 @@
+"""Strict, typed run configuration: defaults ← YAML files ← ``key.sub=value`` overrides, resolved once."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from byol_ray.augment import ViewAugment
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts; the message names key and fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Networks: encoder f, projector g, predictor q (RECIPE.md, "Networks")."""
+
+    encoder: str = "resnet50"
+    cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (for 32 px images)
+    projector_hidden_dim: int = 4096
+    projector_dim: int = 256
+    predictor_hidden_dim: int = 4096
+    use_predictor: bool = True  # False is the paper's collapse ablation, not a recipe
+    bn_momentum: float = 0.1  # PyTorch convention; = Haiku decay 0.9
+    bn_eps: float = 1e-5
+    sync_bn: Literal["auto", "on", "off"] = "auto"  # auto: on when more than one worker
+    online_classifier: bool = True  # linear probe on stop_gradient(y) of view 1
+    num_classes: int = 1000
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how the two crops of each are cut."""
+
+    train: str = "demo"  # 'demo', an ImageFolder split folder, a CIFAR pickle folder, or a .beton
+    loader: Literal["ffcv", "torch"] = "ffcv"  # 'torch' is the fallback where FFCV cannot be built
+    resolution: int = 224
+    num_workers: int = 4  # data-loading threads per training worker
+    cache_dir: str = "~/.cache/byol-ray"  # .beton files prepared from non-.beton sources
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+
+
+@dataclass
+class AugmentConfig:
+    """Per-view colour augmentation; view 1 and view 2 differ only by these values."""
+
+    view1: ViewAugment = field(default_factory=ViewAugment)
+    view2: ViewAugment = field(default_factory=lambda: ViewAugment(blur_prob=0.1, solarize_prob=0.2))
+
+
+@dataclass
+class OptimConfig:
+    """LARS and the learning-rate schedule (RECIPE.md, "Optimiser")."""
+
+    base_lr: float = 0.2  # peak lr = base_lr * global_batch / 256
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    eta: float = 1e-3  # LARS trust coefficient
+    warmup_epochs: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: budget, batch, target decay, numerics, cadence of logs and checkpoints."""
+
+    epochs: int = 1000
+    batch_size: int = 4096  # GLOBAL batch, split evenly over the workers
+    tau_base: float = 0.996
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU; CPU runs fp32
+    channels_last: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every_steps: int = 50
+    checkpoint_every_epochs: int = 1
+
+
+@dataclass
+class RayConfig:
+    """Ray Train scaling and fault tolerance."""
+
+    address: str = ""  # '' = in-process local Ray (or the cluster the job was submitted to)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    storage_path: str = "runs/ray"  # local path, shared filesystem path or object-store URI
+    max_failures: int = 0
+    num_to_keep: int = 2
+
+
+@dataclass
+class MlflowConfig:
+    """Tracking and registry."""
+
+    enabled: bool = True
+    tracking_uri: str = ""  # '' = sqlite:///<output_dir>/mlflow.db (absolute)
+    experiment: str = "byol-ray"
+    register_name: str = "byol-encoder"  # '' = do not register
+
+
+@dataclass
+class Config:
+    """A whole run; a YAML file is a diff over these defaults (the paper's 1000-epoch ResNet-50)."""
+
+    run_name: str = ""  # '' = byol-<timestamp>
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed once from the config, the data set size and the world size."""
+
+    world_size: int
+    per_worker_batch: int
+    num_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(sources: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from YAML files (or preset names) and CLI overrides.
+
+    Args:
+        sources: YAML paths or preset names (``demo``, ``cifar10_resnet18``, ...), applied in order.
+        overrides: ``key.sub=value`` strings; values are parsed as YAML (``1e-3``, ``true``, ``[1, 2]``).
+
+    Returns:
+        The config; raises :class:`ConfigError` naming the key, the bad value and what is allowed.
+    """
+    tree: dict[str, Any] = {}
+    for source in sources:
+        _merge(tree, _read_yaml(source), Config, prefix="")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.epochs=10)")
+        _merge(tree, _nest(key.strip(), _parse_value(raw)), Config, prefix="")
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if not path.suffix and (PRESETS_DIR / f"{source}.yaml").exists():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {source!r} not found; give a YAML path or a preset name ({names})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(tree: dict, update: dict, schema: type, prefix: str) -> None:
+    """Deep-merge ``update`` into ``tree``, rejecting keys the schema does not have."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in update.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys here: {', '.join(fields)})")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix}{key!r} is a section; give its keys, got {value!r}")
+            _merge(tree.setdefault(key, {}), value, hints[key], prefix=f"{prefix}{key}.")
+        else:
+            tree[key] = value
+
+
+def _build(schema: type, tree: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        if f.name not in tree:
+            continue
+        typ, value, key = hints[f.name], tree[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(typ):
+            base = _default_of(f)
+            merged = {**dataclasses.asdict(base), **value}
+            kwargs[f.name] = _build(typ, merged, prefix=f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(key, value, typ)
+    try:
+        return schema(**kwargs)
+    except (TypeError, ValueError) as exc:  # a nested dataclass's own range checks
+        raise ConfigError(f"invalid value in section {prefix.rstrip('.') or 'config'!r}: {exc}") from None
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} = {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key {key!r} = {value!r} must be a list of {len(args)} numbers")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} = {value!r} must be true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} = {value!r} must be an integer")
+        return value
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-5' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} = {value!r} must be a number")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} = {value!r} must be a string")
+        return str(value)
+    raise ConfigError(f"config key {key!r}: unsupported type {typ}")  # a schema bug, not user input
+
+
+# ----------------------------------------------------------------------------- validation
+
+ENCODERS = (
+    "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} = {value!r} is out of range; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express; raises :class:`ConfigError`."""
+    m, d, o, t, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.ray
+    _check(m.encoder in ENCODERS, "model.encoder", m.encoder, ", ".join(ENCODERS))
+    for key in ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim", "num_classes"):
+        _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "> 0")
+    _check(0 < m.bn_momentum <= 1, "model.bn_momentum", m.bn_momentum, "(0, 1]")
+    _check(0 < m.bn_eps < 1, "model.bn_eps", m.bn_eps, "(0, 1)")
+    _check(bool(d.train), "data.train", d.train, "'demo', an image folder, a CIFAR folder or a .beton file")
+    _check(8 <= d.resolution <= 1024, "data.resolution", d.resolution, "8..1024 pixels")
+    _check(d.num_workers >= 1, "data.num_workers", d.num_workers, ">= 1 (threads per training worker)")
+    _check(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", d.crop_scale, "0 < lo <= hi <= 1")
+    _check(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", d.crop_ratio, "0 < lo <= hi")
+    _check(0 <= d.flip_prob <= 1, "data.flip_prob", d.flip_prob, "[0, 1]")
+    _check(o.base_lr > 0 and math.isfinite(o.base_lr), "optim.base_lr", o.base_lr, "a finite number > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "[0, 1)")
+    _check(o.eta > 0, "optim.eta", o.eta, "> 0")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    _check(t.batch_size >= 2, "train.batch_size", t.batch_size, ">= 2 (BatchNorm needs two samples)")
+    _check(0 <= t.tau_base <= 1, "train.tau_base", t.tau_base, "[0, 1]")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
+    _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs", t.checkpoint_every_epochs, ">= 1")
+    _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, ">= 1")
+    _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")
+    _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, ">= 0, or -1 for unlimited")
+    _check(r.num_to_keep >= 1, "ray.num_to_keep", r.num_to_keep, ">= 1")
+    _check(
+        t.batch_size % r.num_workers == 0 and t.batch_size // r.num_workers >= 2,
+        "train.batch_size", t.batch_size,
+        f"a multiple of ray.num_workers={r.num_workers} with >= 2 samples per worker",
+    )
+
+
+def derive(cfg: Config, num_samples: int, world_size: int | None = None) -> Derived:
+    """Compute steps, warmup and the scaled learning rate once, from the real global batch.
+
+    Args:
+        cfg: the validated config.
+        num_samples: training-set size.
+        world_size: number of training workers (defaults to ``cfg.ray.num_workers``).
+
+    Returns:
+        The derived values; raises :class:`ConfigError` when the data set is smaller than a batch.
+    """
+    world_size = world_size or cfg.ray.num_workers
+    per_worker = cfg.train.batch_size // world_size
+    global_batch = per_worker * world_size
+    steps_per_epoch = num_samples // global_batch  # drop_last: every step sees a full batch
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the data set ({num_samples} images); "
+            f"lower train.batch_size or use more data"
+        )
+    total = steps_per_epoch * cfg.train.epochs
+    return Derived(
+        world_size=world_size,
+        per_worker_batch=per_worker,
+        num_samples=num_samples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(round(cfg.optim.warmup_epochs * steps_per_epoch), total),
+        peak_lr=cfg.optim.base_lr * global_batch / 256,
+    )
+
+
+def to_dict(cfg: Config, derived: Derived | None = None) -> dict[str, Any]:
+    """Plain-dict form (tuples as lists) for YAML, MLflow params and Ray's config passing."""
+    out = _plain(dataclasses.asdict(cfg))
+    if derived is not None:
+        out["derived"] = dataclasses.asdict(derived)
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :func:`to_dict` (the ``derived`` section is ignored)."""
+    data = {k: v for k, v in data.items() if k != "derived"}
+    tree: dict[str, Any] = {}
+    _merge(tree, data, Config, prefix="")
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def save_resolved(cfg: Config, derived: Derived, path: str | Path) -> Path:
+    """Write the config plus derived values as YAML next to the run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg, derived), sort_keys=False))
+    return path

@@ -1,0 +1,262 @@
+"""The BYOL training loop in plain PyTorch: build, step, epoch, state. No Ray, MLflow or FFCV imports."""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from byol_ray import dist
+from byol_ray.augment import augment_view
+from byol_ray.byol import build_byol, update_target
+from byol_ray.config import Config, Derived, to_dict
+from byol_ray.encoders import build_encoder
+from byol_ray.lars import LARS, param_groups
+from byol_ray.loss import byol_loss
+from byol_ray.schedules import learning_rate, target_decay
+
+
+class TwoViewLoader(Protocol):
+    """What the loop needs from a loader (see ``byol_ray.data.loaders``)."""
+
+    num_samples: int
+
+    def __iter__(self) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class Reporter(Protocol):
+    """Where the loop sends metrics and checkpoint state: a local printer, Ray Train, or nothing."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None: ...
+
+
+class NullReporter:
+    """Discards everything (tests, benchmarks)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
+        pass
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; set train.device=cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class BYOLEngine:
+    """Online + target networks, LARS, schedules and the augmentation generator of one worker."""
+
+    def __init__(self, cfg: Config, derived: Derived, device: torch.device) -> None:
+        self.cfg, self.derived, self.device = cfg, derived, device
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        m = cfg.model
+        encoder = build_encoder(m.encoder, cifar_stem=m.cifar_stem, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps)
+        online, target = build_byol(
+            encoder, projector_hidden_dim=m.projector_hidden_dim, projector_dim=m.projector_dim,
+            predictor_hidden_dim=m.predictor_hidden_dim, use_predictor=m.use_predictor,
+            num_classes=m.num_classes if m.online_classifier else 0, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps,
+        )
+        if self.sync_bn:
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+            target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.online = online.to(device, memory_format=memory_format)
+        self.target = target.to(device, memory_format=memory_format)
+        # Only the online network is wrapped; the EMA reads self.online, never the wrapper.
+        self.online_ddp: nn.Module = self.online
+        if dist.is_initialized():
+            self.online_ddp = nn.parallel.DistributedDataParallel(
+                self.online, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.optimizer = LARS(
+            param_groups([self.online], cfg.optim.weight_decay), lr=0.0,
+            momentum=cfg.optim.momentum, eta=cfg.optim.eta,
+        )
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        if device.type != "cuda":
+            self.autocast_dtype = None  # CPU runs fp32: CPU autocast is slower, not faster, here
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(cfg.train.seed * 1_000_003 + dist.rank())
+        self.memory_format = memory_format
+        self.step = 0
+        self.epoch = 0
+
+    @property
+    def sync_bn(self) -> bool:
+        mode = self.cfg.model.sync_bn
+        return dist.is_initialized() and dist.world_size() > 1 and mode in ("auto", "on")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, view1_u8: torch.Tensor, view2_u8: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One BYOL step: augment → forward → symmetric loss → backward → LARS → τ update.
+
+        Args:
+            view1_u8, view2_u8: uint8 [B, 3, H, W] crops of the same images, on the device.
+            labels: int64 [B], used only by the online linear probe.
+
+        Returns:
+            Detached metric tensors (no host sync here, so the GPU never waits for logging).
+        """
+        d, aug = self.derived, self.cfg.augment
+        lr = learning_rate(self.step, peak_lr=d.peak_lr, warmup_steps=d.warmup_steps, total_steps=d.total_steps)
+        tau = target_decay(self.step, tau_base=self.cfg.train.tau_base, total_steps=d.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.no_grad():
+            view1 = augment_view(view1_u8, aug.view1, self.generator).contiguous(memory_format=self.memory_format)
+            view2 = augment_view(view2_u8, aug.view2, self.generator).contiguous(memory_format=self.memory_format)
+        with self._autocast():
+            online = self.online_ddp(view1, view2)
+            target_projection1, target_projection2 = self.target(view1), self.target(view2)
+            loss = byol_loss(online["prediction1"], online["prediction2"], target_projection1, target_projection2)
+            total = loss
+            if "logits" in online:
+                classifier_loss = F.cross_entropy(online["logits"].float(), labels)
+                total = total + classifier_loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        update_target(self.target, self.online, tau)
+        self.step += 1
+
+        with torch.no_grad():
+            z = F.normalize(online["projection1"].float(), dim=-1)
+            metrics = {"loss": loss.detach(), "projection_std": z.std(dim=0).mean()}
+            if "logits" in online:
+                metrics["classifier_loss"] = classifier_loss.detach()
+                metrics["classifier_acc"] = (online["logits"].argmax(dim=-1) == labels).float().mean()
+        metrics["lr"] = torch.tensor(lr)
+        metrics["tau"] = torch.tensor(tau)
+        return metrics
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restarted worker needs to continue bit-identically (ARCHITECTURE.md)."""
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "augment": self.generator.get_state(),
+            },
+            "config": to_dict(self.cfg, self.derived),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the target is loaded as saved, never re-copied from online."""
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.generator.set_state(rng["augment"])
+
+
+@dataclass
+class FitResult:
+    """What a finished (or resumed-and-finished) run reports."""
+
+    steps: int
+    epochs: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    engine: BYOLEngine | None = None
+
+
+def _host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.device, *,
+        reporter: Reporter | None = None, state: dict[str, Any] | None = None) -> FitResult:
+    """Train from ``state`` (or from scratch) to ``cfg.train.epochs``; checkpoints at epoch ends.
+
+    Args:
+        cfg, derived: the config and its derived values (``derived.world_size`` must match the group).
+        loader: a two-view loader yielding uint8 views on ``device``.
+        device: where the networks live.
+        reporter: receives step logs and epoch-end metrics with checkpoint state.
+        state: an :meth:`BYOLEngine.state_dict` to resume from.
+
+    Returns:
+        A :class:`FitResult`; ``history`` holds one row per epoch.
+    """
+    reporter = reporter or NullReporter()
+    if len(loader) < derived.steps_per_epoch:
+        raise RuntimeError(
+            f"loader yields {len(loader)} batches per epoch but the schedule expects {derived.steps_per_epoch}; "
+            "the data set or the world size changed since the run was configured"
+        )
+    engine = BYOLEngine(cfg, derived, device)
+    if state is not None:
+        engine.load_state_dict(state)
+    history: list[dict[str, float]] = []
+    epoch_metrics: dict[str, float] = {}
+    for epoch in range(engine.epoch, cfg.train.epochs):
+        loader.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        for i, (view1, view2, labels) in enumerate(loader):
+            if i == derived.steps_per_epoch:
+                break
+            metrics = engine.train_step(view1, view2, labels)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            window_steps += 1
+            if engine.step % cfg.train.log_every_steps == 0:
+                now = time.perf_counter()
+                row = _host(metrics)
+                row["images_per_s"] = window_steps * derived.per_worker_batch * derived.world_size / (now - window_start)
+                row["step_time_s"] = (now - window_start) / window_steps
+                row["epoch"] = epoch + (i + 1) / derived.steps_per_epoch
+                if device.type == "cuda":
+                    row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                reporter.log(row, engine.step)
+                window_start, window_steps = now, 0
+        engine.epoch = epoch + 1
+        elapsed = time.perf_counter() - start
+        epoch_metrics = {f"epoch_{k}": v / derived.steps_per_epoch for k, v in _host(sums).items()}
+        epoch_metrics.update(epoch=engine.epoch, step=engine.step, epoch_time_s=elapsed,
+                             images_per_s=derived.steps_per_epoch * derived.per_worker_batch * derived.world_size / elapsed)
+        history.append(epoch_metrics)
+        last = engine.epoch == cfg.train.epochs
+        due = last or engine.epoch % cfg.train.checkpoint_every_epochs == 0
+        reporter.epoch_end(epoch_metrics, engine.epoch, engine.state_dict() if due else None)
+    return FitResult(steps=engine.step, epochs=engine.epoch, metrics=epoch_metrics, history=history, engine=engine)

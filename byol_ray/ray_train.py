@@ -1,0 +1,156 @@
+"""Ray Train edge: one TorchTrainer worker = the engine + DDP; the driver checks resources and launches."""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from byol_ray.config import Config, ConfigError, derive, from_dict, save_resolved, to_dict
+from byol_ray.engine import fit
+from byol_ray.run import ProgressPrinter, append_history, build_train_loader, check_data_source, run_dir, training_file
+
+
+class RayReporter:
+    """Rank 0 prints progress; every rank calls ``ray.train.report`` at epoch ends (it is a barrier)."""
+
+    def __init__(self, rank: int, printer: ProgressPrinter, folder: Path) -> None:
+        self.rank, self.printer, self.folder = rank, printer, folder
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0:
+            self.printer(metrics, step)
+
+    def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            append_history(self.folder, metrics)
+        if state is None or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(state, Path(tmp) / CHECKPOINT_NAME)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function: build the loader shard, restore the latest checkpoint, run the engine."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.ray.cpus_per_worker)  # the worker's own CPU budget, not the host's
+    device = ray.train.torch.get_device()
+    path = training_file(cfg, is_main=ctx.get_local_rank() == 0)  # one conversion per node
+    loader = build_train_loader(cfg, path, device, rank=rank, world_size=world_size)
+    derived = derive(cfg, loader.num_samples, world_size)
+    if rank == 0:
+        save_resolved(cfg, derived, run_dir(cfg) / "config.yaml")
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, map_location=device)
+        if rank == 0:
+            print(f"[byol-ray] resuming from epoch {state['epoch']}, step {state['step']}", flush=True)
+    fit(cfg, derived, loader, device, reporter=RayReporter(rank, ProgressPrinter(derived.total_steps, cfg.train.epochs), run_dir(cfg)),
+        state=state)
+
+
+def _check_storage(storage_path: str) -> None:
+    if "://" in storage_path:
+        return  # object stores are checked by Ray's own pyarrow filesystem at start
+    path = Path(storage_path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"ray.storage_path={storage_path!r} is not writable ({exc.strerror}); "
+                          "choose a writable folder or a shared/object-store path") from None
+
+
+def _check_resources(cfg: Config) -> None:
+    """Fail fast instead of waiting forever for a worker group the cluster cannot place."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers, cpus = cfg.ray.num_workers, cfg.ray.cpus_per_worker
+    if cfg.ray.use_gpu and total.get("GPU", 0) < workers:
+        raise ConfigError(
+            f"ray.use_gpu=true asks for {workers} GPU worker(s) but the cluster has {int(total.get('GPU', 0))} GPU(s); "
+            "set ray.use_gpu=false (CPU training) or lower ray.num_workers"
+        )
+    if total.get("CPU", 0) < workers * cpus:
+        raise ConfigError(
+            f"ray.num_workers={workers} x ray.cpus_per_worker={cpus} needs {workers * cpus} CPUs but the cluster "
+            f"has {total.get('CPU', 0):g}; lower ray.num_workers or ray.cpus_per_worker"
+        )
+
+
+def init_ray(address: str = "") -> None:
+    """Connect to ``address`` (or the job's cluster), else start an in-process local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    ray.init(address=address or None, log_to_driver=True)
+
+
+def launch(cfg: Config, *, resume: bool = False):
+    """Run ``cfg`` under a TorchTrainer; the same call serves a laptop, ``ray job submit`` and KubeRay.
+
+    Args:
+        cfg: a config with resolved paths.
+        resume: continue the run named ``cfg.run_name`` in ``cfg.ray.storage_path`` (Ray restores the
+            latest checkpoint; the engine continues its schedules, target and loader epoch).
+
+    Returns:
+        Ray's ``Result``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_data_source(cfg)
+    _check_storage(cfg.ray.storage_path)
+    init_ray(cfg.ray.address)
+    _check_resources(cfg)
+    folder = run_dir(cfg)
+    run_exists = (Path(cfg.ray.storage_path) / cfg.run_name).exists() if "://" not in cfg.ray.storage_path else False
+    if run_exists and not resume:
+        raise ConfigError(f"a run named {cfg.run_name!r} already exists in {cfg.ray.storage_path}; "
+                          f"use --resume {cfg.run_name} to continue it or choose another run_name")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not resume:  # saved before any worker starts, so --resume works even after an early crash
+        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=to_dict(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.ray.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    print(f"[byol-ray] run {cfg.run_name} finished: {result.metrics}")
+    print(f"[byol-ray] checkpoint: {ckpt.path if ckpt else 'none'}")
+    print(f"[byol-ray] run folder: {folder}")
+    return result
