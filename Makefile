@@ -17,5 +17,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) scripts/bench_step.py --write
+	$(PY) scripts/bench_augment.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

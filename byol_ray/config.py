@@ -32,7 +32,7 @@ class ModelConfig:
     use_predictor: bool = True  # False is the paper's collapse ablation, not a recipe
     bn_momentum: float = 0.1  # PyTorch convention; = Haiku decay 0.9
     bn_eps: float = 1e-5
-    sync_bn: Literal["auto", "on", "off"] = "auto"  # auto: on when more than one worker
+    sync_bn: Literal["auto", "on", "off"] = "auto"  # auto: on with several CUDA workers
     online_classifier: bool = True  # linear probe on stop_gradient(y) of view 1
     num_classes: int = 1000
 
@@ -311,6 +311,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.tau_base <= 1, "train.tau_base", t.tau_base, "[0, 1]")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs", t.checkpoint_every_epochs, ">= 1")
+    _check(m.sync_bn != "on" or r.use_gpu, "model.sync_bn", m.sync_bn,
+           "'auto' or 'off' when ray.use_gpu=false (torch SyncBatchNorm is CUDA-only)")
     _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, ">= 1")
     _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, ">= 0, or -1 for unlimited")

@@ -99,8 +99,13 @@ class BYOLEngine:
 
     @property
     def sync_bn(self) -> bool:
+        """Cross-worker BatchNorm (the paper's); torch's SyncBatchNorm runs on CUDA only, so CPU
+        multi-worker runs normalise per worker (``auto``), and ``on`` without CUDA is an error."""
         mode = self.cfg.model.sync_bn
-        return dist.is_initialized() and dist.world_size() > 1 and mode in ("auto", "on")
+        if mode == "on" and self.device.type != "cuda":
+            raise RuntimeError("model.sync_bn=on needs CUDA workers (torch SyncBatchNorm is CUDA-only); "
+                               "use model.sync_bn=auto or off on CPU")
+        return mode != "off" and dist.world_size() > 1 and self.device.type == "cuda"
 
     def _autocast(self):
         if self.autocast_dtype is None:

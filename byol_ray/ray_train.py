@@ -100,11 +100,15 @@ def _check_resources(cfg: Config) -> None:
 
 def init_ray(address: str = "") -> None:
     """Connect to ``address`` (or the job's cluster), else start an in-process local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        # A private in-process cluster needs no address other machines can reach: bind loopback.
+        # (Ray reads this at import; the name is historical, on Linux it only picks 127.0.0.1.)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS", "")
     ray.init(address=address or None, log_to_driver=True)
 
 
@@ -119,12 +123,12 @@ def launch(cfg: Config, *, resume: bool = False):
     Returns:
         Ray's ``Result``.
     """
+    check_data_source(cfg)
+    _check_storage(cfg.ray.storage_path)
+    init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    check_data_source(cfg)
-    _check_storage(cfg.ray.storage_path)
-    init_ray(cfg.ray.address)
     _check_resources(cfg)
     folder = run_dir(cfg)
     run_exists = (Path(cfg.ray.storage_path) / cfg.run_name).exists() if "://" not in cfg.ray.storage_path else False
@@ -144,6 +148,8 @@ def launch(cfg: Config, *, resume: bool = False):
             name=cfg.run_name, storage_path=cfg.ray.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
+            # Train V2 re-routes print() through its logger, which shows every progress line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     result = trainer.fit()

@@ -103,6 +103,10 @@ def test_each_rank_sees_a_disjoint_half(ray_cluster, workdir, tmp_path):
         Image.fromarray(images[i]).save(folder / f"c{i:03d}" / "img.png")
     beton = tmp_path / "indexed.beton"
     prepare(str(folder), str(beton), progress=False)
+    # workers cannot import this test module: ship _shard_worker by value
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = _cfg(workdir, "shards", "ray.num_workers=2", "train.batch_size=32", "model.num_classes=256")
     TorchTrainer(
         _shard_worker, train_loop_config={"cfg": to_dict(cfg), "path": str(beton), "out": str(tmp_path)},
