@@ -1,0 +1,215 @@
+"""Subcommands ``linear-eval``, ``finetune``, ``knn``, ``promote``, ``register``: parse, dispatch, print."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from byol_ray.config import ConfigError
+
+DEFAULT_EXPERIMENT = "byol-ray-downstream"
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow store/registry ('' = sqlite:///<abs runs>/mlflow.db, the default of `byol-ray train`)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="models:/<name>@<alias>, models:/<name>/<version>, <name>@<alias> or <name>:<version>")
+    _store_args(p)
+    p.add_argument("--expect-arch", default=None, help="fail unless the version's architecture tag is this")
+
+
+def _job_args(p: argparse.ArgumentParser, epochs: int | None) -> None:
+    _model_args(p)
+    p.add_argument("--train", default="demo", help="'demo', an ImageFolder split folder, a CIFAR folder or a .beton")
+    p.add_argument("--test", default=None,
+                   help="test data (same kinds); omitted or equal to --train: a seeded --test-fraction holdout of it")
+    p.add_argument("--train-split", default="train", help="split inside a CIFAR folder / a folder of split folders")
+    p.add_argument("--test-split", default="test", help="split inside a CIFAR folder / a folder of split folders")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="holdout share when the test split is made")
+    p.add_argument("--loader", choices=("auto", "ffcv", "torch"), default="auto", help="auto: ffcv for .beton")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the model card's)")
+    p.add_argument("--center-crop-ratio", type=float, default=224 / 256,
+                   help="eval centre crop / shorter side (224/256; 1.0 keeps whole small images)")
+    p.add_argument("--batch-size", type=int, default=256, help="B; learning rates scale by B/256")
+    if epochs is not None:
+        p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes (torch) or threads (ffcv)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment of the job's run")
+
+
+def register(subparsers) -> None:
+    """Add the downstream and registry subcommands to ``byol-ray``'s subparsers.
+
+    Args:
+        subparsers: the object ``argparse.ArgumentParser.add_subparsers`` returned.
+    """
+    p = subparsers.add_parser("linear-eval", help="linear evaluation of a registered encoder (tags linear_top1/5)")
+    _job_args(p, epochs=80)
+    p.add_argument("--lrs", default="0.4,0.3,0.2,0.1,0.05", help="base lrs swept (x B/256), comma separated")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="training share held out to pick the lr")
+    p.add_argument("--augment", action="store_true",
+                   help="the paper's random-resized-crop + flip while training (default: centre-crop features)")
+    p.set_defaults(func=cmd_linear_eval)
+
+    p = subparsers.add_parser("finetune", help="fine-tune a registered encoder + linear head (tags finetune_top1)")
+    _job_args(p, epochs=30)
+    p.add_argument("--lr", type=float, default=0.05, help="base lr (x B/256)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--label-fraction", type=float, default=None, help="class-balanced label subset, e.g. 0.01, 0.1")
+    p.set_defaults(func=cmd_finetune)
+
+    p = subparsers.add_parser("knn", help="weighted kNN evaluation of a registered encoder (tags knn_top1)")
+    _job_args(p, epochs=None)
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.set_defaults(func=cmd_knn)
+
+    p = subparsers.add_parser("promote", help="move an alias to a version if its metric beats the holder's")
+    _store_args(p)
+    p.add_argument("--model", required=True, help="the candidate: models:/<name>/<version> or <name>:<version>")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--metric", default="linear_top1", help="model-version tag compared (written by linear-eval)")
+    p.add_argument("--force", action="store_true", help="move the alias whatever the numbers")
+    p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser("register", help="register the online encoder of a checkpoint in the model registry")
+    p.add_argument("--checkpoint", required=True, help="a state.pt file or a checkpoint folder")
+    p.add_argument("--name", default="", help="registered model name (default: the run's mlflow.register_name)")
+    p.add_argument("--tracking-uri", default="", help="store ('' = the run's own mlflow.tracking_uri)")
+    p.set_defaults(func=cmd_register)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _uri(value: str) -> str:
+    from byol_ray.tracking import check_tracking, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(value, "runs")
+    check_tracking(uri)
+    return uri
+
+
+def _run_job(args, job: str, evaluate, params: dict, version_keys: tuple[str, ...]) -> dict:
+    """Pull the encoder, open the splits, run ``evaluate`` inside the job's MLflow run, tag the version."""
+    import torch
+
+    from byol_ray.downstream.data import LoaderSettings, open_splits
+    from byol_ray.downstream.record import JobRecord
+    from byol_ray.registry import load_encoder
+
+    uri = _uri(args.tracking_uri)
+    encoder, info = load_encoder(args.model, tracking_uri=uri, expect_arch=args.expect_arch)
+    train, test, note = open_splits(args.train, args.test, loader=args.loader, train_split=args.train_split,
+                                    test_split=args.test_split, test_fraction=args.test_fraction, seed=args.seed)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    settings = LoaderSettings(resolution=args.resolution or info.resolution or 224, batch_size=args.batch_size,
+                              num_workers=args.num_workers, device=device, center_crop_ratio=args.center_crop_ratio)
+    data = {"train": train.description, "test": test.description, "test_note": note,
+            "train_sha256": train.fingerprint().get("sha256", ""), "test_sha256": test.fingerprint().get("sha256", "")}
+    params = {**params, "model": args.model, "train": args.train, "test": args.test or "", "loader": args.loader,
+              "resolution": settings.resolution, "batch_size": args.batch_size, "seed": args.seed,
+              "center_crop_ratio": args.center_crop_ratio, "device": device}
+    with JobRecord(uri, args.experiment, job, info, args.model, params, data) as record:
+        result = evaluate(encoder, train, test, settings)
+        record.finish(result, {k: result[k] for k in version_keys if k in result})
+    out = {"job": job, "model": f"{info.name}/{info.version}", "run_id": record.run_id, "test": note, **result}
+    print(json.dumps(out))
+    return out
+
+
+def cmd_linear_eval(args) -> int:
+    from byol_ray.downstream.linear_eval import linear_eval
+
+    lrs = tuple(float(v) for v in args.lrs.split(",") if v.strip())
+    if not lrs:
+        raise ConfigError("--lrs needs at least one learning rate")
+
+    def evaluate(encoder, train, test, settings):
+        result = linear_eval(encoder, train, test, settings, epochs=args.epochs, base_lrs=lrs,
+                             val_fraction=args.val_fraction, seed=args.seed, augment=args.augment)
+        result["linear_epochs"], result["linear_mode"] = result["epochs"], result["mode"]
+        return result
+
+    _run_job(args, "linear-eval", evaluate,
+             {"epochs": args.epochs, "lrs": args.lrs, "val_fraction": args.val_fraction, "augment": args.augment},
+             ("linear_top1", "linear_top5", "linear_lr", "linear_epochs", "linear_mode"))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from byol_ray.downstream.finetune import finetune
+
+    def evaluate(encoder, train, test, settings):
+        result = finetune(encoder, train, test, settings, epochs=args.epochs, base_lr=args.lr,
+                          weight_decay=args.weight_decay, label_fraction=args.label_fraction, seed=args.seed)
+        result[f"finetune_top1_labels{result['finetune_label_fraction']:g}"] = result["finetune_top1"]
+        return result
+
+    fraction = args.label_fraction or 1.0
+    _run_job(args, "finetune", evaluate,
+             {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "label_fraction": fraction},
+             ("finetune_top1", "finetune_top5", "finetune_label_fraction", f"finetune_top1_labels{fraction:g}"))
+    return 0
+
+
+def cmd_knn(args) -> int:
+    from byol_ray.downstream.knn import knn_eval
+
+    def evaluate(encoder, train, test, settings):
+        return knn_eval(encoder, train, test, settings, k=args.k, temperature=args.temperature)
+
+    _run_job(args, "knn", evaluate, {"k": args.k, "temperature": args.temperature},
+             ("knn_top1", "knn_k", "knn_temperature"))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from byol_ray.registry import parse_model_uri, promote
+
+    name, alias, version = parse_model_uri(args.model)
+    uri = _uri(args.tracking_uri)
+    if alias is not None or version in (None, "latest"):
+        from byol_ray.registry import describe
+
+        version = describe(args.model, tracking_uri=uri).version  # promote what the reference points to now
+    decision = promote(name, version, alias=args.alias, metric=args.metric, force=args.force, tracking_uri=uri)
+    if decision["promoted"]:
+        print(f"[byol-ray] promoted: {name}@{args.alias} -> v{decision['version']} ({decision['reason']})")
+    else:
+        print(f"[byol-ray] not promoted: {name}@{args.alias} stays on v{decision['previous_version']} "
+              f"({decision['reason']})")
+    print(json.dumps(decision))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from byol_ray.registry import register_from_checkpoint
+
+    version = register_from_checkpoint(args.checkpoint, name=args.name, tracking_uri=args.tracking_uri)
+    print(f"[byol-ray] registered {version.name} version {version.version} (source {version.source})")
+    print(json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id,
+                      "source": version.source}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one downstream subcommand on its own (``python -m byol_ray.downstream.cli knn --model ...``)."""
+    parser = argparse.ArgumentParser(prog="byol-ray", description="Downstream evaluation and registry commands.")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+        print(f"byol-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

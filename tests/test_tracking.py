@@ -1,0 +1,239 @@
+"""Tracking edge: store URIs, fail-fast checks, params/metrics/tags/artifacts in a real server, resume."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from byol_ray.config import ConfigError, derive, load_config
+from byol_ray.tracking import (MlflowTracker, NullTracker, TrackingReporter, build_tracker, check_tracking,
+                               log_run_artifacts, resolve_tracking_uri)
+
+FINGERPRINT = {"kind": "demo", "sha256": "ab12cd34", "num_samples": 1797}
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(["demo"], [f"output_dir={tmp_path / 'runs'}", "run_name=track-test", "train.epochs=3",
+                                  *overrides])
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.logs, self.epochs = [], []
+
+    def log(self, metrics, step):
+        self.logs.append((dict(metrics), step))
+
+    def epoch_end(self, metrics, epoch, state):
+        self.epochs.append((dict(metrics), epoch, None if state is None else dict(state)))
+
+
+# ----------------------------------------------------------------------------- URIs and checks
+
+
+def test_default_store_is_absolute_sqlite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = resolve_tracking_uri("", "runs")
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert uri.startswith("sqlite:////")  # four slashes: an absolute path that survives a worker's chdir
+    assert resolve_tracking_uri("sqlite:///rel/x.db", "runs") == f"sqlite:///{tmp_path / 'rel' / 'x.db'}"
+    assert resolve_tracking_uri("sqlite:////abs/x.db", "runs") == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("http://10.0.0.5:5000", "runs") == "http://10.0.0.5:5000"
+    assert resolve_tracking_uri("mlruns", "runs") == (tmp_path / "mlruns").as_uri()
+
+
+def test_unreachable_server_fails_fast_with_fix():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        check_tracking(uri)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert uri in message and "mlflow server" in message and "mlflow.tracking_uri" in message
+
+
+def test_silent_server_times_out_under_ten_seconds():
+    with socket.socket() as sock:  # accepts connections (kernel backlog) but never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="not reachable"):
+            check_tracking(uri)
+        assert time.monotonic() - start < 10
+
+
+def test_build_tracker_checks_before_training(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+        build_tracker(_cfg(tmp_path, f"mlflow.tracking_uri=http://127.0.0.1:{port}"))
+    assert isinstance(build_tracker(_cfg(tmp_path, "mlflow.enabled=false")), NullTracker)
+    assert isinstance(build_tracker(_cfg(tmp_path), is_main=False), NullTracker)  # rank > 0 never tracks
+
+
+def test_unwritable_sqlite_folder_is_a_config_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{blocker / 'sub' / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match="not writable") as err:
+        check_tracking(uri)
+    assert uri in str(err.value)
+
+
+def test_null_tracker_reporter_forwards_and_leaves_state_alone():
+    inner = _Recorder()
+    reporter = TrackingReporter(inner, NullTracker())
+    reporter.log({"loss": 1.0}, 5)
+    state = {"step": 5}
+    reporter.epoch_end({"epoch_loss": 1.0}, 1, state)
+    assert inner.logs == [({"loss": 1.0}, 5)]
+    assert inner.epochs[0][2] == {"step": 5}  # no run id without a run
+
+
+# ----------------------------------------------------------------------------- a real store
+
+
+def test_nonblocking_metrics_flush_on_finish(sqlite_store, tmp_path):
+    cfg = _cfg(tmp_path)
+    tracker = MlflowTracker(sqlite_store, "nonblocking")
+    run_id = tracker.start(cfg)
+    real_log_batch = tracker.client.log_batch
+    release = threading.Event()
+
+    def slow_log_batch(*args, **kwargs):  # a server that stalls until released
+        if kwargs.get("metrics"):
+            release.wait(30)
+        return real_log_batch(*args, **kwargs)
+
+    tracker.client.log_batch = slow_log_batch
+    start = time.monotonic()
+    for step in range(1, 101):
+        tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+    assert time.monotonic() - start < 0.5  # the training loop never waits for the server
+    release.set()
+    tracker.finish()
+    history = _client(sqlite_store).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 101))
+    assert _client(sqlite_store).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_params_metrics_tags_artifacts_land_on_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_ID", "05000000")  # as inside a Ray job
+    cfg = _cfg(tmp_path)
+    derived = derive(cfg, 1797, 1)
+    tracker = MlflowTracker(mlflow_server, "tracking-test")
+    run_id = tracker.start(cfg, derived=derived, data_fingerprint=FINGERPRINT, tags={"purpose": "test"})
+    inner = _Recorder()
+    reporter = TrackingReporter(inner, tracker)
+    history = []
+    for epoch in range(1, 4):
+        for i in range(1, 4):
+            step = (epoch - 1) * 3 + i
+            reporter.log({"loss": 2.0 / step, "lr": 0.01 * step, "images_per_s": 100.0}, step)
+        row = {"epoch_loss": 2.0 / epoch, "epoch_classifier_acc": 0.2 * epoch, "epoch": epoch, "step": 3 * epoch,
+               "images_per_s": 90.0}
+        history.append(row)
+        state = {"step": 3 * epoch} if epoch == 3 else None
+        reporter.epoch_end(row, epoch, state)
+    assert inner.epochs[-1][2]["mlflow_run_id"] == run_id  # written before the inner reporter saved it
+    assert len(inner.logs) == 9
+    run_dir = tmp_path / "runs" / cfg.run_name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model:\n  encoder: tiny\n")
+    plots = log_run_artifacts(tracker, run_dir, history)
+    assert {p.name for p in plots} == {"loss.png", "probe_accuracy.png"}
+    tracker.finish()
+
+    client = _client(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "track-test"
+    params = run.data.params
+    assert params["model.encoder"] == "tiny"
+    assert float(params["optim.base_lr"]) == cfg.optim.base_lr
+    assert float(params["derived.peak_lr"]) == pytest.approx(derived.peak_lr)
+    assert params["data.crop_scale"] == "[0.2, 1.0]"
+    assert params["augment.view2.solarize_prob"] == "0.2"
+    tags = run.data.tags
+    assert tags["data.sha256"] == "ab12cd34" and tags["purpose"] == "test" and tags["ray.job_id"] == "05000000"
+    assert tags["ray.run_name"] == "track-test"
+    assert len(tags.get("git_commit", "x" * 40)) == 40
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 10))
+    epoch_loss = client.get_metric_history(run_id, "epoch_loss")
+    assert sorted((m.step, m.value) for m in epoch_loss) == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3))]
+    assert {m.step for m in client.get_metric_history(run_id, "epoch_images_per_s")} == {1, 2, 3}
+    artifacts = {a.path for folder in (None, "plots") for a in client.list_artifacts(run_id, folder)}
+    assert {"config.yaml", "plots/loss.png", "plots/probe_accuracy.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_resumed_tracker_appends_to_the_same_run(mlflow_server, tmp_path):
+    cfg = _cfg(tmp_path)
+    first = MlflowTracker(mlflow_server, "resume-test")
+    run_id = first.start(cfg, derived=derive(cfg, 1797, 1))
+    for step in range(1, 6):
+        first.log_metrics({"loss": float(step)}, step)
+    first.flush()  # a crash after this point: the run stays RUNNING, no finish()
+
+    second = MlflowTracker(mlflow_server, "resume-test")
+    assert second.start(cfg, derived=derive(cfg, 1797, 1), run_id=run_id) == run_id
+    for step in range(6, 11):
+        second.log_metrics({"loss": float(step)}, step)
+    second.finish()
+
+    client = _client(mlflow_server)
+    run = client.get_run(run_id)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 11))
+    assert run.data.tags["resume_count"] == "1"
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run was created
+    with pytest.raises(ConfigError, match="cannot resume MLflow run"):
+        MlflowTracker(mlflow_server, "resume-test").start(cfg, run_id="0123456789abcdef0123456789abcdef")
+
+
+def test_finish_run_registers_the_encoder_and_closes_the_run(sqlite_store, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from byol_ray.encoders import build_encoder
+    from byol_ray.registry import RegistryError
+    from byol_ray.tracking import finish_run
+
+    cfg = _cfg(tmp_path, "mlflow.register_name=finish-encoder")
+    derived = derive(cfg, 1797, 1)
+    history = [{"epoch": 1, "epoch_loss": 1.5, "epoch_classifier_acc": 0.3}]
+    result = SimpleNamespace(engine=SimpleNamespace(online=SimpleNamespace(encoder=build_encoder("tiny"))),
+                             history=history, metrics=history[-1], epochs=1, steps=14)
+    tracker = MlflowTracker(sqlite_store, "finish")
+    run_id = tracker.start(cfg, derived=derived)
+    version = finish_run(tracker, cfg, derived, result, tmp_path / "no-run-dir", data_fingerprint=FINGERPRINT)
+    client = _client(sqlite_store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["registered_model"] == "finish-encoder/1"
+    card = client.get_model_version("finish-encoder", str(version.version)).tags
+    assert card["final.epoch_loss"] == "1.5" and card["data.sha256"] == "ab12cd34" and card["source_run_id"] == run_id
+
+    def broken(*args, **kwargs):
+        raise RegistryError("registry down")
+
+    monkeypatch.setattr("byol_ray.registry.register_encoder", broken)
+    tracker = MlflowTracker(sqlite_store, "finish")
+    run_id = tracker.start(cfg, derived=derived)
+    with pytest.raises(RegistryError, match="registry down"):
+        finish_run(tracker, cfg, derived, result, tmp_path)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "registry down" in run.data.tags["registration_error"]
