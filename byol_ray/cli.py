@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
     p.set_defaults(func=cmd_config)
+
+    from byol_ray.downstream.cli import register as register_downstream
+
+    register_downstream(sub)  # linear-eval, finetune, knn, promote, register
     return parser
 
 

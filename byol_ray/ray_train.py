@@ -1,6 +1,7 @@
 """Ray Train edge: one TorchTrainer worker = the engine + DDP; the driver checks resources and launches."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import uuid
@@ -13,7 +14,10 @@ import yaml
 from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from byol_ray.config import Config, ConfigError, derive, from_dict, save_resolved, to_dict
 from byol_ray.engine import fit
-from byol_ray.run import ProgressPrinter, append_history, build_train_loader, check_data_source, run_dir, training_file
+from byol_ray.run import (ProgressPrinter, append_history, build_train_loader, check_data_source, data_fingerprint,
+                          read_history, run_dir, training_file)
+from byol_ray.tracking import TrackingReporter, build_tracker, check_tracking, finish_run, resolve_tracking_uri
+from byol_ray.train import print_summary
 
 
 class RayReporter:
@@ -53,20 +57,34 @@ def train_worker(config: dict[str, Any]) -> None:
     path = training_file(cfg, is_main=ctx.get_local_rank() == 0)  # one conversion per node
     loader = build_train_loader(cfg, path, device, rank=rank, world_size=world_size)
     derived = derive(cfg, loader.num_samples, world_size)
+    folder = run_dir(cfg)
     if rank == 0:
-        save_resolved(cfg, derived, run_dir(cfg) / "config.yaml")
+        save_resolved(cfg, derived, folder / "config.yaml")
+    tracker = build_tracker(cfg, is_main=rank == 0)  # MLflow on rank 0 only
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, map_location=device)
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(ckpt_dir, map_location=device)
         if rank == 0:
             print(f"[byol-ray] resuming from epoch {state['epoch']}, step {state['step']}", flush=True)
-    fit(cfg, derived, loader, device, reporter=RayReporter(rank, ProgressPrinter(derived.total_steps, cfg.train.epochs), run_dir(cfg)),
-        state=state)
+    fingerprint = data_fingerprint(cfg, path) if rank == 0 else {}
+    # a restarted worker group logs into the MLflow run recorded in the checkpoint
+    tracker.start(cfg, derived=derived, run_id=(state or {}).get("mlflow_run_id"), data_fingerprint=fingerprint)
+    printer = ProgressPrinter(derived.total_steps, cfg.train.epochs)
+    reporter = TrackingReporter(RayReporter(rank, printer, folder), tracker)
+    try:
+        result = fit(cfg, derived, loader, device, reporter=reporter, state=state)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    if rank == 0:
+        result = dataclasses.replace(result, history=read_history(folder))
+        version = finish_run(tracker, cfg, derived, result, folder, data_fingerprint=fingerprint)
+        print_summary(cfg, result, cfg.ray.storage_path + "/" + cfg.run_name, tracker.run_id, version)
 
 
-def _check_storage(storage_path: str) -> None:
+def check_storage(storage_path: str) -> None:
     if "://" in storage_path:
         return  # object stores are checked by Ray's own pyarrow filesystem at start
     path = Path(storage_path)
@@ -80,7 +98,7 @@ def _check_storage(storage_path: str) -> None:
                           "choose a writable folder or a shared/object-store path") from None
 
 
-def _check_resources(cfg: Config) -> None:
+def check_resources(cfg: Config) -> None:
     """Fail fast instead of waiting forever for a worker group the cluster cannot place."""
     import ray
 
@@ -112,6 +130,27 @@ def init_ray(address: str = "") -> None:
     ray.init(address=address or None, log_to_driver=True)
 
 
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for ``cfg`` (Tune trials add a metrics-forwarding callback)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=to_dict(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.ray.storage_path, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
+            # Train V2 re-routes print() through its logger, which shows every progress line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+
+
 def launch(cfg: Config, *, resume: bool = False):
     """Run ``cfg`` under a TorchTrainer; the same call serves a laptop, ``ray job submit`` and KubeRay.
 
@@ -124,12 +163,11 @@ def launch(cfg: Config, *, resume: bool = False):
         Ray's ``Result``.
     """
     check_data_source(cfg)
-    _check_storage(cfg.ray.storage_path)
+    check_storage(cfg.ray.storage_path)
+    if cfg.mlflow.enabled:  # an unreachable tracking server fails now, not after hours of training
+        check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
     init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    _check_resources(cfg)
+    check_resources(cfg)
     folder = run_dir(cfg)
     run_exists = (Path(cfg.ray.storage_path) / cfg.run_name).exists() if "://" not in cfg.ray.storage_path else False
     if run_exists and not resume:
@@ -138,21 +176,7 @@ def launch(cfg: Config, *, resume: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:  # saved before any worker starts, so --resume works even after an early crash
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=to_dict(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.ray.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
-            # Train V2 re-routes print() through its logger, which shows every progress line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-    )
-    result = trainer.fit()
+    result = build_trainer(cfg).fit()
     if result.error:
         raise result.error
     ckpt = result.checkpoint

@@ -92,6 +92,35 @@ def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -
     return str(out)
 
 
+def data_fingerprint(cfg: Config, path: str) -> dict[str, Any]:
+    """What the run trained on, for MLflow tags and the model card (no image is decoded).
+
+    A .beton carries its source's fingerprint in the ``<file>.json`` written by ``byol-ray prepare``.
+    """
+    sidecar = Path(f"{path}.json")
+    if path.endswith(".beton"):
+        if not sidecar.exists():
+            return {"file": path}
+        info = json.loads(sidecar.read_text()).get("source", {})
+    else:
+        from byol_ray.data import sources
+
+        info = sources.fingerprint(cfg.data.train)
+    return {k: v for k, v in info.items() if k != "class_names"}
+
+
+def read_history(folder: Path) -> list[dict[str, float]]:
+    """All epoch rows of a run, across restarts (the last row wins for a repeated epoch)."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["epoch"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
 def build_train_loader(cfg: Config, path: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
     """The two-view loader for one worker, with the per-worker share of the global batch."""
     from byol_ray.data.loaders import build_train_loader as build
