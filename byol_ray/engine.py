@@ -92,10 +92,15 @@ class BYOLEngine:
             self.autocast_dtype = None  # CPU runs fp32: CPU autocast is slower, not faster, here
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(cfg.train.seed * 1_000_003 + dist.rank())
+        self.reseed_augment(0)
         self.memory_format = memory_format
         self.step = 0
         self.epoch = 0
+
+    def reseed_augment(self, epoch: int) -> None:
+        """Seed the augmentation draws from (seed, rank, epoch): a worker restarted from an epoch-end
+        checkpoint repeats exactly what an uninterrupted run draws, whatever its rank."""
+        self.generator.manual_seed((self.cfg.train.seed * 1_000_003 + dist.rank()) * 1_000_033 + epoch)
 
     @property
     def sync_bn(self) -> bool:
@@ -173,7 +178,6 @@ class BYOLEngine:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
-                "augment": self.generator.get_state(),
             },
             "config": to_dict(self.cfg, self.derived),
         }
@@ -191,7 +195,6 @@ class BYOLEngine:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        self.generator.set_state(rng["augment"])
 
 
 @dataclass
@@ -236,6 +239,7 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
     epoch_metrics: dict[str, float] = {}
     for epoch in range(engine.epoch, cfg.train.epochs):
         loader.set_epoch(epoch)
+        engine.reseed_augment(epoch)
         sums: dict[str, torch.Tensor] = {}
         start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
         for i, (view1, view2, labels) in enumerate(loader):
