@@ -1,0 +1,366 @@
+"""Converts a data source into FFCV .beton files (the only place that writes them), and checks them."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from byol_ray.data.sources import MAX_EXAMPLES, Source, open_source
+
+MIN_PAGE_SIZE = 8 << 20  # FFCV's default page: every image must fit in one page
+SMART_RAW_MAX_BYTES = 96 * 96 * 3  # compress_probability=None stores images up to ~96x96 raw
+_FIX = "re-create it with `byol-ray prepare SOURCE {path} --overwrite`"
+
+
+class PrepareError(RuntimeError):
+    """Conversion failed part-way; nothing was left under the output name."""
+
+
+def require_ffcv(hint: str) -> None:
+    """Imports FFCV once, or raises ImportError that names the alternative in ``hint``.
+
+    Importing FFCV calls torch.set_num_threads(1) (its Compiler's default), which would silently
+    make a CPU training loop single-threaded; the caller's thread count is restored.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import ffcv  # noqa: F401
+        import ffcv.loader  # noqa: F401
+        import ffcv.writer  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError when libturbojpeg/OpenCV are missing
+        raise ImportError(f"FFCV is not importable here ({type(exc).__name__}: {exc}); {hint}") from exc
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare` wrote."""
+
+    path: Path
+    num_written: int
+    val_path: Path | None = None
+    num_val: int = 0
+    manifest_path: Path | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        val = f", {self.num_val} to {self.val_path}" if self.val_path else ""
+        skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "none"
+        return (f"wrote {self.num_written} images to {self.path}{val}; skipped: {skipped}; "
+                f"report: {self.manifest_path}")
+
+
+def validate_beton(path: str | Path) -> dict:
+    """Checks that a file is a complete .beton with an RGB 'image' and an int 'label' field.
+
+    Args:
+        path: the .beton file.
+
+    Returns:
+        {'path', 'num_samples', 'fields'}; raises FileNotFoundError or ValueError naming the file
+        and the command that re-creates it when it is missing, truncated or foreign.
+    """
+    path = Path(path).expanduser().resolve()
+    fix = _FIX.format(path=path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
+    require_ffcv("reading a .beton needs FFCV; point the torch loader (data.loader=torch) at the source folder")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+
+    size = path.stat().st_size
+    if size < HeaderType.itemsize:
+        raise ValueError(f"{path} is truncated: {size} bytes, too few for an FFCV file; {fix}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise ValueError(f"{path} is not a readable FFCV file (format version field {header['version']}, "
+                         f"expected {CURRENT_VERSION}); {fix}")
+    ptr = int(header["alloc_table_ptr"])
+    if not 0 < ptr <= size or (size - ptr) % ALLOC_TABLE_TYPE.itemsize:
+        # The allocation table is written last, at the end: a cut file loses it first.
+        raise ValueError(f"{path} is truncated: {size} bytes, but its allocation table starts at byte {ptr}; {fix}")
+    try:
+        reader = Reader(str(path))
+        table = reader.alloc_table
+        complete = (len(reader.metadata) == reader.num_samples and len(table) >= reader.num_samples
+                    and (len(table) == 0 or int((table["ptr"] + table["size"]).max()) <= ptr))
+    except Exception as exc:  # numpy errors from a damaged field table, unknown field types...
+        raise ValueError(f"{path} is not a readable FFCV file ({type(exc).__name__}: {exc}); {fix}") from None
+    if not complete:
+        raise ValueError(f"{path} is truncated or damaged (samples point past its data region); {fix}")
+    kinds = {name: type(h).__name__ for name, h in reader.handlers.items()}
+    if not (isinstance(reader.handlers.get("image"), RGBImageField)
+            and isinstance(reader.handlers.get("label"), IntField)):
+        raise ValueError(f"{path} has fields {kinds}, not the 'image' (RGBImageField) and 'label' (IntField) "
+                         f"that byol-ray writes; {fix}")
+    return {"path": str(path), "num_samples": int(reader.num_samples), "fields": kinds}
+
+
+def _stratified(labels: np.ndarray, fraction: float, rng: np.random.Generator, *, keep_one: bool) -> np.ndarray:
+    """Positions of a seeded per-class sample: round(fraction * n_c) of each class, at least one.
+
+    With keep_one, at least one sample of each class stays outside the sample (for a val split).
+    """
+    picked = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        k = max(1, int(round(fraction * len(members))))
+        if keep_one:
+            k = min(k, len(members) - 1)
+        picked.append(rng.permutation(members)[:k])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+_CHECK_SOURCE: Source | None = None  # set before forking the check pool, inherited by its workers
+
+
+def _check_one(index: int) -> str | None:
+    return _CHECK_SOURCE.check(index)
+
+
+def _check_all(source: Source, num_workers: int, progress: bool) -> list[str | None]:
+    """Decode-checks every record (in parallel); returns None or the failure reason per record."""
+    global _CHECK_SOURCE
+    from tqdm import tqdm
+
+    if not source.needs_check:
+        return [None] * len(source)
+    bar = dict(total=len(source), desc="checking images", disable=not progress, unit="img")
+    if num_workers <= 1:
+        return [source.check(i) for i in tqdm(range(len(source)), **bar)]
+    _CHECK_SOURCE = source
+    try:
+        with mp.get_context("fork").Pool(num_workers) as pool:
+            return list(tqdm(pool.imap(_check_one, range(len(source)), chunksize=64), **bar))
+    finally:
+        _CHECK_SOURCE = None
+
+
+class _Samples:
+    """What FFCV's writer workers index: source index -> (image, label)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def __getitem__(self, index: int):
+        return self.source.load(index), int(self.source.labels[index])
+
+
+def _write_worker(errors, *args) -> None:
+    from ffcv.writer import worker_job_indexed_dataset
+
+    try:
+        worker_job_indexed_dataset(*args)
+    except BaseException:
+        errors.put(traceback.format_exc())
+        sys.exit(1)
+
+
+def _write_beton(path: Path, source: Source, order: np.ndarray, image_field: dict, num_workers: int,
+                 progress: bool, desc: str) -> None:
+    """Writes source[order] to `path` with FFCV's own worker job, but our own supervision.
+
+    FFCV's DatasetWriter waits for a sample counter that a failed or killed worker never
+    advances, so one bad record hangs it forever; here a worker failure ends the write with
+    PrepareError and the partial file is the caller's to delete.
+    """
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.utils import chunks
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    max_bytes = (image_field.get("max_resolution") or 0) ** 2 * 3
+    page_size = max(MIN_PAGE_SIZE, 1 << int(max_bytes).bit_length())  # a raw image must fit one page
+    ctx = mp.get_context("fork")  # workers inherit the source instead of pickling it
+    writer = DatasetWriter(str(path), {"image": RGBImageField(**image_field), "label": IntField()},
+                           page_size=page_size, num_workers=num_workers)
+    writer.num_samples = n = len(order)
+    writer.prepare()  # header, field descriptors, shared-memory metadata table
+    work, allocations, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    for chunk in chunks(list(enumerate(order.tolist())), 64):
+        work.put(chunk)
+    done = ctx.Value("Q", 0)
+    allocator = MemoryAllocator(str(path), writer.data_region_start, writer.page_size)
+    args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations,
+            _Samples(source))
+    workers = [ctx.Process(target=_write_worker, args=(errors, *args), daemon=True) for _ in range(num_workers)]
+    for _ in workers:
+        work.put(None)  # one stop token per worker
+    tables: list = []
+    try:
+        for w in workers:
+            w.start()
+        with tqdm(total=n, desc=desc, disable=not progress, unit="img") as bar:
+            while len(tables) < len(workers):
+                if not errors.empty():
+                    raise PrepareError(f"writing {path.name} failed in a writer process:\n{errors.get()}")
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise PrepareError(f"a writer process for {path.name} died (exit code {dead[0]}; "
+                                       "out of memory? try fewer num_workers)")
+                bar.update(done.value - bar.n)
+                try:
+                    tables.append(allocations.get(timeout=0.1))
+                except Exception:  # queue.Empty: keep supervising
+                    pass
+        for w in workers:
+            w.join()
+        writer.finalize([t for table in tables for t in table])
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+                w.join()
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+
+
+def _image_field(max_resolution: int | None, jpeg_quality: int, compress_probability: float | None) -> dict:
+    if compress_probability is None:
+        mode = dict(write_mode="smart", smart_threshold=SMART_RAW_MAX_BYTES)
+    elif compress_probability >= 1.0:
+        mode = dict(write_mode="jpg")
+    elif compress_probability <= 0.0:
+        mode = dict(write_mode="raw")
+    else:
+        mode = dict(write_mode="proportion", compress_probability=float(compress_probability))
+    return dict(max_resolution=max_resolution, jpeg_quality=int(jpeg_quality), **mode)
+
+
+def _check_options(max_resolution, jpeg_quality, compress_probability, label_fraction, val_fraction, num_workers):
+    problems = []
+    if max_resolution is not None and not 8 <= max_resolution <= 65535:
+        problems.append(f"max_resolution={max_resolution} (allowed: None or 8..65535 pixels)")
+    if not 1 <= jpeg_quality <= 100:
+        problems.append(f"jpeg_quality={jpeg_quality} (allowed: 1..100)")
+    if compress_probability is not None and not 0.0 <= compress_probability <= 1.0:
+        problems.append(f"compress_probability={compress_probability} (allowed: None or 0..1)")
+    if label_fraction is not None and not 0.0 < label_fraction <= 1.0:
+        problems.append(f"label_fraction={label_fraction} (allowed: None or (0, 1], e.g. 0.01 or 0.1)")
+    if not 0.0 <= val_fraction < 1.0:
+        problems.append(f"val_fraction={val_fraction} (allowed: [0, 1))")
+    if num_workers < 1:
+        problems.append(f"num_workers={num_workers} (allowed: >= 1)")
+    if problems:
+        raise ValueError("prepare: bad option " + "; ".join(problems))
+
+
+def val_path_for(out_path: str | Path) -> Path:
+    """Where the held-out split of `out_path` goes: train.beton -> train.val.beton."""
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}.val{out.suffix}")
+
+
+def prepare(source: str | Path | Source, out_path: str | Path, *, split: str = "train",
+            max_resolution: int | None = None, jpeg_quality: int = 90,
+            compress_probability: float | None = None, num_workers: int | None = None,
+            label_fraction: float | None = None, val_fraction: float = 0.0, seed: int = 0,
+            overwrite: bool = False, progress: bool = True) -> PrepareResult:
+    """Writes a data source to an FFCV .beton with fields 'image' (RGBImageField) and 'label' (IntField).
+
+    Unreadable images are skipped and counted; a JSON report `<out>.json` records the source
+    fingerprint, counts, skip reasons, options and class names. Outputs appear only when complete
+    (temporary names, then os.replace).
+
+    Args:
+        source: 'demo', an ImageFolder folder, a CIFAR python folder, or a Source.
+        out_path: the .beton to write.
+        split: which split of a folder with split folders or CIFAR files.
+        max_resolution: longest stored side; larger images are downscaled (FFCV: cv2 INTER_AREA).
+        jpeg_quality: JPEG quality of compressed images.
+        compress_probability: share of images stored as JPEG (the rest raw); None stores images
+            of at most ~96x96 pixels raw and larger ones as JPEG.
+        num_workers: reader/writer processes (default: the CPUs this process may use).
+        label_fraction: keep only this class-stratified, seeded share of the training images
+            (semi-supervised subsets: 0.01, 0.1).
+        val_fraction: class-stratified, seeded share held out into `<stem>.val<suffix>`.
+        seed: seeds the val split, the label subset and the stored order.
+        overwrite: replace existing outputs instead of refusing.
+        progress: show progress bars.
+
+    Returns:
+        PrepareResult with paths and counts.
+    """
+    num_workers = num_workers or len(os.sched_getaffinity(0))
+    _check_options(max_resolution, jpeg_quality, compress_probability, label_fraction, val_fraction, num_workers)
+    require_ffcv("train with data.loader=torch, which reads the source folder directly")
+    src = open_source(source, split)
+    out = Path(out_path).expanduser().resolve()
+    val_out = val_path_for(out) if val_fraction > 0 else None
+    manifest_out = out.with_name(out.name + ".json")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
+    existing = [p for p in (out, val_out, manifest_out) if p is not None and p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; pass overwrite=True (--overwrite) to replace it, "
+                              "or choose another output path")
+
+    started = time.time()
+    reasons = _check_all(src, num_workers, progress)
+    good = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+    bad = [(src.describe(i), r) for i, r in enumerate(reasons) if r is not None]
+    if len(good) == 0:
+        raise ValueError(f"no readable images in {src.root or src.name}; {len(bad)} files failed to decode, "
+                         f"e.g. {bad[:3]}")
+    labels = src.labels[good]
+    val_pos = (_stratified(labels, val_fraction, np.random.default_rng([seed, 0]), keep_one=True)
+               if val_fraction > 0 else np.zeros(0, dtype=np.int64))
+    train_pos = np.setdiff1d(np.arange(len(good)), val_pos)
+    if label_fraction is not None and label_fraction < 1.0:
+        keep = _stratified(labels[train_pos], label_fraction, np.random.default_rng([seed, 1]), keep_one=False)
+        train_pos = train_pos[keep]
+    # Stored in a seeded random order, so class-sorted folders still give mixed pages (QUASI_RANDOM).
+    store_rng = np.random.default_rng([seed, 2])
+    train_idx = store_rng.permutation(good[train_pos])
+    val_idx = store_rng.permutation(good[val_pos])
+
+    image_field = _image_field(max_resolution, jpeg_quality, compress_probability)
+    jobs = [(out, train_idx)] + ([(val_out, val_idx)] if val_out else [])
+    temps = {p: p.with_name(f".{p.name}.tmp-{os.getpid()}") for p, _ in jobs}
+    temps[manifest_out] = manifest_out.with_name(f".{manifest_out.name}.tmp-{os.getpid()}")
+    skipped = {**src.skipped_counts, "unreadable": len(bad)}
+    manifest = {
+        "format": "byol-ray prepared data set, version 1",
+        "source": src.fingerprint(),
+        "split": split,
+        "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+                    "compress_probability": compress_probability, "ffcv_image_field": image_field,
+                    "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed},
+        "counts": {"listed": len(src), "readable": int(len(good)), "written": int(len(train_idx)),
+                   "val": int(len(val_idx)), "skipped": skipped},
+        "skipped_examples": {**src.skipped, "unreadable": [f"{p}: {r}" for p, r in bad[:MAX_EXAMPLES]]},
+        "class_names": src.class_names,
+        "class_counts": {"written": np.bincount(src.labels[train_idx], minlength=len(src.class_names)).tolist(),
+                         "val": np.bincount(src.labels[val_idx], minlength=len(src.class_names)).tolist()},
+        "files": {"train": out.name, "val": val_out.name if val_out else None},
+    }
+    try:
+        for path, indices in jobs:
+            _write_beton(temps[path], src, indices, image_field, num_workers, progress, f"writing {path.name}")
+        manifest["seconds"] = round(time.time() - started, 1)
+        temps[manifest_out].write_text(json.dumps(manifest, indent=1) + "\n")
+        stale_val = val_path_for(out)
+        if overwrite and val_out is None and stale_val.exists():
+            stale_val.unlink()  # a held-out split from an earlier run no longer matches this file
+        # The main file last: its appearance is what other processes wait for.
+        for path in [p for p in temps if p != out] + [out]:
+            os.replace(temps[path], path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return PrepareResult(path=out, num_written=len(train_idx), val_path=val_out, num_val=len(val_idx),
+                         manifest_path=manifest_out, skipped=skipped, class_names=src.class_names)
