@@ -27,9 +27,7 @@ def cmd_train(args) -> int:
     if args.no_ray:
         from byol_ray.train import train_local
 
-        result = train_local(cfg, resume=bool(args.resume))
-        print(f"[byol-ray] done: {result.steps} steps, {result.epochs} epochs; final loss "
-              f"{result.metrics.get('epoch_loss', float('nan')):.4f}")
+        train_local(cfg, resume=bool(args.resume))
         return 0
     from byol_ray.ray_train import launch
 
@@ -75,6 +73,14 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from byol_ray.tune import run_search
+
+    run_search(args.search, name=args.name, overrides=args.overrides, storage_path=args.storage_path,
+               resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol-ray", description="BYOL self-supervised training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert images (ImageFolder, CIFAR folder, 'demo') into an FFCV .beton")
     p.add_argument("source", help="ImageFolder split folder, CIFAR python folder, or 'demo'")
     p.add_argument("output", help="the .beton file to write")
-    p.add_argument("--split", default="train", help="split of a CIFAR folder or of 'demo' (train/test)")
+    p.add_argument("--split", default="train", help="split of a CIFAR folder (train/test); 'demo' has only train")
     p.add_argument("--max-resolution", type=int, default=None, help="longest stored side in pixels")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--compress-probability", type=float, default=1.0, help="share stored as JPEG (rest raw)")
+    p.add_argument("--compress-probability", type=float, default=None,
+                   help="share stored as JPEG, the rest raw (default: raw up to ~96 px, JPEG above)")
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.add_argument("--label-fraction", type=float, default=None, help="class-balanced label subset, e.g. 0.01")
     p.add_argument("--val-fraction", type=float, default=0.0, help="held-out validation share")
@@ -99,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tune", help="search lr, tau, weight decay (any config key) with Ray Tune")
+    p.add_argument("--search", required=True, help="search-space YAML (see tune_configs/)")
+    p.add_argument("--name", required=True, help="search name: folder under the storage path, MLflow parent run")
+    p.add_argument("--storage-path", default="", help="default: the trial config's ray.storage_path")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted search; finished trials stay")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="trial config overrides")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)

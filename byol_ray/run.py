@@ -64,7 +64,7 @@ def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -
     """The path the loader reads: the .beton itself, or one prepared once into the cache.
 
     With the FFCV loader a non-.beton source is converted on first use into
-    ``data.cache_dir/<source>-<fingerprint>-<resolution>.beton``; other ranks wait for it.
+    ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``; other ranks wait for it.
     With the torch loader the source itself is returned.
     """
     from byol_ray.data import prepare as prep
@@ -76,13 +76,14 @@ def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -
         return train
     fp = sources.fingerprint(train)
     stem = "demo" if train == "demo" else Path(train).name
-    out = Path(cfg.data.cache_dir) / f"{stem}-{fp['sha256'][:12]}.beton"
+    max_resolution = max(cfg.data.resolution, 32)
+    out = Path(cfg.data.cache_dir) / f"{stem}-{fp['sha256'][:12]}-{max_resolution}px.beton"
     if out.exists():
         return str(out)
     if is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"[byol-ray] preparing {train} -> {out} (once; later runs reuse it)", flush=True)
-        prep.prepare(train, str(out), max_resolution=max(cfg.data.resolution, 32), progress=False)
+        prep.prepare(train, str(out), max_resolution=max_resolution, progress=False)
     else:
         deadline = time.monotonic() + wait_s
         while not out.exists():
