@@ -106,6 +106,7 @@ class MlflowConfig:
     tracking_uri: str = ""  # '' = sqlite:///<output_dir>/mlflow.db (absolute)
     experiment: str = "byol-ray"
     register_name: str = "byol-encoder"  # '' = do not register
+    parent_run_id: str = ""  # set by `byol-ray tune`: each trial's run nests under the search's run
 
 
 @dataclass

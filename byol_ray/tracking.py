@@ -308,6 +308,8 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         all_tags = {**git_commit(), **ray_tags(cfg), **flatten(data_fingerprint or {}, "data."), **(tags or {})}
+        if cfg.mlflow.parent_run_id:  # a Tune trial: shown nested under the search's parent run
+            all_tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
         if "git_commit" in all_tags:
             all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
         params = flatten(to_dict(cfg, derived))

@@ -1,0 +1,137 @@
+"""Ray Tune: search files are checked up front; a CPU smoke search prunes, stops NaN trials, logs, restores."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from byol_ray.config import ConfigError
+from byol_ray.tune import load_search
+
+TINY = ["train.batch_size=64", "train.checkpoint_every_epochs=1", "model.projector_hidden_dim=128",
+        "model.predictor_hidden_dim=128", "model.projector_dim=64", "data.loader=torch"]
+
+
+def _search(tmp: Path, name: str, **fields) -> Path:
+    spec = {"base_config": ["demo"], "overrides": TINY, "metric": "epoch_loss", "mode": "min",
+            "space": {"optim.base_lr": {"loguniform": [0.1, 2.0]}}, **fields}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("fields,pattern", [
+    ({"metrc": "epoch_loss"}, r"unknown search key 'metrc'"),
+    ({"space": {"optim.base_lr": {"loguniform": [2.0, 0.1]}}}, r"impossible range"),
+    ({"space": {"optim.base_lr": {"loguniform": [0.0, 1.0]}}}, r"impossible range \(need low < high, low > 0\)"),
+    ({"space": {"optim.learning_rate": {"uniform": [0.1, 1.0]}}}, r"unknown config key 'optim.learning_rate'"),
+    ({"space": {"train.tau_base": {"uniform": [0.9, 1.5]}}}, r"'train.tau_base' = 1.5 is out of range"),
+    ({"space": {"optim.base_lr": {"normal": [0, 1]}}}, r"must be one of"),
+    ({"metric": "val_accuracy"}, r"metric 'val_accuracy' is not reported by training"),
+    ({"scheduler": {"type": "hyperband"}}, r"hyperband"),
+])
+def test_bad_search_files_fail_before_any_trial(tmp_path, fields, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_search(str(_search(tmp_path, "bad", **fields)))
+
+
+def test_shipped_search_spaces_load():
+    for name in ("cpu_smoke", "cifar10_resnet18", "imagenet_resnet50"):
+        spec, base = load_search(f"{Path(__file__).parents[1]}/tune_configs/{name}.yaml")
+        assert {"optim.base_lr", "optim.weight_decay", "train.tau_base"} <= set(spec.space)
+
+
+def _common(tmp: Path, uri: str) -> list[str]:
+    return [f"output_dir={tmp}/runs", f"ray.storage_path={tmp}/ray", f"data.cache_dir={tmp}/cache",
+            f"mlflow.tracking_uri={uri}", "mlflow.register_name=tuned-encoder"]
+
+
+@pytest.mark.slow
+def test_trial_larger_than_cluster_fails_fast(ray_cluster, tmp_path):
+    from byol_ray.tune import run_search
+
+    path = _search(tmp_path, "big")
+    with pytest.raises(ConfigError, match="more than the cluster has"):
+        run_search(str(path), name="big", overrides=["ray.num_workers=8", "mlflow.enabled=false",
+                                                      f"ray.storage_path={tmp_path}/ray"])
+
+
+@pytest.mark.slow
+def test_cpu_smoke_search_prunes_stops_nan_and_registers_best(ray_cluster, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from byol_ray.tune import run_search
+
+    # 4 trials: three sane learning rates and one so large the loss turns NaN at once
+    path = _search(tmp_path, "smoke", overrides=[*TINY, "train.epochs=4"],
+                   space={"optim.base_lr": {"grid": [0.3, 1.0, 3.0, 1.0e5]}},
+                   max_concurrent_trials=2, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    summary = run_search(str(path), name="smoke", overrides=_common(tmp_path, mlflow_server))
+    rows = {r["params"]["optim.base_lr"]: r for r in summary["rows"]}
+    assert len(rows) == 4
+    assert rows[1.0e5]["stopped_by"] == "nan_loss" and rows[1.0e5]["epochs"] < 4
+    healthy = [rows[lr] for lr in (0.3, 1.0, 3.0)]
+    assert any(r["stopped_by"] == "asha" and r["epochs"] < 4 for r in healthy), summary["rows"]
+    assert summary["best"]["params"]["optim.base_lr"] != 1.0e5
+    assert summary["registered"]["name"] == "tuned-encoder"
+    assert (tmp_path / "ray" / "smoke" / "summary.md").read_text().count("| ") >= 4
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.get_experiment_by_name("byol-ray")
+    parents = client.search_runs([exp.experiment_id], "tags.`byol_ray.search` = 'smoke'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert len(children) == 4
+    by_lr = {float(c.data.params["optim.base_lr"]): c for c in children}
+    assert by_lr[1.0e5].data.tags["stop_reason"] == "nan_loss"
+    assert all(c.info.status != "RUNNING" for c in children)
+    versions = client.search_model_versions("name = 'tuned-encoder'")
+    assert len(versions) == 1
+
+
+@pytest.mark.slow
+def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    cluster, _ = ray_cluster
+    path = _search(tmp_path, "restore", overrides=[*TINY, "train.epochs=2"],
+                   space={"optim.base_lr": {"grid": [0.3, 0.6, 1.0, 2.0]}}, max_concurrent_trials=1,
+                   scheduler={"type": "fifo"})
+    cmd = [str(Path(sys.executable).parent / "byol-ray"), "tune", "--search", str(path), "--name", "restore",
+           *_common(tmp_path, mlflow_server)]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished: set[str] = set()
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and driver.poll() is None:
+        finished = {p.parent.name for p in (tmp_path / "ray").glob("restore-*/epoch_0002/state.pt")}
+        if finished:
+            break
+        time.sleep(1)
+    assert finished and driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-search
+    driver.wait()
+
+    out = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    summary = json.loads((tmp_path / "ray" / "restore" / "summary.json").read_text())
+    assert len(summary["rows"]) == 4 and all(r["stopped_by"] == "completed" for r in summary["rows"])
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.get_experiment_by_name("byol-ray")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.`byol_ray.search` != ''")
+            if r.info.run_name}
+    children = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'restore-%'")
+    assert len(children) == 4, [c.info.run_name for c in children]
+    for child in children:
+        if child.info.run_name in finished:  # finished before the kill: never started again
+            assert "resume_count" not in child.data.tags, child.info.run_name
+    assert "restore" in runs
