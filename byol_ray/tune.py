@@ -214,6 +214,7 @@ def _trial(params: dict[str, Any]) -> None:
 
     from byol_ray.ray_train import build_trainer
 
+    params = dict(params)  # Tune keeps the dict it passed as the trial's config: do not mutate it
     base = from_dict(params.pop("__base__"))
     context = tune.get_context()
     cfg = trial_config(base, params)
