@@ -51,7 +51,7 @@ def two_worker_run(ray_cluster, workdir):
     from byol_ray.ray_train import launch
 
     # the torch loader's crops are seeded per sample, so this run is reproducible bit for bit;
-    # FFCV 1.0.2's random-crop decoder draws from unseeded per-thread state (see docs/data.md)
+    # FFCV 1.0.2's random-crop decoder draws from unseeded per-thread state (docs/design.md)
     cfg = _cfg(workdir, "straight", "train.epochs=4", "ray.num_workers=2", "data.loader=torch")
     result = launch(cfg)
     return cfg, result
