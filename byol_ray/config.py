@@ -383,6 +383,14 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """``cfg`` with ``dotted.key: value`` pairs applied and the result validated (e.g. a Tune trial)."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        _merge(tree, _nest(key, value), Config, prefix="")
+    return from_dict(tree)
+
+
 def save_resolved(cfg: Config, derived: Derived, path: str | Path) -> Path:
     """Write the config plus derived values as YAML next to the run's outputs."""
     path = Path(path)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from byol_ray.config import Config, ConfigError, _merge, from_dict, load_config, to_dict
+from byol_ray.config import Config, ConfigError, from_dict, load_config, to_dict, with_values
 
 # metrics every trial reports at each epoch end (engine.fit's epoch metrics)
 REPORTED_METRICS = ("epoch_loss", "epoch_projection_std", "epoch_classifier_acc", "epoch_classifier_loss",
@@ -140,20 +140,7 @@ def _check_distribution(path: str, key: str, dist: Any, base: Config) -> None:
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The base trial config with sampled ``dotted.key: value`` params applied and validated."""
-    tree = to_dict(base)
-    for key, value in params.items():
-        _merge(tree, _nested(key, value), Config, prefix="")
-    return from_dict(tree)
-
-
-def _nested(dotted: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    return with_values(base, params)
 
 
 # ----------------------------------------------------------------------------- running

@@ -108,8 +108,6 @@ def main() -> None:
             "byol_ray_images_per_s": round(args.batch / t["byol_ray"], 1),
             "speedup_vs_byol_pytorch": round(t["byol_pytorch"] / t["byol_ray"], 3),
         }
-    import byol_pytorch  # noqa: F401
-
     out = {"benchmark": "train_step", "encoder": args.encoder, "batch": args.batch, "resolution": args.resolution,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "results": results}

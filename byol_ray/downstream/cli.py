@@ -200,15 +200,11 @@ def cmd_register(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one downstream subcommand on its own (``python -m byol_ray.downstream.cli knn --model ...``)."""
-    parser = argparse.ArgumentParser(prog="byol-ray", description="Downstream evaluation and registry commands.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
-        print(f"byol-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    """Run one downstream subcommand (``python -m byol_ray.downstream.cli knn --model ...``): the same
+    parser and error handling as ``byol-ray``."""
+    from byol_ray.cli import main as byol_ray_main
+
+    return byol_ray_main(argv)
 
 
 if __name__ == "__main__":

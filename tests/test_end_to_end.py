@@ -1,0 +1,74 @@
+"""The product flow on real services: Ray-trained encoder (with a killed worker) → MLflow registry →
+promote → a separate process pulls @champion → linear eval, fine-tune, kNN → results on the version."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from byol_ray.config import load_config
+from byol_ray.run import resolve_paths
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
+        "train.batch_size=64", "train.checkpoint_every_epochs=1", "train.log_every_steps=5", "data.loader=torch"]
+
+
+def _cli(*args: str, timeout: int = 600) -> str:
+    out = subprocess.run([str(Path(sys.executable).parent / "byol-ray"), *args], capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out.stdout
+
+
+def test_train_register_promote_pull_evaluate(ray_cluster, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from byol_ray.ray_train import launch
+    from test_ray_train import _kill_a_worker_after_first_checkpoint
+
+    cfg = resolve_paths(load_config(["demo"], [
+        *TINY, "train.epochs=3", "ray.num_workers=2", "ray.max_failures=1", "run_name=e2e",
+        f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray", f"data.cache_dir={tmp_path}/cache",
+        f"mlflow.tracking_uri={mlflow_server}", "mlflow.register_name=e2e-encoder",
+    ]))
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, done, killed))
+    killer.start()
+    try:
+        launch(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed: the restart path was not exercised"
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.get_experiment_by_name("byol-ray")
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'e2e'")
+    assert len(runs) == 1, "the restarted worker group must log into the same MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags.get("resume_count") == "1"
+    assert run.data.params["model.encoder"] == "tiny" and run.data.params["derived.world_size"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps and max(steps) == 3 * (1797 // 64)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    version = client.get_model_version("e2e-encoder", "1")
+    assert version.run_id == run.info.run_id and version.tags["architecture"] == "tiny"
+
+    uri = ["--tracking-uri", mlflow_server]
+    _cli("linear-eval", "--model", "models:/e2e-encoder/1", *uri, "--epochs", "5", "--batch-size", "128")
+    print(_cli("promote", "--model", "models:/e2e-encoder/1", "--alias", "champion", *uri))
+    # separate processes pull by alias
+    _cli("finetune", "--model", "models:/e2e-encoder@champion", *uri, "--epochs", "1", "--label-fraction", "0.1",
+         "--batch-size", "64")
+    _cli("knn", "--model", "e2e-encoder@champion", *uri, "--batch-size", "256")
+    tags = client.get_model_version("e2e-encoder", "1").tags
+    for key in ("linear_top1", "linear_top5", "finetune_top1", "knn_top1"):
+        assert 0.0 <= float(tags[key]) <= 1.0, key
+    assert float(tags["knn_top1"]) > 0.2  # 10 classes: well above chance even after 3 tiny epochs
+    assert client.get_registered_model("e2e-encoder").aliases == {"champion": "1"}
