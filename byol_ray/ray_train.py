@@ -180,7 +180,9 @@ def launch(cfg: Config, *, resume: bool = False):
     if result.error:
         raise result.error
     ckpt = result.checkpoint
-    print(f"[byol-ray] run {cfg.run_name} finished: {result.metrics}")
+    m = result.metrics or {}
+    print(f"[byol-ray] run {cfg.run_name} finished: epoch {m.get('epoch')}, step {m.get('step')}, "
+          f"loss {m.get('epoch_loss', float('nan')):.4f}, probe acc {m.get('epoch_classifier_acc', float('nan')):.3f}")
     print(f"[byol-ray] checkpoint: {ckpt.path if ckpt else 'none'}")
     print(f"[byol-ray] run folder: {folder}")
     return result

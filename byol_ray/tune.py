@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ray.tune.stopper import Stopper  # this module is the Tune edge: Ray is its dependency
 
 from byol_ray.config import Config, ConfigError, from_dict, load_config, to_dict, with_values
 
@@ -156,7 +157,7 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
     return {key: make[kind](args) for key, dist in spec.space.items() for kind, args in dist.items()}
 
 
-class BYOLStopper:
+class BYOLStopper(Stopper):
     """Stops a trial whose loss is NaN/inf or whose projections collapsed, and records why.
 
     Collapse: the std of the l2-normalised projections (healthy ~ 1/sqrt(dim), collapsed ~ 0) below
@@ -165,12 +166,9 @@ class BYOLStopper:
     """
 
     def __init__(self, stop: StopSpec, reasons_file: Path) -> None:
-        from ray.tune import Stopper
-
         self.stop, self.file = stop, reasons_file
         self.low: dict[str, int] = defaultdict(int)
         self.reasons: dict[str, str] = json.loads(reasons_file.read_text()) if reasons_file.exists() else {}
-        Stopper.register(type(self))  # a virtual subclass: Tune accepts any Stopper
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         loss = result.get("epoch_loss")
