@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from byol_ray.augment import VIEW1, VIEW2, ViewAugment, augment_view
-from byol_ray.data.loaders import build_train_loader
+from byol_ray.data.loaders import TwoViewLoader, build_train_loader
 from byol_ray.data.prepare import prepare, validate_beton
 from byol_ray.data.sources import ImageFolderSource, Source
 
@@ -125,6 +125,57 @@ def prepared(source, path: Path, workers: int, **options) -> tuple[Path, float]:
     return path, round(time.perf_counter() - start, 1)
 
 
+def _two_pipeline_loader(path, *, batch_size: int, resolution: int, num_workers: int, device: torch.device,
+                         seed: int = 0) -> TwoViewLoader:
+    """The FFCV two-view loader as it was before byol_ray.data.two_view (baseline for this benchmark only).
+
+    Two pipelines on the one stored field, each `RandomResizedCropRGBImageDecoder` + `RandomHorizontalFlip`:
+    every JPEG is decoded twice, and crops and flips come from numba's unseeded generator.
+    """
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+    from ffcv.pipeline import PipelineSpec
+
+    from byol_ray.data.loaders import _FFCVBatches, _ffcv_image_ops, _ffcv_label_ops, _ffcv_loader
+
+    def view_ops():
+        decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), (0.08, 1.0), (3 / 4, 4 / 3))
+        return _ffcv_image_ops(decoder, 0.5, device)
+
+    pipelines = {"image": view_ops(), "label": _ffcv_label_ops(device),
+                 "image2": PipelineSpec("image", transforms=view_ops())}
+    shard = dict(seed=seed, shuffle=True, rank=0, world_size=1, drop_last=True)
+    loader, num_samples = _ffcv_loader(path, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+                                       pipelines=pipelines, shard=shard)
+    return TwoViewLoader(_FFCVBatches(loader, num_views=2), backend="ffcv", batch_size=batch_size,
+                         num_samples=num_samples)
+
+
+def measure_large(path: Path, args, workers: int, device: torch.device) -> dict:
+    """ImageNet-like loading, crop + flip + transfer only: the two-pipeline baseline and the decode-once
+    loader (build_train_loader), measured in alternating rounds so both see the same machine load."""
+    batch, resolution = args.large_batch_size, args.large_resolution
+    loaders = {
+        "two_pipeline": _two_pipeline_loader(path, batch_size=batch, resolution=resolution, num_workers=workers,
+                                             device=device),
+        "decode_once": build_train_loader(path, batch_size=batch, resolution=resolution, num_workers=workers,
+                                          device=device),
+    }
+    rounds = {name: [] for name in loaders}
+    for _ in range(args.rounds):
+        for name, loader in loaders.items():
+            rounds[name].append(measure(loader, lambda b: None, batch, args.seconds))
+    out = {}
+    for name, r in rounds.items():
+        best = best_of(r)
+        out[name] = {**best, "pairs_per_s_per_core": round(best["pairs_per_s"] / workers, 1)}
+    old, new = out["two_pipeline"], out["decode_once"]
+    return {**out, "ratio": round(new["pairs_per_s"] / old["pairs_per_s"], 2),
+            "ratio_per_cpu_s": round(new["pairs_per_cpu_s"] / old["pairs_per_cpu_s"], 2),
+            "images": args.large_images, "stored_side": args.large_side,
+            "stored_as": "JPEG quality 90 (upscaled CIFAR-10, bicubic)", "resolution": resolution,
+            "batch_size": batch, "device": str(device)}
+
+
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())
@@ -132,18 +183,51 @@ def machine() -> dict:
             "torch": torch.__version__, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def large_markdown(result: dict) -> list[str]:
+    c, m = result["large"], result["machine"]
+    old, new = c["two_pipeline"], c["decode_once"]
+
+    def row(name, r):
+        return (f"| {name} | {r['pairs_per_s']} | {r['pairs_per_s_per_core']} | {r['pairs_per_cpu_s']} | "
+                f"{r['warmup_s']} |")
+
+    return [
+        f"ImageNet-like: {c['images']} CIFAR-10 images upscaled (bicubic) to {c['stored_side']} px and stored as "
+        f"JPEG (quality 90), {c['resolution']}-px crops (OpenCV INTER_AREA resize, FFCV's `resize_crop`), batch "
+        f"{c['batch_size']}, {result['workers']} loader threads, crop + flip + transfer only (device {c['device']}); "
+        f"the two loaders alternate rounds (best of {len(new['rounds_pairs_per_s'])} rounds of ~{new['seconds']} s "
+        "each):\n",
+        "| loader | pairs/s | pairs/s per core | pairs per CPU-second | warm-up s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        row("before: two FFCV pipelines (each image decoded twice, unseeded crops)", old),
+        row("now: `TwoViewDecoder` (decoded once, crops seeded per sample)", new),
+        f"| ratio | **{c['ratio']}x** | | **{c['ratio_per_cpu_s']}x** | |\n",
+        f"All rounds, pairs/s: before {old['rounds_pairs_per_s']}, now {new['rounds_pairs_per_s']}; pairs per "
+        f"CPU-second: before {old['rounds_pairs_per_cpu_s']}, now {new['rounds_pairs_per_cpu_s']}. With "
+        f"{m['cores']} cores shared by other jobs (load average above), pairs/s per core understates the "
+        "loader; pairs per CPU-second approximates the per-core rate with a core to itself.\n",
+    ]
+
+
 def to_markdown(result: dict, command: str) -> str:
-    m, a, a0, b, c = (result[k] for k in ("machine", "ffcv_augment", "ffcv_crop_flip", "torchvision", "large"))
+    m = result["machine"]
+    head = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; load average "
+        f"{m['load_average_at_start']} at start, {m['load_average_at_end']} at end (above {m['cores']}, other jobs "
+        "shared the cores: pairs/s then understates, pairs per CPU-second much less so).",
+        f"Command: `{command}`\n",
+    ]
+    if "ffcv_augment" not in result:  # --large-only
+        return "\n".join([f"\n## Data loading, ImageNet-like, one decode per image ({time.strftime('%Y-%m-%d')})\n",
+                          *head, *large_markdown(result)])
+    a, a0, b = (result[k] for k in ("ffcv_augment", "ffcv_crop_flip", "torchvision"))
 
     def row(name, r):
         return f"| {name} | {r['batches_per_s']} | {r['pairs_per_s']} | {r['pairs_per_cpu_s']} |"
 
     return "\n".join([
         f"\n## Data loading, two views per image ({time.strftime('%Y-%m-%d')})\n",
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; load average "
-        f"{m['load_average_at_start']} at start, {m['load_average_at_end']} at end (above {m['cores']}, other jobs "
-        "shared the cores: pairs/s then understates, pairs per CPU-second much less so).",
-        f"Command: `{command}`\n",
+        *head,
         f"CIFAR-10 train ({result['cifar_images']} real 32-px JPEGs), batch {result['batch_size']}, "
         f"{result['workers']} loader workers, full BYOL augmentation on CPU (best of "
         f"{len(a['rounds_pairs_per_s'])} rounds of ~{a['seconds']} s):\n",
@@ -155,12 +239,8 @@ def to_markdown(result: dict, command: str) -> str:
         row("(FFCV loader alone: crop + flip)", a0) + "\n",
         f"All rounds, pairs/s: FFCV + augment {a['rounds_pairs_per_s']}, torchvision {b['rounds_pairs_per_s']}, "
         f"FFCV alone {a0['rounds_pairs_per_s']}.\n",
-        f"ImageNet-like: {c['images']} CIFAR-10 images upscaled (bicubic) to {c['stored_side']} px and stored as "
-        f"JPEG (quality 90), {c['resolution']}-px crops, crop + flip + transfer only (device {c['device']}): "
-        f"{c['pairs_per_s']} pairs/s on {result['workers']} cores = {c['pairs_per_s_per_core']} pairs/s per core; "
-        f"**{c['pairs_per_cpu_s']} pairs per CPU-second**.",
-        "Warm-up (FFCV compiles each loader's pipeline with numba on first use): "
-        f"{a0['warmup_s']} s (CIFAR), {c['warmup_s']} s (large).\n",
+        *large_markdown(result),
+        f"Warm-up (FFCV compiles each loader's pipeline with numba on first use): {a0['warmup_s']} s (CIFAR).\n",
     ])
 
 
@@ -176,6 +256,8 @@ def main() -> None:
     parser.add_argument("--large-side", type=int, default=320)
     parser.add_argument("--large-resolution", type=int, default=224)
     parser.add_argument("--large-batch-size", type=int, default=64)
+    parser.add_argument("--large-only", action="store_true",
+                        help="only the ImageNet-like measurement (two-pipeline baseline vs decode-once loader)")
     parser.add_argument("--markdown", default="docs/benchmarks.md", help="append a section here ('' to skip)")
     args = parser.parse_args()
     command = shlex.join(["python", "scripts/bench_data.py", *sys.argv[1:]])
@@ -190,40 +272,36 @@ def main() -> None:
     # which warns (on stdout) at each later fork.
     source = ImageFolderSource(args.train_dir)
     result["cifar_images"] = len(source)
-    beton, result["prepare_cifar_s"] = prepared(source, work / "cifar10-train.beton", workers)
+    if not args.large_only:
+        beton, result["prepare_cifar_s"] = prepared(source, work / "cifar10-train.beton", workers)
     large, large_prepare_s = prepared(Upscaled(source, args.large_images, args.large_side),
                                       work / f"cifar10-upscaled{args.large_side}.beton", workers,
                                       compress_probability=1.0, jpeg_quality=90)
 
-    from torchvision.datasets import ImageFolder
+    if not args.large_only:
+        from torchvision.datasets import ImageFolder
 
-    views = TwoViews(torchvision_view(VIEW1, 32), torchvision_view(VIEW2, 32))
-    dataloader = torch.utils.data.DataLoader(ImageFolder(args.train_dir, transform=views), batch_size=batch,
-                                             shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True)
-    result["torchvision"] = best_of([measure(dataloader, lambda b: None, batch, args.seconds)
-                                     for _ in range(args.rounds)])
-    del dataloader  # stops its worker processes before the next measurement
+        views = TwoViews(torchvision_view(VIEW1, 32), torchvision_view(VIEW2, 32))
+        dataloader = torch.utils.data.DataLoader(ImageFolder(args.train_dir, transform=views), batch_size=batch,
+                                                 shuffle=True, num_workers=workers, drop_last=True,
+                                                 persistent_workers=True)
+        result["torchvision"] = best_of([measure(dataloader, lambda b: None, batch, args.seconds)
+                                         for _ in range(args.rounds)])
+        del dataloader  # stops its worker processes before the next measurement
 
-    loader = build_train_loader(beton, batch_size=batch, resolution=32, num_workers=workers, seed=0)
-    generator = torch.Generator().manual_seed(0)
+        loader = build_train_loader(beton, batch_size=batch, resolution=32, num_workers=workers, seed=0)
+        generator = torch.Generator().manual_seed(0)
 
-    def augment(b):
-        augment_view(b[0], VIEW1, generator), augment_view(b[1], VIEW2, generator)
+        def augment(b):
+            augment_view(b[0], VIEW1, generator), augment_view(b[1], VIEW2, generator)
 
-    for name, consume in (("ffcv_crop_flip", lambda b: None), ("ffcv_augment", augment)):
-        result[name] = best_of([measure(loader, consume, batch, args.seconds) for _ in range(args.rounds)])
-    a, b = result["ffcv_augment"], result["torchvision"]
-    result["ratio"] = round(a["pairs_per_s"] / b["pairs_per_s"], 2)
-    result["ratio_per_cpu_s"] = round(a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"], 2)
+        for name, consume in (("ffcv_crop_flip", lambda b: None), ("ffcv_augment", augment)):
+            result[name] = best_of([measure(loader, consume, batch, args.seconds) for _ in range(args.rounds)])
+        a, b = result["ffcv_augment"], result["torchvision"]
+        result["ratio"] = round(a["pairs_per_s"] / b["pairs_per_s"], 2)
+        result["ratio_per_cpu_s"] = round(a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"], 2)
 
-    loader = build_train_loader(large, batch_size=args.large_batch_size, resolution=args.large_resolution,
-                                num_workers=workers, device=device)
-    large_result = best_of([measure(loader, lambda b: None, args.large_batch_size, args.seconds)
-                            for _ in range(args.rounds)])
-    result["large"] = {**large_result, "images": args.large_images, "stored_side": args.large_side,
-                       "stored_as": "JPEG quality 90 (upscaled CIFAR-10, bicubic)", "resolution": args.large_resolution,
-                       "device": str(device), "prepare_s": large_prepare_s,
-                       "pairs_per_s_per_core": round(large_result["pairs_per_s"] / workers, 1)}
+    result["large"] = {**measure_large(large, args, workers, device), "prepare_s": large_prepare_s}
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["command"] = command
     print(json.dumps(result, indent=1))

@@ -326,7 +326,8 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
         crop_ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         flip_prob: probability of a horizontal flip, per view.
         num_workers: FFCV threads or torch DataLoader processes (0: in this process); never -1.
-        seed: order seed (and, for 'torch', crop seed); the same on every rank.
+        seed: order and crop seed (crops and flips drawn per (seed, epoch, sample, view) on both
+            backends, so a resumed run repeats an uninterrupted one); the same on every rank.
         distributed: shard the data set over ranks.
         rank: this rank; default: the torch.distributed group's, else 0.
         world_size: number of ranks; default: the group's, else 1.
@@ -349,18 +350,15 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
     shard = dict(seed=seed, shuffle=order == "random", rank=rank, world_size=world_size, drop_last=True)
     if backend == "ffcv":
         require_ffcv(_NO_FFCV)
-        from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
-        from ffcv.pipeline import PipelineSpec
+        from byol_ray.data.two_view import TwoViewBatches, two_view_image_ops
 
-        def view_ops():
-            decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), tuple(crop_scale), tuple(crop_ratio))
-            return _ffcv_image_ops(decoder, flip_prob, device)
-
-        pipelines = {"image": view_ops(), "label": _ffcv_label_ops(device),
-                     "image2": PipelineSpec("image", transforms=view_ops())}  # second view, same stored image
+        # One decode per image for both views; crops and flips seeded by (seed, epoch, index, view).
+        image_ops, decoder = two_view_image_ops(resolution, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+                                                flip_prob=flip_prob, seed=seed, device=device)
+        pipelines = {"image": image_ops, "label": _ffcv_label_ops(device)}
         loader, num_samples = _ffcv_loader(path, batch_size=batch_size, num_workers=num_workers,
                                            drop_last=drop_last, pipelines=pipelines, shard=shard)
-        batches = _FFCVBatches(loader, num_views=2)
+        batches = TwoViewBatches(_FFCVBatches(loader, num_views=1), decoder)
     else:
         source = _torch_source(path)
         dataset = _SourceDataset(source, resolution=resolution, seed=seed, views=2, scale=tuple(crop_scale),
