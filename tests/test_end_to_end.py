@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,23 +27,14 @@ def _cli(*args: str, timeout: int = 600) -> str:
 def test_train_register_promote_pull_evaluate(ray_cluster, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    from byol_ray.ray_train import launch
-    from test_ray_train import _kill_a_worker_after_first_checkpoint
+    from test_ray_train import launch_killing_a_worker
 
     cfg = resolve_paths(load_config(["demo"], [
         *TINY, "train.epochs=3", "ray.num_workers=2", "ray.max_failures=1", "run_name=e2e",
         f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray", f"data.cache_dir={tmp_path}/cache",
         f"mlflow.tracking_uri={mlflow_server}", "mlflow.register_name=e2e-encoder",
     ]))
-    done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, done, killed))
-    killer.start()
-    try:
-        launch(cfg)
-    finally:
-        done.set()
-        killer.join()
-    assert killed, "no worker was killed: the restart path was not exercised"
+    launch_killing_a_worker(cfg)
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     exp = client.get_experiment_by_name("byol-ray")

@@ -151,11 +151,10 @@ def _kill_a_worker_after_first_checkpoint(cfg, done: threading.Event, killed: li
             return
 
 
-def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(two_worker_run, workdir):
+def launch_killing_a_worker(cfg) -> None:
+    """``launch(cfg)`` while a watcher SIGKILLs one training worker after the first checkpoint."""
     from byol_ray.ray_train import launch
 
-    straight_cfg, _ = two_worker_run
-    cfg = _cfg(workdir, "faulty", "train.epochs=4", "ray.num_workers=2", "ray.max_failures=2", "data.loader=torch")
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, done, killed))
     killer.start()
@@ -165,6 +164,12 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(tw
         done.set()
         killer.join()
     assert killed, "the fault was not injected (run ended before a worker could be killed)"
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(two_worker_run, workdir):
+    straight_cfg, _ = two_worker_run
+    cfg = _cfg(workdir, "faulty", "train.epochs=4", "ray.num_workers=2", "ray.max_failures=2", "data.loader=torch")
+    launch_killing_a_worker(cfg)
     epochs = [h["epoch"] for h in _history(cfg)]
     assert epochs[-1] == 4 and len(epochs) > len(set(epochs)) or epochs == [1, 2, 3, 4]
     faulty, straight = _final_state(cfg), _final_state(straight_cfg)
