@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import yaml
 from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from byol_ray.config import Config, ConfigError, derive, from_dict, save_resolved, to_dict
 from byol_ray.engine import fit
-from byol_ray.run import (ProgressPrinter, append_history, build_train_loader, check_data_source, data_fingerprint,
+from byol_ray.run import (ProgressPrinter, append_history, probe_writable, build_train_loader, check_data_source, data_fingerprint,
                           read_history, run_dir, training_file)
 from byol_ray.tracking import TrackingReporter, build_tracker, check_tracking, finish_run, resolve_tracking_uri
 from byol_ray.train import print_summary
@@ -87,12 +86,8 @@ def train_worker(config: dict[str, Any]) -> None:
 def check_storage(storage_path: str) -> None:
     if "://" in storage_path:
         return  # object stores are checked by Ray's own pyarrow filesystem at start
-    path = Path(storage_path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
+        probe_writable(Path(storage_path))
     except OSError as exc:
         raise ConfigError(f"ray.storage_path={storage_path!r} is not writable ({exc.strerror}); "
                           "choose a writable folder or a shared/object-store path") from None

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ def resolve_paths(cfg: Config) -> Config:
         data=dataclasses.replace(cfg.data, train=train, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve())),
         ray=dataclasses.replace(cfg.ray, storage_path=storage),
     )
+
+
+def probe_writable(folder: Path, prefix: str = ".write-test") -> None:
+    """Create ``folder`` and write/remove a probe file in it; raises ``OSError`` when that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f"{prefix}-{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
 
 
 def run_dir(cfg: Config) -> Path:

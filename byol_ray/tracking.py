@@ -10,12 +10,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from byol_ray.config import Config, ConfigError, Derived, to_dict
+from byol_ray.run import probe_writable
 
 if TYPE_CHECKING:
     from byol_ray.engine import Reporter
@@ -108,10 +108,7 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             return
         folder = Path(path).parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".mlflow-write-test-{uuid.uuid4().hex}"
-            probe.write_text("ok")
-            probe.unlink()
+            probe_writable(folder, prefix=".mlflow-write-test")
         except OSError as exc:
             raise ConfigError(f"MLflow store {uri}: folder {folder} is not writable ({exc.strerror}); "
                               f"set mlflow.tracking_uri=sqlite:////a/writable/folder/mlflow.db, or "
