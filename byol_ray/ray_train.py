@@ -15,7 +15,8 @@ from byol_ray.config import Config, ConfigError, derive, from_dict, save_resolve
 from byol_ray.engine import fit
 from byol_ray.run import (ProgressPrinter, append_history, probe_writable, build_train_loader, check_data_source, data_fingerprint,
                           read_history, run_dir, training_file)
-from byol_ray.tracking import TrackingReporter, build_tracker, check_tracking, finish_run, resolve_tracking_uri
+from byol_ray.tracking import (RUN_ID_FILE, TrackingReporter, build_tracker, check_tracking, finish_run,
+                               resolve_tracking_uri, unfinished_run_id)
 from byol_ray.train import print_summary
 
 
@@ -69,7 +70,16 @@ def train_worker(config: dict[str, Any]) -> None:
             print(f"[byol-ray] resuming from epoch {state['epoch']}, step {state['step']}", flush=True)
     fingerprint = data_fingerprint(cfg, path) if rank == 0 else {}
     # a restarted worker group logs into the MLflow run recorded in the checkpoint
-    tracker.start(cfg, derived=derived, run_id=(state or {}).get("mlflow_run_id"), data_fingerprint=fingerprint)
+    run_id = (state or {}).get("mlflow_run_id") or (unfinished_run_id(tracker, folder) if rank == 0 else None)
+    tracker.start(cfg, derived=derived, run_id=run_id, data_fingerprint=fingerprint)
+    if tracker.run_id is not None:
+        (folder / RUN_ID_FILE).write_text(tracker.run_id)
+    if state is not None and state["epoch"] >= cfg.train.epochs:
+        # The newest checkpoint is the last epoch's: training had finished when the run was stopped (say a
+        # Tune driver killed after the final checkpoint, before it recorded the trial as done). Nothing is
+        # retrained; the final epoch's metrics are reported again so Ray Train and Tune see the result.
+        final = (read_history(folder) or [{"epoch": state["epoch"], "step": state["step"]}])[-1] if rank == 0 else {}
+        ray.train.report(final)  # every rank: a report is a barrier
     printer = ProgressPrinter(derived.total_steps, cfg.train.epochs)
     reporter = TrackingReporter(RayReporter(rank, printer, folder), tracker)
     try:
@@ -78,7 +88,8 @@ def train_worker(config: dict[str, Any]) -> None:
         tracker.finish("FAILED")
         raise
     if rank == 0:
-        result = dataclasses.replace(result, history=read_history(folder))
+        history = read_history(folder)
+        result = dataclasses.replace(result, history=history, metrics=result.metrics or (history or [{}])[-1])
         version = finish_run(tracker, cfg, derived, result, folder, data_fingerprint=fingerprint)
         print_summary(cfg, result, cfg.ray.storage_path + "/" + cfg.run_name, tracker.run_id, version)
 

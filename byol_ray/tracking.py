@@ -224,6 +224,7 @@ class Tracker(Protocol):
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def tags(self) -> dict[str, str]: ...
     def metric_history(self, key: str) -> list[tuple[int, float]]: ...
     def flush(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -252,6 +253,9 @@ class NullTracker:
 
     def set_tags(self, tags) -> None:
         pass
+
+    def tags(self) -> dict[str, str]:
+        return {}
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
@@ -407,6 +411,10 @@ class MlflowTracker:
 
         self.client.log_batch(self._run_id, tags=[RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in tags.items()])
 
+    def tags(self) -> dict[str, str]:
+        """The run's tags as stored on the server now."""
+        return dict(self.client.get_run(self._run_id).data.tags) if self._run_id else {}
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) pairs of ``key`` stored in the run so far (after a :meth:`flush`)."""
         self.flush()
@@ -425,6 +433,27 @@ class MlflowTracker:
         if self.dropped_batches:
             warnings.warn(f"MLflow run {self._run_id}: {self.dropped_batches} metric batch(es) could not be sent",
                           RuntimeWarning, stacklevel=2)
+
+
+RUN_ID_FILE = "mlflow_run_id"  # in the run folder: the MLflow run this training run logs into
+
+
+def unfinished_run_id(tracker: Tracker, run_folder: str | Path) -> str | None:
+    """The MLflow run a restarted training run should continue when no checkpoint names one.
+
+    A worker group that dies before its first checkpoint (a crash, or a Tune driver killed mid-trial)
+    restarts from scratch; it logs into the run it had opened (recorded in ``<run folder>/mlflow_run_id``)
+    instead of leaving that one RUNNING forever beside a second run. A FINISHED run is never reopened.
+    """
+    marker = Path(run_folder) / RUN_ID_FILE
+    client = getattr(tracker, "client", None)
+    if client is None or not marker.is_file():
+        return None
+    try:
+        run = client.get_run(marker.read_text().strip())
+    except Exception:  # noqa: BLE001 - another store or a deleted run: start a new one
+        return None
+    return run.info.run_id if run.info.status != "FINISHED" else None
 
 
 def build_tracker(cfg: Config, *, is_main: bool = True) -> Tracker:
@@ -530,7 +559,8 @@ def log_run_artifacts(tracker: Tracker, run_dir: str | Path, history: list[dict[
 def finish_run(tracker: Tracker, cfg: Config, derived: Derived, result, run_dir: str | Path, *,
                data_fingerprint: dict[str, Any] | None = None):
     """The end of a successful run on rank 0: config + plots as artifacts, the online encoder registered
-    as ``mlflow.register_name`` (skipped when '' or not tracking), the run closed FINISHED.
+    as ``mlflow.register_name`` (skipped when '' or not tracking, or when this run already registered one:
+    a finished run resumed again adds no duplicate version), the run closed FINISHED.
 
     A registration failure is tagged on the run (``registration_error``) and re-raised after the run is
     closed: training succeeded and its checkpoint can be registered later (``byol-ray register``).
@@ -551,7 +581,10 @@ def finish_run(tracker: Tracker, cfg: Config, derived: Derived, result, run_dir:
     except Exception as exc:  # noqa: BLE001 - plots are a convenience; the encoder matters more
         warnings.warn(f"MLflow: run artifacts not logged ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
     try:
-        if cfg.mlflow.register_name and tracker.run_id is not None:
+        registered = tracker.tags().get("registered_model") if tracker.run_id is not None else None
+        if registered:  # a resumed run that had already finished: keep its version, add no duplicate
+            print(f"[byol-ray] encoder already registered by this run: models:/{registered}")
+        elif cfg.mlflow.register_name and tracker.run_id is not None:
             from byol_ray.registry import register_encoder
 
             version = register_encoder(

@@ -45,7 +45,8 @@ def train_local(cfg: Config, *, resume: bool = False) -> FitResult:
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    result = dataclasses.replace(result, history=read_history(folder))
+    history = read_history(folder)  # every epoch across restarts; a finished run resumed again trains nothing
+    result = dataclasses.replace(result, history=history, metrics=result.metrics or (history or [{}])[-1])
     version = finish_run(tracker, cfg, derived, result, folder, data_fingerprint=fingerprint)
     print_summary(cfg, result, folder / "checkpoints", tracker.run_id, version)
     return result

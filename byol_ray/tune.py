@@ -289,7 +289,9 @@ def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: i
         except ImportError as exc:
             raise ConfigError(f"search_alg: optuna needs the optuna package ({exc}); pip install optuna") from None
         search_alg = OptunaSearch()
-    space = {**param_space(spec), "__base__": to_dict(base)}
+    # trials log their own MLflow runs but register nothing: the search registers its best trial once
+    trial_base = dataclasses.replace(base, mlflow=dataclasses.replace(base.mlflow, register_name=""))
+    space = {**param_space(spec), "__base__": to_dict(trial_base)}
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,

@@ -187,6 +187,17 @@ def test_explicit_resume_of_a_finished_run_is_a_no_op_and_a_rerun_is_refused(two
     cfg, _ = two_worker_run
     with pytest.raises(ConfigError, match="already exists.*--resume straight"):
         launch(cfg)
+    # resuming a run whose newest checkpoint is its last epoch retrains nothing, writes nothing and
+    # still reports the final epoch (a Tune trial restarted after its last checkpoint needs that result)
+    history, state = _history(cfg), _final_state(cfg)
+    folder = Path(cfg.ray.storage_path) / cfg.run_name
+    before = sorted(p.name for p in folder.glob("epoch_*"))
+    result = launch(cfg, resume=True)
+    assert result.error is None
+    assert result.metrics["epoch"] == 4 and result.metrics["epoch_loss"] == history[-1]["epoch_loss"]
+    assert _history(cfg) == history
+    assert sorted(p.name for p in folder.glob("epoch_*")) == before
+    assert _final_state(cfg)["step"] == state["step"]
 
 
 @pytest.mark.parametrize("override,pattern", [
