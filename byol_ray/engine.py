@@ -77,9 +77,10 @@ class BYOLEngine:
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.online = online.to(device, memory_format=memory_format)
         self.target = target.to(device, memory_format=memory_format)
-        # Only the online network is wrapped; the EMA reads self.online, never the wrapper.
+        # Only the online network is wrapped; the EMA reads self.online, never the wrapper. A group of one
+        # (Ray Train with 1 worker) is not wrapped: DDP would only add hooks and a self-all-reduce per step.
         self.online_ddp: nn.Module = self.online
-        if dist.is_initialized():
+        if dist.world_size() > 1:
             self.online_ddp = nn.parallel.DistributedDataParallel(
                 self.online, device_ids=[device.index] if device.type == "cuda" else None
             )
