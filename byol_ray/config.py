@@ -42,7 +42,9 @@ class DataConfig:
     """Where images come from and how the two crops of each are cut."""
 
     train: str = "demo"  # 'demo', an ImageFolder split folder, a CIFAR pickle folder, or a .beton
-    loader: Literal["ffcv", "torch"] = "ffcv"  # 'torch' is the fallback where FFCV cannot be built
+    # 'torch': the fallback where FFCV cannot be built; 'memory': the whole (equal-size) image set decoded
+    # once onto the device, crops and flips batched there (data sets that fit: CIFAR-10 is 150 MB)
+    loader: Literal["ffcv", "torch", "memory"] = "ffcv"
     resolution: int = 224
     num_workers: int = 4  # data-loading threads per training worker
     cache_dir: str = "~/.cache/byol-ray"  # .beton files prepared from non-.beton sources

@@ -62,10 +62,11 @@ def check_data_source(cfg: Config) -> None:
             f"data.train={train!r} does not exist; point it at an image folder, a CIFAR folder or a .beton "
             "written by `byol-ray prepare`"
         )
-    if path.suffix == ".beton" and cfg.data.loader == "torch":
+    if path.suffix == ".beton" and cfg.data.loader in ("torch", "memory"):
         raise ConfigError(
-            f"data.train={train!r} is a .beton file, which only the FFCV loader reads; set data.loader=ffcv "
-            "or point data.train at the source image folder"
+            f"data.train={train!r} is a .beton file, which only the FFCV loader reads (data.loader="
+            f"{cfg.data.loader} reads source images); set data.loader=ffcv or point data.train at the source "
+            "image folder"
         )
 
 
@@ -74,14 +75,14 @@ def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -
 
     With the FFCV loader a non-.beton source is converted on first use into
     ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``; other ranks wait for it.
-    With the torch loader the source itself is returned.
+    With the torch and memory loaders the source itself is returned.
     """
     from byol_ray.data import prepare as prep
     from byol_ray.data import sources
 
     check_data_source(cfg)
     train = cfg.data.train
-    if cfg.data.loader == "torch" or train.endswith(".beton"):
+    if cfg.data.loader in ("torch", "memory") or train.endswith(".beton"):
         return train
     fp = sources.fingerprint(train)
     stem = "demo" if train == "demo" else Path(train).name

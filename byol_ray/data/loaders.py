@@ -11,6 +11,7 @@ from byol_ray.data.prepare import require_ffcv, validate_beton
 from byol_ray.data.sources import Source, open_source
 
 BACKENDS = ("ffcv", "torch")
+TRAIN_BACKENDS = (*BACKENDS, "memory")  # memory: the whole data set on the device (byol_ray.data.memory)
 EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter image side (RECIPE.md, "Evaluation preprocessing")
 _NO_FFCV = "use the torch loader instead (backend='torch', config data.loader=torch), which reads the source folder"
 
@@ -293,17 +294,17 @@ class _TorchBatches:
 
 def _torch_source(path) -> Source:
     if isinstance(path, (str, Path)) and Path(path).is_file():
-        raise ValueError(f"backend='torch' reads the source images; {path} is a file (a .beton?). Use "
-                         "backend='ffcv' (data.loader=ffcv) for .beton files, or point at the source folder")
+        raise ValueError(f"backends 'torch' and 'memory' read the source images; {path} is a file (a .beton?). "
+                         "Use backend='ffcv' (data.loader=ffcv) for .beton files, or point at the source folder")
     return open_source(path)
 
 
 # ---------------------------------------------------------------------------------------- build
 
 
-def _check_common(backend: str, batch_size: int, resolution: int, num_workers: int) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS} (config data.loader)")
+def _check_common(backend: str, batch_size: int, resolution: int, num_workers: int, backends=BACKENDS) -> None:
+    if backend not in backends:
+        raise ValueError(f"backend={backend!r}: choose one of {backends} (config data.loader)")
     if batch_size < 1 or resolution < 1 or num_workers < 0:
         raise ValueError(f"batch_size={batch_size}, resolution={resolution}, num_workers={num_workers}: "
                          "batch size and resolution must be positive, num_workers >= 0")
@@ -319,7 +320,8 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
     Args:
         path: a .beton (backend 'ffcv'), or a source for backend 'torch': 'demo', an ImageFolder
             folder, a CIFAR python folder, or a Source.
-        backend: 'ffcv' or 'torch' (the fallback where FFCV cannot be built).
+        backend: 'ffcv', 'torch' (the fallback where FFCV cannot be built) or 'memory' (the whole
+            source decoded once onto ``device``; crops and flips batched there).
         batch_size: samples per batch on this rank.
         resolution: output side in pixels.
         crop_scale: range of the crop's area as a fraction of the image's.
@@ -338,7 +340,7 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
     Returns:
         A TwoViewLoader.
     """
-    _check_common(backend, batch_size, resolution, num_workers)
+    _check_common(backend, batch_size, resolution, num_workers, TRAIN_BACKENDS)
     if order not in ("random", "sequential"):
         raise ValueError(f"order={order!r}: choose 'random' or 'sequential'")
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < crop_ratio[0] <= crop_ratio[1] and 0 <= flip_prob <= 1):
@@ -359,6 +361,16 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
         loader, num_samples = _ffcv_loader(path, batch_size=batch_size, num_workers=num_workers,
                                            drop_last=drop_last, pipelines=pipelines, shard=shard)
         batches = TwoViewBatches(_FFCVBatches(loader, num_views=1), decoder)
+    elif backend == "memory":
+        from byol_ray.data.memory import MemoryTwoViewBatches, load_to_device
+
+        source = _torch_source(path)
+        images, labels = load_to_device(source, device)
+        batches = MemoryTwoViewBatches(images, labels, batch_size=batch_size, resolution=resolution,
+                                       scale=crop_scale, ratio=crop_ratio, flip_prob=flip_prob, seed=seed,
+                                       shuffle=order == "random", rank=rank, world_size=world_size,
+                                       drop_last=drop_last)
+        num_samples = len(source)
     else:
         source = _torch_source(path)
         dataset = _SourceDataset(source, resolution=resolution, seed=seed, views=2, scale=tuple(crop_scale),
