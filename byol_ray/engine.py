@@ -113,6 +113,11 @@ class BYOLEngine:
                                "use model.sync_bn=auto or off on CPU")
         return mode != "off" and dist.world_size() > 1 and self.device.type == "cuda"
 
+    def _phase(self, name: str):
+        """A timed section when a benchmark set ``self.phase_timer`` (a callable name -> context manager)."""
+        timer = getattr(self, "phase_timer", None)
+        return contextlib.nullcontext() if timer is None else timer(name)
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -134,10 +139,10 @@ class BYOLEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        with torch.no_grad():
+        with torch.no_grad(), self._phase("augment"):
             view1 = augment_view(view1_u8, aug.view1, self.generator).contiguous(memory_format=self.memory_format)
             view2 = augment_view(view2_u8, aug.view2, self.generator).contiguous(memory_format=self.memory_format)
-        with self._autocast():
+        with self._phase("forward"), self._autocast():
             online = self.online_ddp(view1, view2)
             target_projection1, target_projection2 = self.target(view1), self.target(view2)
             loss = byol_loss(online["prediction1"], online["prediction2"], target_projection1, target_projection2)
@@ -146,11 +151,14 @@ class BYOLEngine:
                 classifier_loss = F.cross_entropy(online["logits"].float(), labels)
                 total = total + classifier_loss
 
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        update_target(self.target, self.online, tau)
+        with self._phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+        with self._phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with self._phase("ema"):
+            update_target(self.target, self.online, tau)
         self.step += 1
 
         with torch.no_grad():
