@@ -1,0 +1,84 @@
+"""The evidence scripts run end to end at a tiny size on real CIFAR-10 JPEGs (the figures come from full runs)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PER_CLASS = {"train": 12, "test": 6}
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cifar_root(cifar_archive, tmp_path_factory) -> Path:
+    """An ImageFolder root with train/ and test/: the first few real JPEGs of every class of each split."""
+    root = tmp_path_factory.mktemp("cifar-small")
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(cifar_archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not (member.isfile() and len(parts) == 3 and parts[0] in PER_CLASS):
+                continue
+            key = (parts[0], parts[1])
+            if counts.get(key, 0) < PER_CLASS[parts[0]]:
+                target = root / parts[0] / parts[1] / parts[2]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+                counts[key] = counts.get(key, 0) + 1
+            if len(counts) == 20 and all(counts[k] == PER_CLASS[k[0]] for k in counts):
+                break
+    assert len(counts) == 20, counts
+    return root
+
+
+def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure():
+    out = _script("bench_gpu").main(["--tiny"])
+    assert out["images_per_s"] > 0 and out["step_ms"] > 0
+    assert set(out["phase_ms"]) == {"augment", "forward", "backward", "optimizer", "ema"}
+    assert abs(sum(out["phase_pct"].values()) - 100) < 0.1
+    # a tiny encoder: the EMA is a small share of the step even on a CPU
+    assert 0 < out["ema_pct_of_step"] < 10
+    assert out["flops_per_image"] > 1e6 and out["mfu"] is None  # no known peak for a CPU
+
+
+def test_peer_benchmark_trains_both_and_scores_them_with_one_knn(cifar_root):
+    out = _script("bench_peer").main(["--data", str(cifar_root), "--steps", "3", "--batch", "40",
+                                      "--train-fraction", "1.0", "--threads", "1"])
+    assert out["steps"] == 3 and out["train_images"] == 120 and out["test_images"] == 60
+    for side in ("byol_ray", "byol_pytorch"):
+        assert out[side]["train_s"] > 0 and 0.0 <= out[side]["knn_top1"] <= 1.0
+    assert out["speedup_vs_byol_pytorch"] > 0
+
+
+@pytest.mark.slow
+def test_ablation_goes_through_train_register_and_evaluate(cifar_root, tmp_path):
+    out = _script("ablation").main(["--data", str(cifar_root), "--work", str(tmp_path), "--arms", "random",
+                                    "fixed_target", "--seeds", "0", "--epochs", "2", "--train-fraction", "1.0",
+                                    "--linear-epochs", "1", "--override", "train.batch_size=40"])
+    rows = {r["arm"]: r for r in out["rows"]}
+    assert set(rows) == {"random", "fixed_target"}
+    assert rows["random"]["model"] == "models:/ablation-random/1"
+    assert [e for e, _ in rows["random"]["knn_curve"]] == [0]  # the untrained checkpoint
+    assert [e for e, _ in rows["fixed_target"]["knn_curve"]] == [1, 2]
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["summary"]["fixed_target"]["knn_top1"][0] == rows["fixed_target"]["knn_top1"]
+    # tau = 1: the target never moved, so the fixed-target arm's target is still the initial online net
+    import torch
+
+    from byol_ray.checkpoint import load_checkpoint
+
+    final = load_checkpoint(tmp_path / "runs" / "fixed_target-s0" / "checkpoints" / "epoch_0002")
+    start = load_checkpoint(tmp_path / "runs" / "random-s0" / "checkpoints" / "epoch_0000")
+    for key, value in start["target"].items():
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(final["target"][key], value, msg=key)
