@@ -1,6 +1,6 @@
 """Benchmark: Ray Train overhead (1 worker vs the plain engine) and 2-worker vs 1-worker throughput, CPU.
 
-Usage:  .venv/bin/python scripts/bench_ray.py [--epochs 4] [--write]
+Usage:  .venv/bin/python scripts/bench_ray.py [--epochs 10] [--rounds 2] [--write]
 Steady state = mean images/s of the epochs after the first (the first pays FFCV compilation and
 start-up). All three runs use the same config, data (.beton of the built-in digits) and seed, in
 this one script; each run is the real code path (`fit` in-process, `launch` under Ray).
@@ -31,50 +31,99 @@ def steady(history: list[dict]) -> float:
     return statistics.mean(h["images_per_s"] for h in history[1:])
 
 
+def plain_run(common: list[str], name: str) -> dict:
+    """The engine in this process (2 threads: what one Ray worker with 2 CPUs gets)."""
+    torch.set_num_threads(2)
+    cfg = resolve_paths(load_config(["demo"], [*common, f"run_name={name}"]))
+    loader = build_train_loader(cfg, training_file(cfg), torch.device("cpu"))
+    start = time.perf_counter()
+    result = fit(cfg, derive(cfg, loader.num_samples, 1), loader, torch.device("cpu"))
+    return {"images_per_s": steady(result.history), "wall_s": time.perf_counter() - start}
+
+
+def ray_run(common: list[str], name: str, extra: list[str]) -> dict:
+    from byol_ray.ray_train import launch
+
+    cfg = resolve_paths(load_config(["demo"], [*common, f"run_name={name}", *extra]))
+    start = time.perf_counter()
+    launch(cfg)
+    return {"images_per_s": steady(read_history(run_dir(cfg))), "wall_s": time.perf_counter() - start}
+
+
+def daemon_cpu_share(seconds: float = 10.0) -> float:
+    """CPU seconds per second used by Ray's own processes (raylet, GCS, dashboard, agents) while idle."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["name", "cmdline"])
+             if any(k in " ".join(p.info["cmdline"] or []) for k in ("raylet", "gcs_server", "dashboard", "ray::", "log_monitor"))]
+    def total():
+        out = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                out += t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+    before = total()
+    time.sleep(seconds)
+    return (total() - before) / seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
+    import ray
+
+    from byol_ray.ray_train import init_ray
+
     tmp = Path(tempfile.mkdtemp(prefix="byol-bench-ray-"))
     common = [*OVERRIDES, f"train.epochs={args.epochs}", f"output_dir={tmp}/runs", f"ray.storage_path={tmp}/ray",
               f"data.cache_dir={tmp}/cache"]
-
-    # plain engine, this process, 2 threads (what one Ray worker with 2 CPUs gets)
-    torch.set_num_threads(2)
-    cfg = resolve_paths(load_config(["demo"], [*common, "run_name=plain"]))
-    loader = build_train_loader(cfg, training_file(cfg), torch.device("cpu"))
-    start = time.perf_counter()
-    plain = fit(cfg, derive(cfg, loader.num_samples, 1), loader, torch.device("cpu"))
-    plain_wall = time.perf_counter() - start
-
-    from byol_ray.ray_train import launch
-
-    results = {"plain_engine": {"images_per_s": steady(plain.history), "wall_s": plain_wall}}
-    for name, extra in (("ray_1_worker", ["ray.num_workers=1", "ray.cpus_per_worker=2"]),
-                        ("ray_2_workers", ["ray.num_workers=2", "ray.cpus_per_worker=1"])):
-        cfg = resolve_paths(load_config(["demo"], [*common, f"run_name={name}", *extra]))
-        start = time.perf_counter()
-        launch(cfg)
-        results[name] = {"images_per_s": steady(read_history(run_dir(cfg))), "wall_s": time.perf_counter() - start}
-    base = results["plain_engine"]["images_per_s"]
+    runs: dict[str, list[dict]] = {k: [] for k in ("plain_engine", "plain_engine_ray_idle", "ray_1_worker", "ray_2_workers")}
+    daemons = []
+    for r in range(args.rounds):  # interleaved, so a slow spell of the machine hits every run alike
+        runs["plain_engine"].append(plain_run(common, f"plain-{r}"))
+        init_ray("")
+        daemons.append(daemon_cpu_share())
+        runs["plain_engine_ray_idle"].append(plain_run(common, f"plain-ray-idle-{r}"))
+        runs["ray_1_worker"].append(ray_run(common, f"ray1-{r}", ["ray.num_workers=1", "ray.cpus_per_worker=2"]))
+        runs["ray_2_workers"].append(ray_run(common, f"ray2-{r}", ["ray.num_workers=2", "ray.cpus_per_worker=1"]))
+        ray.shutdown()
+    results = {k: {"images_per_s": statistics.median(x["images_per_s"] for x in v),
+                   "per_round": [round(x["images_per_s"], 1) for x in v],
+                   "wall_s": statistics.median(x["wall_s"] for x in v)} for k, v in runs.items()}
+    ips = {k: v["images_per_s"] for k, v in results.items()}
     out = {
-        "benchmark": "ray_overhead", "epochs": args.epochs, "batch": 128, "encoder": "tiny", "data": "demo .beton",
-        "load_average": os.getloadavg(), "results": {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in results.items()},
-        "ray_1_worker_vs_plain": round(results["ray_1_worker"]["images_per_s"] / base, 3),
-        "ray_2_workers_vs_1": round(results["ray_2_workers"]["images_per_s"] / results["ray_1_worker"]["images_per_s"], 3),
+        "benchmark": "ray_overhead", "epochs": args.epochs, "rounds": args.rounds, "batch": 128, "encoder": "tiny",
+        "data": "demo .beton", "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+        "ray_daemons_cpu_per_s": round(statistics.median(daemons), 3),
+        "results": {k: {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in results.items()},
+        "ray_1_worker_vs_plain": round(ips["ray_1_worker"] / ips["plain_engine"], 3),
+        "plain_ray_idle_vs_plain": round(ips["plain_engine_ray_idle"] / ips["plain_engine"], 3),
+        "ray_1_worker_vs_plain_ray_idle": round(ips["ray_1_worker"] / ips["plain_engine_ray_idle"], 3),
+        "ray_2_workers_vs_1": round(ips["ray_2_workers"] / ips["ray_1_worker"], 3),
     }
     print(json.dumps(out, indent=2))
     if args.write:
         lines = [
-            f"\n## Ray Train overhead and 2 vs 1 workers (CPU, {time.strftime('%Y-%m-%d')})\n",
-            f"Command: `.venv/bin/python scripts/bench_ray.py --epochs {args.epochs} --write`. Tiny encoder, "
-            f"global batch 128, built-in digits (.beton, FFCV loader), steady-state images/s = mean of epochs 2..{args.epochs}. "
-            f"Load average at the end: {', '.join(f'{x:.2f}' for x in out['load_average'])}.\n",
-            "| run | images/s | wall s |", "|---|---|---|",
-            *[f"| {k} | {v['images_per_s']:.1f} | {v['wall_s']:.1f} |" for k, v in results.items()],
-            f"\nRay (1 worker, 2 CPUs) / plain engine (2 threads): **{out['ray_1_worker_vs_plain']}**. "
-            f"2 workers (1 CPU each) / 1 worker (2 CPUs): **{out['ray_2_workers_vs_1']}** — the machine has 2 cores, "
+            f"\n## Ray Train overhead and 2 vs 1 workers (CPU, {time.strftime('%Y-%m-%d')}, interleaved)\n",
+            f"Command: `.venv/bin/python scripts/bench_ray.py --epochs {args.epochs} --rounds {args.rounds} --write`. "
+            f"Tiny encoder, global batch 128, built-in digits (.beton, FFCV loader), steady-state images/s = mean of "
+            f"epochs 2..{args.epochs}, median over {args.rounds} interleaved rounds. {out['cpu_count']} cores; "
+            f"load average at the end: {', '.join(f'{x:.2f}' for x in out['load_average'])}.\n",
+            "| run | images/s (median) | per round | wall s |", "|---|---|---|---|",
+            *[f"| {k} | {v['images_per_s']:.1f} | {v['per_round']} | {v['wall_s']:.1f} |" for k, v in results.items()],
+            f"\n- Ray Train, 1 worker (2 CPUs) / plain engine (2 threads): **{out['ray_1_worker_vs_plain']}**.",
+            f"- Plain engine while the in-process Ray cluster idles beside it / plain engine alone: "
+            f"**{out['plain_ray_idle_vs_plain']}**; Ray's own processes used {out['ray_daemons_cpu_per_s']} CPU-seconds "
+            "per second while idle (measured with psutil over 10 s).",
+            f"- Ray Train 1 worker / plain engine with Ray idling: **{out['ray_1_worker_vs_plain_ray_idle']}** "
+            "(what the Train worker itself costs).",
+            f"- 2 workers (1 CPU each) / 1 worker (2 CPUs): **{out['ray_2_workers_vs_1']}** — the machine has 2 cores, "
             "so a second worker only splits them; the figure shows the cost of the DDP all-reduce, not scaling.",
         ]
         with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a") as fh:
