@@ -197,3 +197,22 @@ def test_register_and_promote_cli(registry, tmp_path, capsys):
     code, decision, line = promote("cli-encoder:1")
     assert not decision["promoted"] and "stays on v2" in line
     assert str(client.get_model_version_by_alias("cli-encoder", "champion").version) == "2"
+
+
+def test_features_of_an_ffcv_split_keep_every_label_in_order(tmp_path):
+    """FFCV reuses a batch's buffers a few batches later: the collected labels must be copies."""
+    from byol_ray.data.prepare import prepare
+    from byol_ray.data.sources import open_source
+    from byol_ray.downstream.data import eval_loader, open_split
+    from byol_ray.downstream.features import extract_features
+
+    beton = tmp_path / "demo.beton"
+    prepare("demo", str(beton), progress=False)
+    split = open_split(str(beton), "train")
+    settings = LoaderSettings(resolution=32, batch_size=64, num_workers=1, center_crop_ratio=1.0)
+    features, labels = extract_features(build_encoder("tiny"), eval_loader(split, settings))
+    stored = torch.cat([target.clone() for _, target in eval_loader(split, settings)])  # copied at once
+    expected = torch.from_numpy(open_source("demo").labels)
+    assert features.shape == (len(expected), 128)
+    assert torch.equal(labels, stored)
+    assert torch.equal(torch.bincount(labels), torch.bincount(expected))

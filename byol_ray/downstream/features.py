@@ -50,7 +50,8 @@ def extract_features(encoder: nn.Module, loader: Iterable[tuple[torch.Tensor, to
     try:
         for images, target in loader:
             feats.append(encoder(to_model_input(images.to(device, non_blocking=True))).float().cpu())
-            labels.append(target.cpu().long())
+            # a copy: FFCV reuses a batch's buffers a few batches later (.cpu()/.long() can be no-ops)
+            labels.append(target.to("cpu", torch.int64, copy=True))
     finally:
         encoder.train(was_training)
     if not feats:

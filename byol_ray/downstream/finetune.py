@@ -72,7 +72,7 @@ def finetune(encoder: nn.Module, train: Split, test: Split, settings: LoaderSett
     with torch.no_grad():
         for images, target in eval_loader(test, settings):
             logits.append(head(encoder(to_model_input(images)).float()))
-            labels.append(target)
+            labels.append(target.clone())  # FFCV reuses a batch's buffers a few batches later
     acc = topk_accuracy(torch.cat(logits), torch.cat(labels))
     return {"finetune_top1": acc[1], "finetune_top5": acc[5], "finetune_label_fraction": label_fraction or 1.0,
             "finetune_lr": lr, "finetune_base_lr": base_lr, "num_train": num_train or len(loader) * batch_size,
