@@ -74,8 +74,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run")
+    p.add_argument("--worker-niceness", type=int, default=None,
+                   help="start the local Ray with RAY_worker_niceness=N (Ray's default starts workers at nice 15)")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     import ray
 
     from byol_ray.ray_train import init_ray
@@ -99,6 +103,7 @@ def main() -> None:
     ips = {k: v["images_per_s"] for k, v in results.items()}
     out = {
         "benchmark": "ray_overhead", "epochs": args.epochs, "rounds": args.rounds, "batch": 128, "encoder": "tiny",
+        "worker_niceness": args.worker_niceness if args.worker_niceness is not None else "ray default (15)",
         "data": "demo .beton", "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         "ray_daemons_cpu_per_s": round(statistics.median(daemons), 3),
         "results": {k: {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in results.items()},
@@ -111,7 +116,8 @@ def main() -> None:
     if args.write:
         lines = [
             f"\n## Ray Train overhead and 2 vs 1 workers (CPU, {time.strftime('%Y-%m-%d')}, interleaved)\n",
-            f"Command: `.venv/bin/python scripts/bench_ray.py --epochs {args.epochs} --rounds {args.rounds} --write`. "
+            f"Command: `.venv/bin/python scripts/bench_ray.py --epochs {args.epochs} --rounds {args.rounds}"
+            f"{'' if args.worker_niceness is None else f' --worker-niceness {args.worker_niceness}'} --write`. "
             f"Tiny encoder, global batch 128, built-in digits (.beton, FFCV loader), steady-state images/s = mean of "
             f"epochs 2..{args.epochs}, median over {args.rounds} interleaved rounds. {out['cpu_count']} cores; "
             f"load average at the end: {', '.join(f'{x:.2f}' for x in out['load_average'])}.\n",
