@@ -182,6 +182,7 @@ def launch(cfg: Config, *, resume: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:  # saved before any worker starts, so --resume works even after an early crash
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (folder / RUN_ID_FILE).unlink(missing_ok=True)  # a new run never reopens an older run's MLflow run
     result = build_trainer(cfg).fit()
     if result.error:
         raise result.error

@@ -43,9 +43,10 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
+    words = name.replace("-", " ").split()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"; whole words, so
+        if all(k in words for k in key.split()):          # "L4" never matches an L40S
+            return PEAK_TFLOPS[key] * 1e12
     return None
 
 
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     phases = timer.collect()
     engine.phase_timer = None
     flops = count_flops(engine, next(stream)) if not args.compile else None
-    peak = peak_flops(device, args.peak_tflops)
+    # the table holds bf16/fp16 tensor-core peaks: an fp32 run has no comparable MFU unless --peak-tflops says
+    peak = peak_flops(device, args.peak_tflops) if args.precision != "fp32" or args.peak_tflops else None
 
     images_per_s = args.batch / step_s
     result = {

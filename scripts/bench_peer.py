@@ -4,9 +4,10 @@ Both train the same tiny encoder (byol_ray.encoders.TinyEncoder, same initial we
 number of steps at the same batch size on the same class-balanced CIFAR-10 subset, held in memory as
 uint8 for both (no decoding cost on either side), on the CPU; both encoders are then scored with the
 same kNN code (byol_ray.downstream.knn, k=200, T=0.1; bank = the training subset, queries = the
-CIFAR-10 test split). Each side uses its own recipe: byol-ray its config (LARS, warmup + cosine, the
-paper's per-image augmentations, cosine tau); byol-pytorch its README usage (Adam 3e-4, its default
-augmentations, tau 0.99).
+CIFAR-10 test split). Each side uses its own recipe: byol-ray the demo preset's CPU recipe (LARS,
+warmup + cosine, cosine tau, per-image crops, flips and colour draws; no blur, crop scale >= 0.2);
+byol-pytorch its README usage (Adam 3e-4, tau 0.99, its default augmentations, which draw one crop,
+flip and jitter per batch, not per image), with its simplicial embeddings turned off (plain BYOL).
 
 Usage:
   .venv/bin/python scripts/bench_peer.py --data /tmp/cifar10 --steps 300 --write
@@ -71,8 +72,9 @@ def train_theirs(images, labels, args, init: dict) -> tuple[torch.nn.Module, flo
     torch.manual_seed(args.seed)
     encoder = build_encoder("tiny", cifar_stem=True)
     encoder.load_state_dict(init)
+    # plain BYOL: byol-pytorch 0.9.1 adds simplicial embeddings by default
     learner = BYOL(encoder, image_size=32, hidden_layer="pool", projection_size=256, projection_hidden_size=1024,
-                   moving_average_decay=0.99)
+                   moving_average_decay=0.99, use_simplicial_embeddings=False)
     opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
     g = torch.Generator().manual_seed(args.seed)
     start, step = time.perf_counter(), 0
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(out, indent=2))
     if args.write:
         cmd = (f".venv/bin/python scripts/bench_peer.py --data {args.data} --steps {args.steps} --batch {args.batch} "
-               f"--train-fraction {args.train_fraction} --seed {args.seed} --write")
+               f"--train-fraction {args.train_fraction} --test-fraction {args.test_fraction} --seed {args.seed} "
+               f"--threads {args.threads} --write")
         lines = [f"\n## Against byol-pytorch on the same task (CPU, {time.strftime('%Y-%m-%d')})\n",
                  f"Command: `{cmd}`. Tiny encoder (same initial weights), {args.steps} steps of batch {args.batch} on "
                  f"{len(train[1])} CIFAR-10 training images held in memory, {args.threads} threads; kNN (k=200, T=0.1) "

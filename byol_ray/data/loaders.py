@@ -328,8 +328,9 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
         crop_ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         flip_prob: probability of a horizontal flip, per view.
         num_workers: FFCV threads or torch DataLoader processes (0: in this process); never -1.
-        seed: order and crop seed (crops and flips drawn per (seed, epoch, sample, view) on both
-            backends, so a resumed run repeats an uninterrupted one); the same on every rank.
+        seed: order and crop seed (crops and flips drawn per (seed, epoch, sample, view) on the ffcv and
+            torch backends, per (seed, epoch, rank) batch draws on 'memory'; a resumed run repeats an
+            uninterrupted one); the same on every rank.
         distributed: shard the data set over ranks.
         rank: this rank; default: the torch.distributed group's, else 0.
         world_size: number of ranks; default: the group's, else 1.

@@ -6,8 +6,9 @@ done for the whole batch at once (``grid_sample``), so the GPU never waits for t
 work is the engine's batched augmentation, as with the other loaders.
 
 Crops follow torchvision's ``RandomResizedCrop.get_params`` (ten tries, then the largest centred crop
-within the ratio range), drawn on the device from a generator seeded by (seed, epoch, rank): a run
-resumed at an epoch boundary repeats an uninterrupted one. Resampling is bilinear without antialias,
+within the ratio range), drawn per batch on the device from a generator seeded by (seed, epoch, rank):
+a run resumed at an epoch boundary repeats an uninterrupted one (with the same batch size and world
+size; unlike the FFCV and torch loaders, the draws are not keyed on the sample index). Resampling is bilinear without antialias,
 which matters only when a crop is shrunk by more than about 2x (not for 32-px images at 32 px).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from byol_ray.data.sources import Source
 
 DEFAULT_MAX_FRACTION = 0.5  # share of the device's free memory the data set may take
+_STREAM = 0x6D656D  # salt of the crop generator's seed ("mem")
 
 
 def load_to_device(source: Source, device: torch.device, *, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,22 +34,23 @@ def load_to_device(source: Source, device: torch.device, *, max_bytes: int | Non
     first = source.load(0)
     height, width = first.shape[:2]
     need = n * 3 * height * width
+    limit = "the limit given"
     if max_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            max_bytes = int(free * DEFAULT_MAX_FRACTION)
+            max_bytes, limit = int(free * DEFAULT_MAX_FRACTION), "half the device's free memory"
         else:
-            max_bytes = 16 * 2**30
+            max_bytes, limit = 16 * 2**30, "the 16 GiB host-memory cap"
     if need > max_bytes:
-        raise ValueError(f"data.loader=memory: {n} images of {height}x{width} need {need / 2**30:.2f} GiB, more than "
-                         f"the {max_bytes / 2**30:.2f} GiB allowed on {device} (half its free memory); "
-                         "use data.loader=ffcv for data sets this large")
+        raise ValueError(f"data.loader=memory: {n} images of {width}x{height} need {need / 2**30:.2f} GiB, more than "
+                         f"{limit} ({max_bytes / 2**30:.2f} GiB on {device}); use data.loader=ffcv for data sets "
+                         "this large")
     images = torch.empty((n, 3, height, width), dtype=torch.uint8, pin_memory=device.type == "cuda")
     chunk = np.empty((height, width, 3), dtype=np.uint8)
     for i in range(n):
         image = first if i == 0 else source.load(i)
         if image.shape[:2] != (height, width):
-            raise ValueError(f"data.loader=memory keeps one tensor, so every image must be {height}x{width}; "
+            raise ValueError(f"data.loader=memory keeps one tensor, so every image must be {width}x{height}; "
                              f"{source.describe(i)} is {image.shape[1]}x{image.shape[0]}. Resize the images "
                              "first, or use data.loader=ffcv (any sizes)")
         chunk[...] = image
@@ -127,7 +130,9 @@ class MemoryTwoViewBatches:
     def __iter__(self):
         device = self.images.device
         order = torch.from_numpy(self._order()).to(device)
-        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.rank)
+        # its own stream: salted so it never equals the engine's augmentation generator on the same device
+        words = np.random.SeedSequence([self.seed, self.epoch, self.rank, _STREAM]).generate_state(2)
+        self.generator.manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
         _, _, height, width = self.images.shape
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
