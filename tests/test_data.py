@@ -452,6 +452,8 @@ def test_eval_loader_centre_crops_every_sample_once(backend, request):
 def test_backend_mismatches_are_clear_errors(coord_beton, image_folder):
     with pytest.raises(ValueError, match="backend='torch' reads the source.*backend='ffcv'"):
         build_train_loader(coord_beton, backend="torch", batch_size=8, resolution=32)
+    with pytest.raises(ValueError, match="backend='memory' reads the source.*backend='ffcv'"):
+        build_train_loader(coord_beton, backend="memory", batch_size=8, resolution=32)
     with pytest.raises(ValueError, match="backend='ffcv' reads a .beton.*byol-ray prepare.*data.loader=torch"):
         build_train_loader(image_folder[0], backend="ffcv", batch_size=8, resolution=32)
     with pytest.raises(ValueError, match="distributed=True"):

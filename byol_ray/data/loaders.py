@@ -292,10 +292,10 @@ class _TorchBatches:
             yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
 
-def _torch_source(path) -> Source:
+def _torch_source(path, backend: str = "torch") -> Source:
     if isinstance(path, (str, Path)) and Path(path).is_file():
-        raise ValueError(f"backends 'torch' and 'memory' read the source images; {path} is a file (a .beton?). "
-                         "Use backend='ffcv' (data.loader=ffcv) for .beton files, or point at the source folder")
+        raise ValueError(f"backend={backend!r} reads the source images; {path} is a file (a .beton?). Use "
+                         "backend='ffcv' (data.loader=ffcv) for .beton files, or point at the source folder")
     return open_source(path)
 
 
@@ -365,7 +365,7 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
     elif backend == "memory":
         from byol_ray.data.memory import MemoryTwoViewBatches, load_to_device
 
-        source = _torch_source(path)
+        source = _torch_source(path, backend)
         images, labels = load_to_device(source, device)
         batches = MemoryTwoViewBatches(images, labels, batch_size=batch_size, resolution=resolution,
                                        scale=crop_scale, ratio=crop_ratio, flip_prob=flip_prob, seed=seed,
