@@ -1,7 +1,6 @@
 """Ray Train edge: one TorchTrainer worker = the engine + DDP; the driver checks resources and launches."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoin
 from byol_ray.config import Config, ConfigError, derive, from_dict, save_resolved, to_dict
 from byol_ray.engine import fit
 from byol_ray.run import (ProgressPrinter, append_history, probe_writable, build_train_loader, check_data_source, data_fingerprint,
-                          read_history, run_dir, training_file)
+                          read_history, run_dir, training_file, with_history)
 from byol_ray.tracking import (RUN_ID_FILE, TrackingReporter, build_tracker, check_tracking, finish_run,
                                resolve_tracking_uri, unfinished_run_id)
 from byol_ray.train import print_summary
@@ -88,8 +87,7 @@ def train_worker(config: dict[str, Any]) -> None:
         tracker.finish("FAILED")
         raise
     if rank == 0:
-        history = read_history(folder)
-        result = dataclasses.replace(result, history=history, metrics=result.metrics or (history or [{}])[-1])
+        result = with_history(result, folder)
         version = finish_run(tracker, cfg, derived, result, folder, data_fingerprint=fingerprint)
         print_summary(cfg, result, cfg.ray.storage_path + "/" + cfg.run_name, tracker.run_id, version)
 

@@ -132,6 +132,15 @@ def read_history(folder: Path) -> list[dict[str, float]]:
     return [rows[k] for k in sorted(rows)]
 
 
+def with_history(result, folder: Path):
+    """``result`` with every epoch row of the run (across restarts) and, when this process trained no
+    epoch (a finished run resumed again), the last row as its final metrics."""
+    import dataclasses
+
+    history = read_history(folder)
+    return dataclasses.replace(result, history=history, metrics=result.metrics or (history or [{}])[-1])
+
+
 def build_train_loader(cfg: Config, path: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
     """The two-view loader for one worker, with the per-worker share of the global batch."""
     from byol_ray.data.loaders import build_train_loader as build

@@ -1,13 +1,12 @@
 """Single-process training (no Ray): the engine on one device, checkpoints in the run folder."""
 from __future__ import annotations
 
-import dataclasses
 
 from byol_ray.checkpoint import latest_checkpoint, load_checkpoint
 from byol_ray.config import Config, derive, save_resolved
 from byol_ray.engine import FitResult, fit, pick_device
-from byol_ray.run import (LocalReporter, ProgressPrinter, build_train_loader, data_fingerprint, read_history,
-                          run_dir, training_file)
+from byol_ray.run import (LocalReporter, ProgressPrinter, build_train_loader, data_fingerprint, run_dir,
+                          training_file, with_history)
 from byol_ray.tracking import TrackingReporter, build_tracker, finish_run
 
 
@@ -45,8 +44,7 @@ def train_local(cfg: Config, *, resume: bool = False) -> FitResult:
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    history = read_history(folder)  # every epoch across restarts; a finished run resumed again trains nothing
-    result = dataclasses.replace(result, history=history, metrics=result.metrics or (history or [{}])[-1])
+    result = with_history(result, folder)
     version = finish_run(tracker, cfg, derived, result, folder, data_fingerprint=fingerprint)
     print_summary(cfg, result, folder / "checkpoints", tracker.run_id, version)
     return result

@@ -46,15 +46,13 @@ def load_to_device(source: Source, device: torch.device, *, max_bytes: int | Non
                          f"{limit} ({max_bytes / 2**30:.2f} GiB on {device}); use data.loader=ffcv for data sets "
                          "this large")
     images = torch.empty((n, 3, height, width), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    chunk = np.empty((height, width, 3), dtype=np.uint8)
     for i in range(n):
         image = first if i == 0 else source.load(i)
         if image.shape[:2] != (height, width):
             raise ValueError(f"data.loader=memory keeps one tensor, so every image must be {width}x{height}; "
                              f"{source.describe(i)} is {image.shape[1]}x{image.shape[0]}. Resize the images "
                              "first, or use data.loader=ffcv (any sizes)")
-        chunk[...] = image
-        images[i] = torch.from_numpy(chunk).permute(2, 0, 1)
+        images[i] = torch.as_tensor(image).permute(2, 0, 1)
     labels = torch.from_numpy(np.asarray(source.labels, dtype=np.int64))
     return images.to(device, non_blocking=True), labels.to(device)
 
@@ -121,7 +119,7 @@ class MemoryTwoViewBatches:
                            world_size=self.world_size, drop_last=True)
 
     def __len__(self) -> int:
-        n = len(self._order())
+        n = len(self.labels) // self.world_size  # this rank's equal share (shard_order drops the remainder)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
