@@ -281,7 +281,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 ENCODERS = (
-    "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+    "tiny", "small", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
 )
 
 

@@ -13,9 +13,16 @@ FEATURE_DIMS = {
     "wide_resnet50_2": 2048, "wide_resnet101_2": 2048,
 }
 
+# CPU conv nets: channels per stage (the first stage keeps the resolution, the others halve it)
+TINY_WIDTHS = {"tiny": (16, 32, 64, 128), "small": (32, 64, 128, 256)}
+
 
 class TinyEncoder(nn.Module):
-    """A four-stage conv net (16→128 channels) for tests and the CPU demo; same interface as a ResNet."""
+    """A four-stage conv net for tests and CPU runs; same interface as a ResNet.
+
+    ``tiny`` is 16→128 channels (about 4 M multiply-adds per 32-px image); ``small`` is 32→256 (about
+    15 M), the CPU ablation's encoder.
+    """
 
     def __init__(self, norm_layer=nn.BatchNorm2d, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
@@ -36,7 +43,7 @@ def build_encoder(name: str, *, cifar_stem: bool = False, bn_momentum: float = 0
     """Build an encoder returning [B, feature_dim] representations ``y``; ``.feature_dim`` is set.
 
     Args:
-        name: ``tiny`` or a torchvision ResNet name (``resnet18`` ... ``wide_resnet101_2``).
+        name: ``tiny``, ``small`` or a torchvision ResNet name (``resnet18`` ... ``wide_resnet101_2``).
         cifar_stem: replace the 7x7 stride-2 conv + max-pool with a 3x3 stride-1 conv (32 px images).
         bn_momentum: PyTorch BatchNorm momentum (0.1 = the paper's decay 0.9).
         bn_eps: BatchNorm epsilon.
@@ -45,10 +52,10 @@ def build_encoder(name: str, *, cifar_stem: bool = False, bn_momentum: float = 0
         The randomly initialised encoder (no pretrained weights: nothing is downloaded).
     """
     norm_layer = partial(nn.BatchNorm2d, momentum=bn_momentum, eps=bn_eps)
-    if name == "tiny":
-        return TinyEncoder(norm_layer=norm_layer)
+    if name in TINY_WIDTHS:
+        return TinyEncoder(norm_layer=norm_layer, widths=TINY_WIDTHS[name])
     if name not in FEATURE_DIMS:
-        raise ValueError(f"unknown encoder {name!r}; choose one of tiny, {', '.join(FEATURE_DIMS)}")
+        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join([*TINY_WIDTHS, *FEATURE_DIMS])}")
     net = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -120,13 +120,24 @@ def check_resources(cfg: Config) -> None:
         )
 
 
+# Options of the in-process local Ray (the embedded default), set only when this process starts it.
+# The dashboard stays: Ray Train V2's controller and placement-group cleaner query the State API it
+# serves (without it, every run logs "Failed to query Ray Train Controller actor state" and stalls).
+LOCAL_RAY_ENV = {
+    # A private cluster needs no address other machines can reach: bind loopback. (Ray reads this at
+    # import; the name is historical, on Linux it only picks 127.0.0.1.)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_enable_metrics_collection": "0",  # no Prometheus export from every process of a laptop run
+    "RAY_prestart_worker_first_driver": "0",  # no idle workers polling beside the training worker
+}
+
+
 def init_ray(address: str = "") -> None:
-    """Connect to ``address`` (or the job's cluster), else start an in-process local Ray."""
+    """Connect to ``address`` (or the job's cluster), else start a lean in-process local Ray."""
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
-        # A private in-process cluster needs no address other machines can reach: bind loopback.
-        # (Ray reads this at import; the name is historical, on Linux it only picks 127.0.0.1.)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)  # a user's own setting wins
     import ray
 
     if ray.is_initialized():

@@ -12,7 +12,7 @@ def _nets(encoder="tiny", **kw):
                       predictor_hidden_dim=64, num_classes=10, **kw)
 
 
-@pytest.mark.parametrize("name,dim", [("tiny", 128), ("resnet18", 512)])
+@pytest.mark.parametrize("name,dim", [("tiny", 128), ("small", 256), ("resnet18", 512)])
 def test_encoder_and_heads_shapes(name, dim):
     online, target = _nets(name)
     x = torch.randn(4, 3, 32, 32)

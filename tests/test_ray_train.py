@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -233,3 +234,17 @@ def test_ray_job_submit_runs_byol_ray_train(ray_cluster, workdir, tmp_path):
     assert out.returncode == 0, log[-3000:]
     assert "succeeded" in log.lower() and "run submitted finished" in log
     assert (workdir / "ray" / "submitted" / "epoch_0001" / "state.pt").exists()
+
+
+def test_embedded_default_starts_a_lean_in_process_ray(tmp_path):
+    """`byol-ray train` with no cluster starts its own Ray (without metrics export or pre-started idle
+    workers, whose CPU is the training's on a small machine), and the run completes with its summary."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=1", "run_name=embedded",
+           f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray", f"data.cache_dir={tmp_path}/cache"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "Started a local Ray instance" in log, log[-3000:]
+    assert "run embedded finished: epoch 1" in log
+    assert (tmp_path / "ray" / "embedded" / "epoch_0001" / "state.pt").exists()
