@@ -41,10 +41,10 @@ ARMS: dict[str, list[str] | None] = {
     "byol": [],
     "no_predictor": ["model.use_predictor=false"],
 }
-# The CPU recipe: the demo preset's tiny encoder and small-image settings (see its header) on CIFAR-10.
-TRAIN = ["model.encoder=tiny", "model.cifar_stem=true", "data.resolution=32", "train.batch_size=256",
-         "optim.base_lr=2.0", "optim.warmup_epochs=2", "train.tau_base=0.99", "train.checkpoint_every_epochs=1",
-         "ray.num_to_keep=1000", "train.log_every_steps=1000", "data.num_workers=1"]
+# The CPU recipe: the cifar10_cpu preset (tiny encoder, LARS base_lr 0.2; see its header), a checkpoint
+# every epoch for the kNN curve.
+PRESET = "cifar10_cpu"
+TRAIN = ["train.checkpoint_every_epochs=1", "ray.num_to_keep=1000", "train.log_every_steps=1000"]
 
 
 def cli(*args: str, log: Path) -> str:
@@ -80,7 +80,7 @@ def random_checkpoint(cfg_overrides: list[str], work: Path, name: str) -> Path:
     from byol_ray.config import derive, load_config
     from byol_ray.engine import BYOLEngine
 
-    cfg = load_config(["demo"], cfg_overrides)
+    cfg = load_config([PRESET], cfg_overrides)
     engine = BYOLEngine(cfg, derive(cfg, 50_000, 1), torch.device("cpu"))
     return save_checkpoint(engine.state_dict(), work / "runs" / name / "checkpoints" / "epoch_0000" / "state.pt")
 
@@ -120,7 +120,7 @@ def run_arm(arm: str, seed: int, args, train: Path, test: Path, work: Path, log:
         ckpt = random_checkpoint(overrides, work, name)
         cli("register", "--checkpoint", str(ckpt), "--name", f"ablation-{arm}", "--tracking-uri", uri, log=log)
     else:
-        cli("train", "--no-ray", *overrides, *ARMS[arm], log=log)
+        cli("train", "--no-ray", "--config", PRESET, *overrides, *ARMS[arm], log=log)
     train_s = time.perf_counter() - start
     from mlflow import MlflowClient
 
@@ -167,7 +167,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     label=r["arm"] if r["seed"] == rows[0]["seed"] else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
-    ax.set_title("BYOL ablation, tiny encoder, CPU")
+    ax.set_title(f"BYOL ablation ({PRESET} preset), CPU")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[ablation] {arm:13s} seed {seed}: kNN {100 * r['knn_top1']:.1f}%  linear "
                   f"{100 * r['linear_top1']:.1f}%  (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
     result = {"benchmark": "byol_ablation", "epochs": args.epochs, "train_fraction": args.train_fraction,
-              "linear_epochs": args.linear_epochs, "seeds": args.seeds, "overrides": [*TRAIN, *args.override],
+              "linear_epochs": args.linear_epochs, "seeds": args.seeds, "preset": PRESET,
+              "overrides": [*TRAIN, *args.override],
               "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - start, 1),
               "load_average": os.getloadavg(), "rows": rows, "summary": summarise(rows)}
     (work / "ablation.json").write_text(json.dumps(result, indent=2))
@@ -216,10 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
 def write_docs(result: dict, args) -> None:
     s = result["summary"]
     cmd = (f".venv/bin/python scripts/ablation.py --data {args.data} --seeds {' '.join(map(str, args.seeds))} "
-           f"--epochs {args.epochs} --train-fraction {args.train_fraction} --linear-epochs {args.linear_epochs} --write")
+           f"--epochs {args.epochs} --train-fraction {args.train_fraction} --linear-epochs {args.linear_epochs} "
+           f"--curve-every {args.curve_every}{' --override ' + ' '.join(args.override) if args.override else ''} --write")
+    from byol_ray.config import load_config
+
+    cfg = load_config([PRESET], args.override)
     lines = [
         f"\n## Does it learn? The paper's Section 3 ablation on CIFAR-10, CPU ({time.strftime('%Y-%m-%d')})\n",
-        f"Command: `{cmd}`. Tiny encoder (4 conv stages, 128-d), 32 px, batch 256, "
+        f"Command: `{cmd}`. Preset `{PRESET}`: `{cfg.model.encoder}` encoder, LARS base_lr {cfg.optim.base_lr:g}, "
+        f"tau_base {cfg.train.tau_base:g}, 32 px, batch {cfg.train.batch_size}, "
         f"{args.epochs} epochs on a class-balanced {args.train_fraction:g} share of CIFAR-10 train "
         f"({int(50000 * args.train_fraction)} images); evaluation on the 10,000-image test split through "
         f"`byol-ray knn` (k=200, T=0.1, bank = the training share) and `byol-ray linear-eval` "

@@ -82,3 +82,17 @@ def test_ablation_goes_through_train_register_and_evaluate(cifar_root, tmp_path)
     for key, value in start["target"].items():
         if "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(final["target"][key], value, msg=key)
+
+
+@pytest.mark.slow
+def test_recipe_sweep_scores_the_random_baseline_and_each_point(cifar_root, tmp_path):
+    out = _script("recipe_sweep").main(["--data", str(cifar_root), "--work", str(tmp_path), "--epochs", "1",
+                                        "--train-fraction", "1.0", "--point", "random",
+                                        "--point", "optim.base_lr=0.1 train.tau_base=0.98",
+                                        "--override", "train.batch_size=40"])
+    random, trained = out["rows"]
+    assert random["point"] == "random" and random["epochs"] == 0 and "final_loss" not in random
+    assert trained["epochs"] == 1 and trained["final_loss"] > 0 and 0 <= trained["knn_top1"] <= 1
+    saved = (tmp_path / "runs" / "point01" / "config.yaml").read_text()
+    assert "base_lr: 0.1" in saved and "tau_base: 0.98" in saved  # the point's overrides reached the run
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == out["rows"]

@@ -4,7 +4,7 @@ import yaml
 
 from byol_ray.config import ConfigError, derive, from_dict, load_config, save_resolved, to_dict
 
-PRESETS = ["demo", "cifar10_resnet18", "imagenet_resnet50_40ep", "imagenet_resnet50_100ep",
+PRESETS = ["demo", "cifar10_cpu", "cifar10_resnet18", "imagenet_resnet50_40ep", "imagenet_resnet50_100ep",
            "imagenet_resnet50_300ep", "imagenet_resnet50_1000ep"]
 
 
@@ -71,7 +71,7 @@ def test_batch_must_split_over_workers():
 
 
 def test_missing_file_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found.*preset name \(cifar10_resnet18, demo"):
+    with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found.*preset name \(cifar10_cpu, cifar10_resnet18, demo"):
         load_config(["nope.yaml"])
 
 
