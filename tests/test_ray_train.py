@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -239,10 +241,17 @@ def test_ray_job_submit_runs_byol_ray_train(ray_cluster, workdir, tmp_path):
 def test_embedded_default_starts_a_lean_in_process_ray(tmp_path):
     """`byol-ray train` with no cluster starts its own Ray (without metrics export or pre-started idle
     workers, whose CPU is the training's on a small machine), and the run completes with its summary."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A machine without a running Ray: with no address, ray.init() would join the cluster this test
+    # session started (Ray's rule: the last cluster in <temp dir>/ray/ray_current_cluster), so the
+    # run gets a temp dir of its own (short: Ray's socket paths must stay under 107 characters).
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=1", "run_name=embedded",
            f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray", f"data.cache_dir={tmp_path}/cache"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert "Started a local Ray instance" in log, log[-3000:]
