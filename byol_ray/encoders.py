@@ -24,7 +24,7 @@ class TinyEncoder(nn.Module):
     15 M), the CPU ablation's encoder.
     """
 
-    def __init__(self, norm_layer=nn.BatchNorm2d, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+    def __init__(self, norm_layer=nn.BatchNorm2d, widths: tuple[int, ...] = TINY_WIDTHS["tiny"]) -> None:
         super().__init__()
         layers, in_ch = [], 3
         for i, width in enumerate(widths):

@@ -1,7 +1,6 @@
 """Single-process training (no Ray): the engine on one device, checkpoints in the run folder."""
 from __future__ import annotations
 
-
 from byol_ray.checkpoint import latest_checkpoint, load_checkpoint
 from byol_ray.config import Config, derive, save_resolved
 from byol_ray.engine import FitResult, fit, pick_device

@@ -72,6 +72,16 @@ def prepare(data: Path, work: Path, fraction: float, log: Path) -> tuple[Path, P
     return train, test
 
 
+def workspace(args, prefix: str) -> tuple[Path, Path, Path, Path]:
+    """The working folder (``args.work`` or a new temp folder), its command log and the prepared splits."""
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    train, test = prepare(args.data, work, args.train_fraction, log)
+    return work, log, train, test
+
+
 def random_checkpoint(cfg_overrides: list[str], work: Path, name: str) -> Path:
     """The untrained starting point of every arm (same seed = same initial weights), as a checkpoint."""
     import torch
@@ -187,12 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--override", nargs="*", default=[], help="extra training config overrides (key=value)")
     p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md + the plot")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="byol-ablation-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
-    os.environ.setdefault("TQDM_DISABLE", "1")
     start = time.perf_counter()
-    train, test = prepare(args.data, work, args.train_fraction, log)
+    work, log, train, test = workspace(args, "byol-ablation-")
     rows = []
     for seed in args.seeds:
         for arm in args.arms:

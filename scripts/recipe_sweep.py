@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,12 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--override", nargs="*", default=[], help="overrides applied to every point")
     p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="byol-sweep-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
-    os.environ.setdefault("TQDM_DISABLE", "1")
     start = time.perf_counter()
-    train, test = ablation.prepare(args.data, work, args.train_fraction, log)
+    work, log, train, test = ablation.workspace(args, "byol-sweep-")
     rows = [run_point(point, i, args, train, test, work, log) for i, point in enumerate(args.point)]
     out = {"benchmark": "recipe_sweep", "preset": ablation.PRESET, "epochs": args.epochs, "seed": args.seed,
            "train_fraction": args.train_fraction, "override": args.override, "cpu_count": os.cpu_count(),
