@@ -79,7 +79,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # retrained; the final epoch's metrics are reported again so Ray Train and Tune see the result.
         final = (read_history(folder) or [{"epoch": state["epoch"], "step": state["step"]}])[-1] if rank == 0 else {}
         ray.train.report(final)  # every rank: a report is a barrier
-    printer = ProgressPrinter(derived.total_steps, cfg.train.epochs)
+    printer = ProgressPrinter(derived.total_steps, cfg.train.epochs, start_step=(state or {}).get("step", 0))
     reporter = TrackingReporter(RayReporter(rank, printer, folder), tracker)
     try:
         result = fit(cfg, derived, loader, device, reporter=reporter, state=state)

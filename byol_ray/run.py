@@ -161,15 +161,15 @@ def _fmt_eta(seconds: float) -> str:
 class ProgressPrinter:
     """Human-readable progress: epoch, step, loss, throughput, ETA."""
 
-    def __init__(self, total_steps: int, epochs: int, stream=sys.stdout) -> None:
+    def __init__(self, total_steps: int, epochs: int, stream=sys.stdout, *, start_step: int = 0) -> None:
+        """``start_step``: the step training starts from (a resumed run's checkpoint step); the rate behind
+        the ETA counts the steps done since then, over the time since this printer was made."""
         self.total_steps, self.epochs, self.stream = total_steps, epochs, stream
         self.start = time.perf_counter()
-        self.first_step: int | None = None
+        self.start_step = start_step
 
     def line(self, metrics: dict[str, float], step: int) -> str:
-        if self.first_step is None:
-            self.first_step = step - 1
-        done = step - self.first_step
+        done = step - self.start_step
         rate = done / (time.perf_counter() - self.start)
         eta = (self.total_steps - step) / rate if rate > 0 else 0.0
         parts = [f"epoch {metrics.get('epoch', 0):6.2f}/{self.epochs}", f"step {step}/{self.total_steps}",

@@ -36,7 +36,7 @@ def train_local(cfg: Config, *, resume: bool = False) -> FitResult:
     save_resolved(cfg, derived, folder / "config.yaml")
     fingerprint = data_fingerprint(cfg, path)
     tracker.start(cfg, derived=derived, run_id=(state or {}).get("mlflow_run_id"), data_fingerprint=fingerprint)
-    printer = ProgressPrinter(derived.total_steps, cfg.train.epochs)
+    printer = ProgressPrinter(derived.total_steps, cfg.train.epochs, start_step=(state or {}).get("step", 0))
     reporter = TrackingReporter(LocalReporter(folder, printer, num_to_keep=cfg.ray.num_to_keep), tracker)
     try:
         result = fit(cfg, derived, loader, device, reporter=reporter, state=state)
