@@ -17,6 +17,8 @@ Usage:
   .venv/bin/python scripts/ablation.py --data /tmp/cifar10 --seeds 0 1 --epochs 20 --write
   (``--data`` is an ImageFolder root with train/ and test/; tests run it with a tiny configuration)
 
+Each finished arm is saved in ``<work>/rows/``; a re-run with the same ``--work`` and settings reuses
+it (an interrupted ablation resumes; more seeds can be added later).
 Writes ``<work>/ablation.json``; ``--write`` appends the table to docs/benchmarks.md and saves the
 kNN-vs-epoch plot as docs/ablation_knn.png.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,11 +123,13 @@ def knn_curve(run: Path, train: Path, test: Path, every: int) -> list[tuple[int,
 
 
 def run_arm(arm: str, seed: int, args, train: Path, test: Path, work: Path, log: Path) -> dict:
+    arm_start = time.perf_counter()
     name = f"{arm}-s{seed}"
     uri = f"sqlite:///{work}/mlflow.db"
     overrides = [*TRAIN, f"train.seed={seed}", f"train.epochs={args.epochs}", f"data.train={train}",
                  f"output_dir={work}/runs", f"data.cache_dir={work}/cache", f"run_name={name}",
                  f"mlflow.tracking_uri={uri}", f"mlflow.register_name=ablation-{arm}", *args.override]
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # an arm interrupted mid-run starts over
     start = time.perf_counter()
     if ARMS[arm] is None:
         ckpt = random_checkpoint(overrides, work, name)
@@ -148,7 +153,7 @@ def run_arm(arm: str, seed: int, args, train: Path, test: Path, work: Path, log:
     curve = knn_curve(work / "runs" / name, train, test, args.curve_every)
     return {"arm": arm, "seed": seed, "model": model, "knn_top1": knn["knn_top1"],
             "linear_top1": linear["linear_top1"], "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-            "knn_curve": curve}
+            "arm_s": round(time.perf_counter() - arm_start, 1), "knn_curve": curve}
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -200,16 +205,30 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     work, log, train, test = workspace(args, "byol-ablation-")
     rows = []
+    settings = {"preset": PRESET, "epochs": args.epochs, "train_fraction": args.train_fraction,
+                "linear_epochs": args.linear_epochs, "curve_every": args.curve_every, "override": args.override}
     for seed in args.seeds:
         for arm in args.arms:
-            rows.append(run_arm(arm, seed, args, train, test, work, log))
+            # Each finished arm is kept in <work>/rows/: a re-run with the same settings (an interrupted
+            # ablation, or more seeds added later) reuses it instead of training it again.
+            saved = work / "rows" / f"{arm}-s{seed}.json"
+            if saved.exists() and json.loads(saved.read_text())["settings"] == settings:
+                rows.append(json.loads(saved.read_text())["row"])
+                reused = " (reused from an earlier run of this script)"
+            else:
+                rows.append(run_arm(arm, seed, args, train, test, work, log))
+                saved.parent.mkdir(exist_ok=True)
+                saved.write_text(json.dumps({"settings": settings, "row": rows[-1]}, indent=2))
+                reused = ""
             r = rows[-1]
             print(f"[ablation] {arm:13s} seed {seed}: kNN {100 * r['knn_top1']:.1f}%  linear "
-                  f"{100 * r['linear_top1']:.1f}%  (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
+                  f"{100 * r['linear_top1']:.1f}%  (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s){reused}",
+                  flush=True)
     result = {"benchmark": "byol_ablation", "epochs": args.epochs, "train_fraction": args.train_fraction,
               "linear_epochs": args.linear_epochs, "seeds": args.seeds, "preset": PRESET,
               "overrides": [*TRAIN, *args.override],
               "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - start, 1),
+              "arms_s": round(sum(r.get("arm_s", r["train_s"] + r["eval_s"]) for r in rows), 1),
               "load_average": os.getloadavg(), "rows": rows, "summary": summarise(rows)}
     (work / "ablation.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["summary"], indent=2))
@@ -236,7 +255,8 @@ def write_docs(result: dict, args) -> None:
         f"({int(50000 * args.train_fraction)} images); evaluation on the 10,000-image test split through "
         f"`byol-ray knn` (k=200, T=0.1, bank = the training share) and `byol-ray linear-eval` "
         f"({args.linear_epochs} epochs, frozen features); seeds {', '.join(map(str, args.seeds))}; "
-        f"{result['cpu_count']} cores, whole script {result['wall_s'] / 60:.1f} min, load average at the end "
+        f"{result['cpu_count']} cores, {result['arms_s'] / 60:.1f} min for all arms (train, evaluation and kNN curve, "
+        f"summed over arms, whether run by this invocation or reused from an earlier one), load average at the end "
         f"{', '.join(f'{x:.2f}' for x in result['load_average'])}. Mean (min–max) over seeds:\n",
         "| arm | kNN top-1 % | linear top-1 % | train time per seed (s) |", "|---|---|---|---|",
     ]
