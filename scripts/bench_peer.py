@@ -10,13 +10,14 @@ byol-pytorch its README usage (Adam 3e-4, tau 0.99, its default augmentations, w
 flip and jitter per batch, not per image), with its simplicial embeddings turned off (plain BYOL).
 
 Usage:
-  .venv/bin/python scripts/bench_peer.py --data /tmp/cifar10 --steps 300 --write
+  .venv/bin/python scripts/bench_peer.py --data /tmp/cifar10 --steps 300 --seeds 0 1 --write
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,24 @@ def knn(encoder, train, test) -> float:
     return knn_top1(feats(train[0]), train[1], feats(test[0]), test[1])
 
 
+def one_seed(args, seed: int, train, test) -> dict:
+    """Both implementations from the same initial weights of ``seed``, and the random-init baseline."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
+    init = {k: v.clone() for k, v in ours_encoder_init(args).state_dict().items()}  # same start on both sides
+    ours, ours_s = train_ours(*train, args)
+    theirs, theirs_s = train_theirs(*train, args, init)
+    from byol_ray.encoders import build_encoder
+
+    random_encoder = build_encoder("tiny", cifar_stem=True)
+    random_encoder.load_state_dict(init)
+    row = {"seed": seed, "byol_ray": {"train_s": round(ours_s, 1), "knn_top1": knn(ours, train, test)},
+           "byol_pytorch": {"train_s": round(theirs_s, 1), "knn_top1": knn(theirs, train, test)},
+           "random_init_knn_top1": knn(random_encoder, train, test),
+           "speedup_vs_byol_pytorch": round(theirs_s / ours_s, 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root holding train/ and test/")
@@ -121,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-fraction", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one paired comparison per seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
@@ -130,41 +149,47 @@ def main(argv: list[str] | None = None) -> dict:
     test = subset(args.data, "test", args.test_fraction)
     steps_per_epoch = len(train[1]) // args.batch
     args.steps = max(1, round(args.steps / steps_per_epoch)) * steps_per_epoch  # whole epochs, for both
-    init = {k: v.clone() for k, v in ours_encoder_init(args).state_dict().items()}  # same start on both sides
-    ours, ours_s = train_ours(*train, args)
-    theirs, theirs_s = train_theirs(*train, args, init)
-    from byol_ray.encoders import build_encoder
+    rows = [one_seed(args, seed, train, test) for seed in args.seeds]
 
-    random_encoder = build_encoder("tiny", cifar_stem=True)
-    random_encoder.load_state_dict(init)
+    def mean(side: str, key: str) -> float:
+        return statistics.mean(r[side][key] for r in rows)
+
     out = {
         "benchmark": "peer_byol_pytorch", "steps": args.steps, "batch": args.batch, "threads": args.threads,
-        "train_images": len(train[1]), "test_images": len(test[1]), "seed": args.seed,
-        "byol_ray": {"train_s": round(ours_s, 1), "knn_top1": knn(ours, train, test)},
-        "byol_pytorch": {"train_s": round(theirs_s, 1), "knn_top1": knn(theirs, train, test)},
-        "random_init_knn_top1": knn(random_encoder, train, test),
+        "train_images": len(train[1]), "test_images": len(test[1]), "seeds": args.seeds, "rows": rows,
+        "byol_ray": {"train_s": round(mean("byol_ray", "train_s"), 1), "knn_top1": mean("byol_ray", "knn_top1")},
+        "byol_pytorch": {"train_s": round(mean("byol_pytorch", "train_s"), 1),
+                         "knn_top1": mean("byol_pytorch", "knn_top1")},
+        "random_init_knn_top1": statistics.mean(r["random_init_knn_top1"] for r in rows),
         "load_average": os.getloadavg(),
     }
-    out["speedup_vs_byol_pytorch"] = round(theirs_s / ours_s, 3)
-    print(json.dumps(out, indent=2))
+    out["speedup_vs_byol_pytorch"] = round(out["byol_pytorch"]["train_s"] / out["byol_ray"]["train_s"], 3)
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
     if args.write:
-        cmd = (f".venv/bin/python scripts/bench_peer.py --data {args.data} --steps {args.steps} --batch {args.batch} "
-               f"--train-fraction {args.train_fraction} --test-fraction {args.test_fraction} --seed {args.seed} "
-               f"--threads {args.threads} --write")
-        lines = [f"\n## Against byol-pytorch on the same task (CPU, {time.strftime('%Y-%m-%d')})\n",
-                 f"Command: `{cmd}`. Tiny encoder (same initial weights), {args.steps} steps of batch {args.batch} on "
-                 f"{len(train[1])} CIFAR-10 training images held in memory, {args.threads} threads; kNN (k=200, T=0.1) "
-                 f"on {len(test[1])} test images with the same code for both. byol-ray runs its `{PRESET}` preset, "
-                 "byol-pytorch its README recipe (Adam 3e-4). Load average at the end: "
-                 f"{', '.join(f'{x:.2f}' for x in out['load_average'])}.\n",
-                 "| implementation | train wall-clock (s) | kNN top-1 % |", "|---|---|---|",
-                 f"| byol-ray | {out['byol_ray']['train_s']} | {100 * out['byol_ray']['knn_top1']:.1f} |",
-                 f"| byol-pytorch 0.9.1 | {out['byol_pytorch']['train_s']} | {100 * out['byol_pytorch']['knn_top1']:.1f} |",
-                 f"| (random init) | – | {100 * out['random_init_knn_top1']:.1f} |",
-                 f"\nbyol-pytorch time / byol-ray time: **{out['speedup_vs_byol_pytorch']}**."]
-        with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+        write_docs(out, args)
     return out
+
+
+def write_docs(out: dict, args) -> None:
+    cmd = (f".venv/bin/python scripts/bench_peer.py --data {args.data} --steps {args.steps} --batch {args.batch} "
+           f"--train-fraction {args.train_fraction} --test-fraction {args.test_fraction} "
+           f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads} --write")
+    lines = [f"\n## Against byol-pytorch on the same task (CPU, {time.strftime('%Y-%m-%d')})\n",
+             f"Command: `{cmd}`. Tiny encoder (same initial weights per seed), {args.steps} steps of batch {args.batch} "
+             f"on {out['train_images']} CIFAR-10 training images held in memory, {args.threads} threads; kNN (k=200, "
+             f"T=0.1) on {out['test_images']} test images with the same code for both. byol-ray runs its `{PRESET}` "
+             "preset, byol-pytorch its README recipe (Adam 3e-4). Load average at the end: "
+             f"{', '.join(f'{x:.2f}' for x in out['load_average'])}.\n",
+             "| seed | byol-ray train s | byol-pytorch train s | time ratio (theirs / ours) | byol-ray kNN % | "
+             "byol-pytorch kNN % | random init kNN % |", "|---|---|---|---|---|---|---|"]
+    rows = [*out["rows"], {"seed": "mean", **{k: out[k] for k in ("byol_ray", "byol_pytorch", "random_init_knn_top1",
+                                                                    "speedup_vs_byol_pytorch")}}]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['byol_ray']['train_s']} | {r['byol_pytorch']['train_s']} | "
+                     f"{r['speedup_vs_byol_pytorch']} | {100 * r['byol_ray']['knn_top1']:.1f} | "
+                     f"{100 * r['byol_pytorch']['knn_top1']:.1f} | {100 * r['random_init_knn_top1']:.1f} |")
+    with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

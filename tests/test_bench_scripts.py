@@ -53,10 +53,12 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure():
 
 def test_peer_benchmark_trains_both_and_scores_them_with_one_knn(cifar_root):
     out = _script("bench_peer").main(["--data", str(cifar_root), "--steps", "3", "--batch", "40",
-                                      "--train-fraction", "1.0", "--threads", "1"])
+                                      "--train-fraction", "1.0", "--threads", "1", "--seeds", "0", "1"])
     assert out["steps"] == 3 and out["train_images"] == 120 and out["test_images"] == 60
+    assert [r["seed"] for r in out["rows"]] == [0, 1]
     for side in ("byol_ray", "byol_pytorch"):
         assert out[side]["train_s"] > 0 and 0.0 <= out[side]["knn_top1"] <= 1.0
+        assert out[side]["knn_top1"] == pytest.approx(sum(r[side]["knn_top1"] for r in out["rows"]) / 2)
     assert out["speedup_vs_byol_pytorch"] > 0
 
 
@@ -96,3 +98,19 @@ def test_recipe_sweep_scores_the_random_baseline_and_each_point(cifar_root, tmp_
     saved = (tmp_path / "runs" / "point01" / "config.yaml").read_text()
     assert "base_lr: 0.1" in saved and "tau_base: 0.98" in saved  # the point's overrides reached the run
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == out["rows"]
+
+
+@pytest.mark.slow
+def test_ray_overhead_benchmark_compares_runs_and_accounts_cpu(ray_cluster):
+    out = _script("bench_ray").main(["--epochs", "3", "--rounds", "1", "--threads", "1", "--no-two-workers",
+                                     "--idle-seconds", "2", "--overrides", "train.batch_size=64"])
+    results = out["results"]
+    assert set(results) == {"plain_engine", "plain_engine_ray_idle", "ray_1_worker"}
+    for run in results.values():
+        assert run["images_per_s"] > 0 and run["training_cpu_ms_per_image"] > 0
+    # the sampler found the process that trains: the Train worker under Ray, this process otherwise
+    assert results["ray_1_worker"]["cpu_per_s"]["train_worker"] > 0.3
+    assert results["plain_engine"]["cpu_per_s"]["driver"] > 0.3
+    assert results["plain_engine"]["cpu_per_s"]["train_worker"] == 0
+    assert out["ray_1_worker_vs_plain"] == pytest.approx(
+        results["ray_1_worker"]["images_per_s"] / results["plain_engine"]["images_per_s"], rel=0.01)
