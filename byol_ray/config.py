@@ -80,7 +80,7 @@ class TrainConfig:
     batch_size: int = 4096  # GLOBAL batch, split evenly over the workers
     tau_base: float = 0.996
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU; CPU runs fp32
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC activations: faster on GPUs and, measured, on CPUs too (docs/benchmarks.md)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_every_steps: int = 50
