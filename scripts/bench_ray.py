@@ -111,17 +111,18 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
 
-    def _per_process(self) -> tuple[float, float, dict[int, float]]:
+    def _per_process(self) -> tuple[float, dict[int, float]]:
+        """CPU-seconds per second of this process, and of each Ray process, from the first mark to the last."""
         if len(self.marks) < 2:
             raise RuntimeError(f"saw {len(self.marks)} epoch end(s); the steady state needs train.epochs >= 2")
         (t0, d0, c0), (t1, d1, c1) = self.marks[0], self.marks[-1]
         span = t1 - t0
         # a process first seen after the span began counts from when it was first seen
-        return span, (d1 - d0) / span, {pid: (cpu - c0.get(pid, self.first[pid])) / span for pid, cpu in c1.items()}
+        return (d1 - d0) / span, {pid: (cpu - c0.get(pid, self.first[pid])) / span for pid, cpu in c1.items()}
 
     def steady(self) -> dict[str, float]:
         """CPU-seconds per second of each group from the first epoch end to the last."""
-        _, driver, per_pid = self._per_process()
+        driver, per_pid = self._per_process()
         out = {"train_worker": 0.0, "ray_other": 0.0, "driver": driver}
         for pid, used in per_pid.items():
             out["train_worker" if "RayTrainWorker" in self.names[pid] else "ray_other"] += used
@@ -129,7 +130,7 @@ class CpuSampler:
 
     def by_process(self) -> dict[str, float]:
         """CPU-seconds per second of each kind of Ray process (summed over processes of one name), same span."""
-        _, _, per_pid = self._per_process()
+        _, per_pid = self._per_process()
         out: dict[str, float] = {}
         for pid, used in per_pid.items():
             out[self.names[pid]] = out.get(self.names[pid], 0.0) + used
