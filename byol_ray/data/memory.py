@@ -52,7 +52,7 @@ def load_to_device(source: Source, device: torch.device, *, max_bytes: int | Non
             raise ValueError(f"data.loader=memory keeps one tensor, so every image must be {width}x{height}; "
                              f"{source.describe(i)} is {image.shape[1]}x{image.shape[0]}. Resize the images "
                              "first, or use data.loader=ffcv (any sizes)")
-        images[i] = torch.as_tensor(image).permute(2, 0, 1)
+        images[i].numpy()[...] = image.transpose(2, 0, 1)  # numpy copy: decoded images may be read-only
     labels = torch.from_numpy(np.asarray(source.labels, dtype=np.int64))
     return images.to(device, non_blocking=True), labels.to(device)
 
