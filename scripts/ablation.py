@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
             # Each finished arm is kept in <work>/rows/: a re-run with the same settings (an interrupted
             # ablation, or more seeds added later) reuses it instead of training it again.
             saved = work / "rows" / f"{arm}-s{seed}.json"
-            if saved.exists() and json.loads(saved.read_text())["settings"] == settings:
-                rows.append(json.loads(saved.read_text())["row"])
+            earlier = json.loads(saved.read_text()) if saved.exists() else {}
+            if earlier.get("settings") == settings:
+                rows.append(earlier["row"])
                 reused = " (reused from an earlier run of this script)"
             else:
                 rows.append(run_arm(arm, seed, args, train, test, work, log))
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
               "linear_epochs": args.linear_epochs, "seeds": args.seeds, "preset": PRESET,
               "overrides": [*TRAIN, *args.override],
               "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - start, 1),
-              "arms_s": round(sum(r.get("arm_s", r["train_s"] + r["eval_s"]) for r in rows), 1),
+              "arms_s": round(sum(r["arm_s"] for r in rows), 1),
               "load_average": os.getloadavg(), "rows": rows, "summary": summarise(rows)}
     (work / "ablation.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["summary"], indent=2))
