@@ -27,10 +27,10 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (identity without a process group)."""
+def gather(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` stacked as [world_size, *values.shape] (just [1, ...] without a process group)."""
     if not is_initialized():
-        return value
-    value = value.clone()
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
-    return value / world_size()
+        return values.unsqueeze(0)
+    out = [torch.empty_like(values) for _ in range(world_size())]
+    torch_dist.all_gather(out, values.contiguous())
+    return torch.stack(out)

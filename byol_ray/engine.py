@@ -221,6 +221,22 @@ def _host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _epoch_means(sums: dict[str, torch.Tensor], steps: int, batch: int) -> dict[str, float]:
+    """Epoch means over the WHOLE group, weighted by each rank's samples (not rank 0's shard alone); with
+    several ranks, also the spread of the loss over ranks (``epoch_loss_rank_min/max``)."""
+    keys = sorted(sums)
+    local = torch.stack([sums[k].detach().float() / steps for k in keys]
+                        + [torch.tensor(float(steps * batch), device=sums[keys[0]].device)])
+    table = dist.gather(local)  # [world, keys + 1]
+    weights = table[:, -1]
+    means = (table[:, :-1] * weights[:, None]).sum(0) / weights.sum()
+    out = {f"epoch_{k}": float(v) for k, v in zip(keys, means)}
+    if table.shape[0] > 1 and "loss" in sums:
+        losses = table[:, keys.index("loss")]
+        out.update(epoch_loss_rank_min=float(losses.min()), epoch_loss_rank_max=float(losses.max()))
+    return out
+
+
 def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.device, *,
         reporter: Reporter | None = None, state: dict[str, Any] | None = None) -> FitResult:
     """Train from ``state`` (or from scratch) to ``cfg.train.epochs``; checkpoints at epoch ends.
@@ -270,7 +286,7 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
                 window_start, window_steps = now, 0
         engine.epoch = epoch + 1
         elapsed = time.perf_counter() - start
-        epoch_metrics = {f"epoch_{k}": v / derived.steps_per_epoch for k, v in _host(sums).items()}
+        epoch_metrics = _epoch_means(sums, derived.steps_per_epoch, derived.per_worker_batch)
         epoch_metrics.update(epoch=engine.epoch, step=engine.step, epoch_time_s=elapsed,
                              images_per_s=derived.steps_per_epoch * derived.per_worker_batch * derived.world_size / elapsed)
         history.append(epoch_metrics)

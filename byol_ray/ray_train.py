@@ -1,6 +1,7 @@
-"""Ray Train edge: one TorchTrainer worker = the engine + DDP; the driver checks resources and launches."""
+"""The Ray Train launcher: one TorchTrainer worker = one rank of the run; the driver checks and launches."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -9,18 +10,24 @@ from typing import Any
 import torch
 import yaml
 
+from byol_ray import session
 from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from byol_ray.config import Config, ConfigError, derive, from_dict, save_resolved, to_dict
-from byol_ray.engine import fit
-from byol_ray.run import (ProgressPrinter, append_history, probe_writable, build_train_loader, check_data_source, data_fingerprint,
-                          read_history, run_dir, training_file, with_history)
-from byol_ray.tracking import (RUN_ID_FILE, TrackingReporter, build_tracker, check_tracking, finish_run,
-                               resolve_tracking_uri, unfinished_run_id)
-from byol_ray.train import print_summary
+from byol_ray.config import Config, ConfigError, from_dict, to_dict
+from byol_ray.history import append_history, read_history
+from byol_ray.mlflow_store import check_tracking, probe_writable, resolve_tracking_uri
+from byol_ray.progress import ProgressPrinter
+from byol_ray.tracker import RUN_ID_FILE
+
+VERBOSE_ENV = "BYOL_RAY_VERBOSE"  # set by `byol-ray --verbose`: Ray's and Tune's own progress output comes back
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
 class RayReporter:
-    """Rank 0 prints progress; every rank calls ``ray.train.report`` at epoch ends (it is a barrier)."""
+    """Rank 0 prints progress and appends the history; every rank calls ``ray.train.report`` at epoch ends
+    (a report is a barrier), rank 0 with the checkpoint."""
 
     def __init__(self, rank: int, printer: ProgressPrinter, folder: Path) -> None:
         self.rank, self.printer, self.folder = rank, printer, folder
@@ -42,54 +49,33 @@ class RayReporter:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
 
+    def replay(self, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        ray.train.report(metrics if self.rank == 0 else {})
+
 
 def train_worker(config: dict[str, Any]) -> None:
-    """The per-worker function: build the loader shard, restore the latest checkpoint, run the engine."""
+    """The per-worker function: what only Ray knows (rank, device, the checkpoint to resume), then the run."""
     import ray.train
     import ray.train.torch
 
+    if not verbose():  # Train V2 logs every report's metrics dict at INFO
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = from_dict(config)
     ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.ray.cpus_per_worker)  # the worker's own CPU budget, not the host's
-    device = ray.train.torch.get_device()
-    path = training_file(cfg, is_main=ctx.get_local_rank() == 0)  # one conversion per node
-    loader = build_train_loader(cfg, path, device, rank=rank, world_size=world_size)
-    derived = derive(cfg, loader.num_samples, world_size)
-    folder = run_dir(cfg)
-    if rank == 0:
-        save_resolved(cfg, derived, folder / "config.yaml")
-    tracker = build_tracker(cfg, is_main=rank == 0)  # MLflow on rank 0 only
+    where = session.Placement(device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
+                              world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank())
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, map_location=device)
-        if rank == 0:
-            print(f"[byol-ray] resuming from epoch {state['epoch']}, step {state['step']}", flush=True)
-    fingerprint = data_fingerprint(cfg, path) if rank == 0 else {}
-    # a restarted worker group logs into the MLflow run recorded in the checkpoint
-    run_id = (state or {}).get("mlflow_run_id") or (unfinished_run_id(tracker, folder) if rank == 0 else None)
-    tracker.start(cfg, derived=derived, run_id=run_id, data_fingerprint=fingerprint)
-    if tracker.run_id is not None:
-        (folder / RUN_ID_FILE).write_text(tracker.run_id)
-    if state is not None and state["epoch"] >= cfg.train.epochs:
-        # The newest checkpoint is the last epoch's: training had finished when the run was stopped (say a
-        # Tune driver killed after the final checkpoint, before it recorded the trial as done). Nothing is
-        # retrained; the final epoch's metrics are reported again so Ray Train and Tune see the result.
-        final = (read_history(folder) or [{"epoch": state["epoch"], "step": state["step"]}])[-1] if rank == 0 else {}
-        ray.train.report(final)  # every rank: a report is a barrier
-    printer = ProgressPrinter(derived.total_steps, cfg.train.epochs, start_step=(state or {}).get("step", 0))
-    reporter = TrackingReporter(RayReporter(rank, printer, folder), tracker)
-    try:
-        result = fit(cfg, derived, loader, device, reporter=reporter, state=state)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    if rank == 0:
-        result = with_history(result, folder)
-        version = finish_run(tracker, cfg, derived, result, folder, data_fingerprint=fingerprint)
-        print_summary(cfg, result, cfg.ray.storage_path + "/" + cfg.run_name, tracker.run_id, version)
+            state = load_checkpoint(ckpt_dir, map_location=where.device)
+        if where.rank == 0:
+            session.say(f"resuming from epoch {state['epoch']}, step {state['step']}")
+    folder = session.run_dir(cfg)
+    session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder))
 
 
 def check_storage(storage_path: str) -> None:
@@ -142,14 +128,19 @@ def init_ray(address: str = "") -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address or None, log_to_driver=True)
+    ray.init(address=address or None, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING)
 
 
 def build_trainer(cfg: Config, callbacks: list | None = None):
-    """The TorchTrainer for ``cfg`` (Tune trials add a metrics-forwarding callback)."""
+    """The TorchTrainer for ``cfg`` (Tune trials add a metrics-forwarding callback).
+
+    Checkpoints land in :func:`session.checkpoint_dir` (``<storage root>/<run_name>/checkpoints``), the same
+    place a ``--no-ray`` run writes them.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
     return TorchTrainer(
         train_worker,
         train_loop_config=to_dict(cfg),
@@ -157,48 +148,62 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.ray.storage_path, callbacks=callbacks,
+            name="checkpoints", storage_path=f"{session.storage_root(cfg).rstrip('/')}/{cfg.run_name}",
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
             # Train V2 re-routes print() through its logger, which shows every progress line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": env},
         ),
     )
 
 
-def launch(cfg: Config, *, resume: bool = False):
+def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     """Run ``cfg`` under a TorchTrainer; the same call serves a laptop, ``ray job submit`` and KubeRay.
 
     Args:
         cfg: a config with resolved paths.
-        resume: continue the run named ``cfg.run_name`` in ``cfg.ray.storage_path`` (Ray restores the
-            latest checkpoint; the engine continues its schedules, target and loader epoch).
+        resume: continue the run named ``cfg.run_name`` (Ray restores the latest checkpoint; the engine
+            continues its schedules, target and loader epoch).
 
     Returns:
-        Ray's ``Result``.
+        The run's :class:`~byol_ray.session.RunOutcome`, read back from the run folder and checkpoints.
     """
-    check_data_source(cfg)
-    check_storage(cfg.ray.storage_path)
+    session.check_data(cfg)  # every check before anything is written: a failed start leaves nothing behind
+    check_storage(session.storage_root(cfg))
     if cfg.mlflow.enabled:  # an unreachable tracking server fails now, not after hours of training
         check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+    session.check_new_or_resume(cfg, resume)
     init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
     check_resources(cfg)
-    folder = run_dir(cfg)
-    run_exists = (Path(cfg.ray.storage_path) / cfg.run_name).exists() if "://" not in cfg.ray.storage_path else False
-    if run_exists and not resume:
-        raise ConfigError(f"a run named {cfg.run_name!r} already exists in {cfg.ray.storage_path}; "
-                          f"use --resume {cfg.run_name} to continue it or choose another run_name")
+    folder = session.run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:  # saved before any worker starts, so --resume works even after an early crash
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (folder / RUN_ID_FILE).unlink(missing_ok=True)  # a new run never reopens an older run's MLflow run
-    result = build_trainer(cfg).fit()
-    if result.error:
-        raise result.error
-    ckpt = result.checkpoint
-    m = result.metrics or {}
-    print(f"[byol-ray] run {cfg.run_name} finished: epoch {m.get('epoch')}, step {m.get('step')}, "
-          f"loss {m.get('epoch_loss', float('nan')):.4f}, probe acc {m.get('epoch_classifier_acc', float('nan')):.3f}")
-    print(f"[byol-ray] checkpoint: {ckpt.path if ckpt else 'none'}")
-    print(f"[byol-ray] run folder: {folder}")
-    return result
+    try:
+        result = build_trainer(cfg).fit()
+        if result.error:
+            raise result.error
+    except BaseException:
+        if not resume:
+            session.discard_failed_start(cfg)
+        raise
+    outcome = outcome_of(cfg)
+    session.print_summary(cfg, outcome)
+    return outcome
+
+
+def outcome_of(cfg: Config) -> session.RunOutcome:
+    """What a finished run left on disk and in MLflow, as the driver sees it."""
+    history = read_history(session.run_dir(cfg))
+    marker = session.run_dir(cfg) / RUN_ID_FILE
+    run_id = marker.read_text().strip() if marker.is_file() else None
+    uri, registered = "", None
+    if run_id and cfg.mlflow.enabled:
+        from byol_ray.mlflow_store import client
+
+        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+        registered = client(uri).get_run(run_id).data.tags.get("registered_model")
+    return session.RunOutcome(cfg.run_name, str(session.run_dir(cfg)), session.checkpoint_dir(cfg),
+                              (history or [{}])[-1], run_id, uri, registered)

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ import torch
 from torch import nn
 
 from byol_ray.config import ConfigError
+from byol_ray.mlflow_store import check_tracking, ensure_experiment, resolve_tracking_uri
+from byol_ray.preprocess import PREPROCESSING, to_model_input
+from byol_ray.run_tags import flatten
 
 # Serialization: mlflow.pytorch's "pickle" format (cloudpickle of the whole module) loads back as the
 # same nn.Module class, so .train() and backward work for fine-tuning. The default "pt2" format
@@ -117,8 +121,6 @@ def model_card(cfg_dict: dict[str, Any], feature_dim: int, metadata: dict[str, A
     Returns:
         (tags, description).
     """
-    from byol_ray.downstream.features import PREPROCESSING
-    from byol_ray.tracking import flatten
 
     model, data = cfg_dict.get("model", {}), cfg_dict.get("data", {})
     metadata = dict(metadata)
@@ -190,8 +192,6 @@ def register_encoder(encoder: nn.Module, *, name: str, cfg_dict: dict[str, Any],
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from byol_ray.downstream.features import to_model_input
-    from byol_ray.tracking import ensure_experiment
 
     module = _plain_encoder(encoder)
     feature_dim = int(getattr(module, "feature_dim", 0))
@@ -241,6 +241,41 @@ def register_encoder(encoder: nn.Module, *, name: str, cfg_dict: dict[str, Any],
                 f"{tracking_uri} failed: {type(exc).__name__}: {exc}. No version was left behind; retry with "
                 f"mlflow.register_model({info.model_uri!r}, {name!r}) or `byol-ray register --checkpoint ...`"
             ) from exc
+    return version
+
+
+def register_run_encoder(tracker, encoder: nn.Module, *, name: str, cfg_dict: dict[str, Any],
+                         metadata: dict[str, Any]):
+    """The end of a training run: register its online encoder as a new version of ``name``, once.
+
+    A finished run resumed again adds no duplicate version (its ``registered_model`` tag says it already
+    registered one). A failure is tagged on the run (``registration_error``) and re-raised: training
+    succeeded, and its checkpoint can be registered later with ``byol-ray register``.
+
+    Args:
+        tracker: the run's started tracker (``run_id``, ``tracking_uri``, ``tags()``, ``set_tags()``).
+        encoder: the online encoder (unwrapped or not: :func:`register_encoder` copies a plain one).
+        name: registered model name; '' registers nothing.
+        cfg_dict: ``to_dict(cfg, derived)`` of the run.
+        metadata: see :func:`model_card`.
+
+    Returns:
+        The new ``ModelVersion``, or None when nothing was registered.
+    """
+    if not name or tracker.run_id is None:
+        return None
+    registered = tracker.tags().get("registered_model")
+    if registered:
+        print(f"[byol-ray] encoder already registered by this run: models:/{registered}", file=sys.stderr)
+        return None
+    try:
+        version = register_encoder(encoder, name=name, cfg_dict=cfg_dict, run_id=tracker.run_id,
+                                   tracking_uri=tracker.tracking_uri, metadata=metadata)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            tracker.set_tags({"registration_error": f"{type(exc).__name__}: {exc}"})
+        raise
+    tracker.set_tags({"registered_model": f"{version.name}/{version.version}"})
     return version
 
 
@@ -304,7 +339,6 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
 
     from byol_ray.checkpoint import load_checkpoint
     from byol_ray.config import from_dict
-    from byol_ray.tracking import check_tracking, ensure_experiment, resolve_tracking_uri
 
     path = Path(checkpoint_path).expanduser().resolve()
     state = load_checkpoint(path)
@@ -322,9 +356,9 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
         metadata["metrics"] = {k: v for k, v in json.loads(metrics_file.read_text()).items()
                                if isinstance(v, (int, float))}
 
-    from mlflow import MlflowClient
+    from byol_ray.mlflow_store import client as mlflow_client
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     run_id, own_run = state.get("mlflow_run_id"), False
     if run_id:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -242,11 +243,11 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
         The summary: rows per trial, the best trial and the registered model version.
     """
     from byol_ray.ray_train import check_storage, init_ray
-    from byol_ray.run import resolve_paths
+    from byol_ray.session import resolve_paths, storage_root
 
     spec, base = load_search(search_file, overrides)
     base = resolve_paths(dataclasses.replace(base, run_name=name))
-    storage = storage_path or base.ray.storage_path
+    storage = storage_path or storage_root(base)
     check_storage(storage)
     experiment_dir = Path(storage) / name
     if experiment_dir.exists() and not resume:
@@ -336,13 +337,14 @@ def _summarise(spec: SearchSpec, results, reasons: dict[str, str]) -> dict[str, 
 
 def _register_best(spec: SearchSpec, base: Config, summary: dict[str, Any]):
     from byol_ray.checkpoint import latest_checkpoint
+    from byol_ray.mlflow_store import resolve_tracking_uri
     from byol_ray.registry import register_from_checkpoint
-    from byol_ray.tracking import resolve_tracking_uri
+    from byol_ray.session import checkpoint_dir
 
     best = summary["best"]
     if best is None or not base.mlflow.enabled or not base.mlflow.register_name:
         return None
-    ckpt = latest_checkpoint(Path(base.ray.storage_path) / f"{base.run_name}-{best['trial_id']}")
+    ckpt = latest_checkpoint(checkpoint_dir(dataclasses.replace(base, run_name=f"{base.run_name}-{best['trial_id']}")))
     if ckpt is None:
         return None
     version = register_from_checkpoint(ckpt, name=base.mlflow.register_name,
@@ -358,7 +360,8 @@ def _parent_run(base: Config, spec: SearchSpec, search_file: str, experiment_dir
     """The search's MLflow parent run (created once; a restored search reopens the same one)."""
     if not base.mlflow.enabled:
         return _NoParent()
-    from byol_ray.tracking import MlflowTracker, check_tracking, resolve_tracking_uri
+    from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
+    from byol_ray.tracker import MlflowTracker
 
     uri = resolve_tracking_uri(base.mlflow.tracking_uri, base.output_dir)
     check_tracking(uri)
@@ -394,12 +397,12 @@ def _log_summary(parent, summary: dict[str, Any], experiment_dir: Path) -> None:
     """Print the table, save it beside the search, log it on the parent run, close the child runs."""
     table = format_table(summary)
     best = summary["best"]
-    print(table)
+    print(table, file=sys.stderr)
     print(f"[byol-ray] best trial: {best['trial_id'] if best else 'none'}"
-          + (f" ({summary['metric']}={best[summary['metric']]:.4f})" if best else ""))
+          + (f" ({summary['metric']}={best[summary['metric']]:.4f})" if best else ""), file=sys.stderr)
     if summary.get("registered"):
         reg = summary["registered"]
-        print(f"[byol-ray] registered: models:/{reg['name']}/{reg['version']}")
+        print(f"[byol-ray] registered: models:/{reg['name']}/{reg['version']}", file=sys.stderr)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (experiment_dir / "summary.md").write_text(table + "\n")

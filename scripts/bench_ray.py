@@ -30,7 +30,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the loca
 
 from byol_ray.config import derive, load_config  # noqa: E402
 from byol_ray.engine import fit  # noqa: E402
-from byol_ray.run import build_train_loader, read_history, resolve_paths, run_dir, training_file  # noqa: E402
+from byol_ray.history import read_history  # noqa: E402
+from byol_ray.session import resolve_paths, run_dir, train_loader, training_file  # noqa: E402
 
 OVERRIDES = ["model.projector_hidden_dim=512", "model.predictor_hidden_dim=512", "train.batch_size=128",
              "train.checkpoint_every_epochs=100", "mlflow.enabled=false", "train.log_every_steps=1000"]
@@ -170,7 +171,7 @@ def plain_run(common: list[str], name: str, threads: int) -> dict:
     """The engine in this process, with ``threads`` torch threads (what one Ray worker with as many CPUs gets)."""
     torch.set_num_threads(threads)
     cfg = resolve_paths(load_config(["demo"], [*common, f"run_name={name}"]))
-    loader = build_train_loader(cfg, training_file(cfg), torch.device("cpu"))
+    loader = train_loader(cfg, training_file(cfg), torch.device("cpu"))
     start = time.perf_counter()
     with CpuSampler() as cpu:
         result = fit(cfg, derive(cfg, loader.num_samples, 1), loader, torch.device("cpu"), reporter=_MarkEpochs(cpu))

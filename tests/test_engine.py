@@ -7,7 +7,7 @@ import torch
 from byol_ray.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from byol_ray.config import derive, load_config
 from byol_ray.engine import BYOLEngine, fit
-from byol_ray.run import build_train_loader, resolve_paths
+from byol_ray.session import resolve_paths, train_loader
 
 TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
         "data.loader=torch", "data.num_workers=1", "train.batch_size=64", "train.log_every_steps=1"]
@@ -15,7 +15,7 @@ TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "mod
 
 def _setup(tmp_path, *extra):
     cfg = resolve_paths(load_config(["demo"], [*TINY, f"output_dir={tmp_path}", "run_name=t", *extra]))
-    loader = build_train_loader(cfg, "demo", torch.device("cpu"))
+    loader = train_loader(cfg, "demo", torch.device("cpu"))
     return cfg, loader, derive(cfg, loader.num_samples, 1)
 
 

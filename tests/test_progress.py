@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from byol_ray import run
+from byol_ray import progress as run
 
 METRICS = {"epoch": 1.0, "loss": 1.5, "lr": 0.1, "tau": 0.99, "projection_std": 0.04, "images_per_s": 100.0}
 

@@ -12,7 +12,7 @@ import torch
 
 from byol_ray.checkpoint import save_checkpoint
 from byol_ray.config import derive, load_config, to_dict
-from byol_ray.downstream.features import to_model_input
+from byol_ray.preprocess import to_model_input
 from byol_ray.encoders import build_encoder
 from byol_ray.engine import BYOLEngine
 from byol_ray.registry import RegistryError, load_encoder, promote, register_encoder, register_from_checkpoint

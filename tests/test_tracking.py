@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from byol_ray.config import ConfigError, derive, load_config
-from byol_ray.tracking import (MlflowTracker, NullTracker, TrackingReporter, build_tracker, check_tracking,
-                               log_run_artifacts, resolve_tracking_uri)
+from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
+from byol_ray.plots import plot_curves
+from byol_ray.tracker import MlflowTracker, NullTracker, TrackingReporter, build_tracker
 
 FINGERPRINT = {"kind": "demo", "sha256": "ab12cd34", "num_samples": 1797}
 
@@ -42,6 +43,7 @@ class _Recorder:
 
 def test_default_store_is_absolute_sqlite(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = resolve_tracking_uri("", "runs")
     assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert uri.startswith("sqlite:////")  # four slashes: an absolute path that survives a worker's chdir
@@ -49,6 +51,38 @@ def test_default_store_is_absolute_sqlite(tmp_path, monkeypatch):
     assert resolve_tracking_uri("sqlite:////abs/x.db", "runs") == "sqlite:////abs/x.db"
     assert resolve_tracking_uri("http://10.0.0.5:5000", "runs") == "http://10.0.0.5:5000"
     assert resolve_tracking_uri("mlruns", "runs") == (tmp_path / "mlruns").as_uri()
+
+
+def test_mlflow_tracking_uri_environment_variable_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri("", "runs") == "http://127.0.0.1:5999"  # as MLflow's own tools do
+    assert resolve_tracking_uri("sqlite:////abs/x.db", "runs") == "sqlite:////abs/x.db"  # the config wins
+
+
+@pytest.mark.parametrize("uri,pattern", [
+    ("bogus://x", r"unknown scheme 'bogus'"),
+    ("sqlite://rel.db", r"not a sqlite file URI .*three slashes"),
+])
+def test_malformed_tracking_uris_are_config_errors(uri, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        check_tracking(resolve_tracking_uri(uri, "runs"))
+
+
+def test_http_server_that_is_not_mlflow_is_refused(tmp_path):
+    import functools
+    import http.server
+
+    (tmp_path / "index.html").write_text("<html><body>not mlflow</body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ConfigError, match="is not an MLflow tracking server") as err:
+            check_tracking(f"http://127.0.0.1:{server.server_address[1]}")
+        assert "<html" not in str(err.value)
+    finally:
+        server.shutdown()
 
 
 def test_unreachable_server_fails_fast_with_fix():
@@ -99,7 +133,7 @@ def test_null_tracker_reporter_forwards_and_leaves_state_alone():
     reporter = TrackingReporter(inner, NullTracker())
     reporter.log({"loss": 1.0}, 5)
     state = {"step": 5}
-    reporter.epoch_end({"epoch_loss": 1.0}, 1, state)
+    reporter.epoch_end({"epoch_loss": 1.0, "epoch": 1, "step": 5}, 1, state)
     assert inner.logs == [({"loss": 1.0}, 5)]
     assert inner.epochs[0][2] == {"step": 5}  # no run id without a run
 
@@ -111,15 +145,16 @@ def test_nonblocking_metrics_flush_on_finish(sqlite_store, tmp_path):
     cfg = _cfg(tmp_path)
     tracker = MlflowTracker(sqlite_store, "nonblocking")
     run_id = tracker.start(cfg)
-    real_log_batch = tracker.client.log_batch
+    store = tracker.client._tracking_client.store  # what MLflow's asynchronous queue sends through
+    real_log_batch = store.log_batch
     release = threading.Event()
 
     def slow_log_batch(*args, **kwargs):  # a server that stalls until released
-        if kwargs.get("metrics"):
+        if kwargs.get("metrics") or (len(args) > 1 and args[1]):
             release.wait(30)
         return real_log_batch(*args, **kwargs)
 
-    tracker.client.log_batch = slow_log_batch
+    store.log_batch = slow_log_batch
     start = time.monotonic()
     for step in range(1, 101):
         tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
@@ -155,8 +190,11 @@ def test_params_metrics_tags_artifacts_land_on_server(mlflow_server, tmp_path, m
     run_dir = tmp_path / "runs" / cfg.run_name
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("model:\n  encoder: tiny\n")
-    plots = log_run_artifacts(tracker, run_dir, history)
+    plots = plot_curves(history, run_dir / "plots")
     assert {p.name for p in plots} == {"loss.png", "probe_accuracy.png"}
+    tracker.log_artifact(run_dir / "config.yaml")
+    for plot in plots:
+        tracker.log_artifact(plot, "plots")
     tracker.finish()
 
     client = _client(mlflow_server)
@@ -174,9 +212,11 @@ def test_params_metrics_tags_artifacts_land_on_server(mlflow_server, tmp_path, m
     assert tags["ray.run_name"] == "track-test"
     assert len(tags.get("git_commit", "x" * 40)) == 40
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 10))
+    # one step scale for every metric: epoch values sit at the epoch's last global step, `epoch` is a metric
     epoch_loss = client.get_metric_history(run_id, "epoch_loss")
-    assert sorted((m.step, m.value) for m in epoch_loss) == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3))]
-    assert {m.step for m in client.get_metric_history(run_id, "epoch_images_per_s")} == {1, 2, 3}
+    assert sorted((m.step, m.value) for m in epoch_loss) == [(3, 2.0), (6, 1.0), (9, pytest.approx(2 / 3))]
+    assert {m.step for m in client.get_metric_history(run_id, "epoch_images_per_s")} == {3, 6, 9}
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "epoch")) == [(3, 1), (6, 2), (9, 3)]
     artifacts = {a.path for folder in (None, "plots") for a in client.list_artifacts(run_id, folder)}
     assert {"config.yaml", "plots/loss.png", "plots/probe_accuracy.png"} <= artifacts
 
@@ -206,25 +246,28 @@ def test_resumed_tracker_appends_to_the_same_run(mlflow_server, tmp_path):
         MlflowTracker(mlflow_server, "resume-test").start(cfg, run_id="0123456789abcdef0123456789abcdef")
 
 
-def test_finish_run_registers_the_encoder_and_closes_the_run(sqlite_store, tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
+def test_finish_registers_the_encoder_once_and_closes_the_run(sqlite_store, tmp_path, monkeypatch):
     from byol_ray.encoders import build_encoder
     from byol_ray.registry import RegistryError
-    from byol_ray.tracking import finish_run
+    from byol_ray.session import finish
 
     cfg = _cfg(tmp_path, "mlflow.register_name=finish-encoder")
     derived = derive(cfg, 1797, 1)
-    history = [{"epoch": 1, "epoch_loss": 1.5, "epoch_classifier_acc": 0.3}]
-    result = SimpleNamespace(engine=SimpleNamespace(online=SimpleNamespace(encoder=build_encoder("tiny"))),
-                             history=history, metrics=history[-1], epochs=1, steps=14)
+    history = [{"epoch": 1, "step": 14, "epoch_loss": 1.5, "epoch_classifier_acc": 0.3}]
+    encoder = build_encoder("tiny")
     tracker = MlflowTracker(sqlite_store, "finish")
     run_id = tracker.start(cfg, derived=derived)
-    version = finish_run(tracker, cfg, derived, result, tmp_path / "no-run-dir", data_fingerprint=FINGERPRINT)
+    registered = finish(tracker, cfg, derived, encoder, history, history[-1], tmp_path / "no-run-dir", FINGERPRINT)
+    assert registered == "finish-encoder/1"
     client = _client(sqlite_store)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["registered_model"] == "finish-encoder/1"
-    card = client.get_model_version("finish-encoder", str(version.version)).tags
+    # the same run finished again (a resumed, already finished run) adds no second version
+    again = MlflowTracker(sqlite_store, "finish")
+    again.start(cfg, derived=derived, run_id=run_id)
+    assert finish(again, cfg, derived, encoder, history, history[-1], tmp_path / "no-run-dir", FINGERPRINT) is None
+    assert len(client.search_model_versions("name='finish-encoder'")) == 1
+    card = client.get_model_version("finish-encoder", "1").tags
     assert card["final.epoch_loss"] == "1.5" and card["data.sha256"] == "ab12cd34" and card["source_run_id"] == run_id
 
     def broken(*args, **kwargs):
@@ -234,6 +277,6 @@ def test_finish_run_registers_the_encoder_and_closes_the_run(sqlite_store, tmp_p
     tracker = MlflowTracker(sqlite_store, "finish")
     run_id = tracker.start(cfg, derived=derived)
     with pytest.raises(RegistryError, match="registry down"):
-        finish_run(tracker, cfg, derived, result, tmp_path)
+        finish(tracker, cfg, derived, encoder, history, history[-1], tmp_path, {})
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "registry down" in run.data.tags["registration_error"]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from byol_ray.downstream.data import LoaderSettings, Split, class_count, eval_loader, label_subset, train_loader
-from byol_ray.downstream.features import to_model_input
+from byol_ray.preprocess import to_model_input
 from byol_ray.downstream.linear_eval import topk_accuracy, train_classifier
 
 

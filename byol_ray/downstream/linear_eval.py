@@ -11,7 +11,8 @@ from torch import nn
 
 from byol_ray.downstream.data import (SELECTION_STREAM, LoaderSettings, Split, class_count, eval_loader,
                                      stratified_sample, train_loader)
-from byol_ray.downstream.features import extract_features, to_model_input
+from byol_ray.downstream.features import extract_features
+from byol_ray.preprocess import to_model_input
 
 # The paper (RECIPE.md, "Evaluation protocols") trains the classifier 80 epochs with random-resized-crop + flip,
 # SGD + Nesterov momentum 0.9, no weight decay, lr 0.2 x B/256 with cosine decay, and sweeps lr over

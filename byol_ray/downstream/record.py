@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from byol_ray.registry import EncoderInfo
-from byol_ray.tracking import ensure_experiment, flatten, git_commit
+from byol_ray.mlflow_store import ensure_experiment
+from byol_ray.run_tags import flatten, git_commit
 
 
 def _fmt(value: Any) -> str:

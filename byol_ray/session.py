@@ -1,0 +1,343 @@
+"""One home for a training run's lifecycle, whichever launcher runs it: paths, data, tracker, fit, finish.
+
+The sequence is: resolve and save the config → prepare or reuse the data → open or reopen the tracking run
+→ fit → history → artifacts and registration → summary. The local launcher (``train.py``) and the Ray Train
+worker (``ray_train.py``) only supply what differs: where the process sits (:class:`Placement`), the state
+to resume from, and the reporter that saves checkpoints their way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from byol_ray.config import Config, ConfigError, Derived, derive, from_dict, save_resolved, to_dict, with_values
+from byol_ray.engine import FitResult, Reporter, fit
+from byol_ray.history import append_history, read_history
+from byol_ray.progress import ProgressPrinter
+from byol_ray.tracker import RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, unfinished_run_id
+
+# Settings that --resume may change: how the run is executed, never what it computes.
+RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "train.log_every_steps", "train.checkpoint_every_epochs",
+                  "train.device", "ray.address", "ray.cpus_per_worker", "ray.max_failures", "ray.num_to_keep",
+                  "mlflow.register_name")
+
+
+def say(message: str) -> None:
+    """Human text goes to stderr; stdout is kept for a command's ``--json`` result."""
+    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- where a run lives
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make every path absolute and give the run a name, so Ray workers (which chdir) find them.
+
+    Returns:
+        A new config; ``cfg`` is not modified.
+    """
+    run_name = cfg.run_name or time.strftime("byol-%Y%m%d-%H%M%S")
+    train = cfg.data.train
+    if train != "demo" and "://" not in train:
+        train = str(Path(train).expanduser().resolve())
+    storage = cfg.ray.storage_path
+    if storage and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return dataclasses.replace(
+        cfg, run_name=run_name, output_dir=str(Path(cfg.output_dir).expanduser().resolve()),
+        data=dataclasses.replace(cfg.data, train=train, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve())),
+        ray=dataclasses.replace(cfg.ray, storage_path=storage),
+    )
+
+
+def run_dir(cfg: Config) -> Path:
+    """``<output_dir>/<run_name>``: config.yaml, metrics.jsonl, plots, the MLflow run id."""
+    return Path(cfg.output_dir) / cfg.run_name
+
+
+def storage_root(cfg: Config) -> str:
+    """Where checkpoints are kept: ``ray.storage_path``, or ``output_dir`` when that is ''."""
+    return cfg.ray.storage_path or cfg.output_dir
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """``<storage root>/<run_name>/checkpoints``: the one place every launcher writes ``epoch_NNNN/``."""
+    return f"{storage_root(cfg).rstrip('/')}/{cfg.run_name}/checkpoints"
+
+
+def run_exists(cfg: Config) -> bool:
+    """A run of this name already started here (its config or checkpoints are on disk)."""
+    if (run_dir(cfg) / "config.yaml").exists():
+        return True
+    ckpts = checkpoint_dir(cfg)
+    return "://" not in ckpts and Path(ckpts).exists()
+
+
+def check_new_or_resume(cfg: Config, resume: bool) -> None:
+    """Refuse to start over an existing run (nothing already written is overwritten) or to resume none."""
+    exists = run_exists(cfg)
+    if exists and not resume:
+        raise ConfigError(f"a run named {cfg.run_name!r} already exists in {cfg.output_dir}; use --resume "
+                          f"{cfg.run_name} to continue it, or choose another run_name=...")
+    if resume and not exists:
+        raise ConfigError(f"cannot resume {cfg.run_name!r}: nothing of it in {run_dir(cfg)}; check the run name "
+                          f"and output_dir={cfg.output_dir}")
+
+
+def resume_config(output_dir: str, name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config a resumed run continues with: its own saved one, plus overrides that do not change the recipe.
+
+    Args:
+        output_dir: where the run folder is.
+        name: the run name.
+        overrides: ``key=value`` strings given with ``--resume``.
+
+    Returns:
+        The saved config with the allowed overrides applied; raises :class:`ConfigError` naming any override
+        that would change what the run computes (its schedules follow the saved config).
+    """
+    saved = Path(output_dir) / name / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume {name!r}: {saved} not found; check --resume and output_dir={output_dir}")
+    base = dataclasses.replace(from_dict(yaml.safe_load(saved.read_text())), run_name=name)
+    values = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    values.pop("run_name", None)
+    values.pop("output_dir", None)
+    cfg = with_values(base, values)
+    before, after = _flat(to_dict(base)), _flat(to_dict(cfg))
+    changed = sorted(k for k in after if after[k] != before.get(k) and k not in RESUMABLE_KEYS)
+    if changed:
+        what = ", ".join(f"{k} ({before.get(k)!r} -> {after[k]!r})" for k in changed)
+        raise ConfigError(f"--resume {name} keeps the run's recipe, but the overrides change {what}: the run's "
+                          f"schedules and data order follow its saved config. Start a new run instead "
+                          f"(run_name=...), or change only {', '.join(RESUMABLE_KEYS)}")
+    return cfg
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def check_data(cfg: Config) -> None:
+    """Fail in the driver, before any worker starts, when the training data cannot be used."""
+    from byol_ray.data import check_training_data
+
+    check_training_data(cfg.data.train, cfg.data.loader)
+
+
+def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -> str:
+    """The path the loader reads: the .beton itself, or one prepared once into the cache.
+
+    With the FFCV loader a non-.beton source is converted on first use into
+    ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``; other ranks wait for it.
+    With the torch and memory loaders the source itself is returned.
+    """
+    from byol_ray.data import prepare as prep
+    from byol_ray.data import sources
+
+    train = cfg.data.train
+    if cfg.data.loader in ("torch", "memory") or train.endswith(".beton"):
+        return train
+    fp = sources.fingerprint(train)
+    stem = "demo" if train == "demo" else Path(train).name
+    max_resolution = max(cfg.data.resolution, 32)
+    out = Path(cfg.data.cache_dir) / f"{stem}-{fp['sha256'][:12]}-{max_resolution}px.beton"
+    if out.exists():
+        return str(out)
+    if is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        say(f"preparing {train} -> {out} (once; later runs reuse it)")
+        prep.prepare(train, str(out), max_resolution=max_resolution, progress=False)
+    else:
+        deadline = time.monotonic() + wait_s
+        while not out.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not finish preparing {out} within {wait_s:.0f}s")
+            time.sleep(1.0)
+    return str(out)
+
+
+def data_fingerprint(cfg: Config, path: str) -> dict[str, Any]:
+    """What the run trained on, for MLflow tags and the model card (no image is decoded).
+
+    A .beton carries its source's fingerprint in the ``<file>.json`` written by ``byol-ray prepare``.
+    """
+    if path.endswith(".beton"):
+        sidecar = Path(f"{path}.json")
+        if not sidecar.exists():
+            return {"file": path}
+        info = json.loads(sidecar.read_text()).get("source", {})
+    else:
+        from byol_ray.data import sources
+
+        info = sources.fingerprint(cfg.data.train)
+    return {k: v for k, v in info.items() if k != "class_names"}
+
+
+def train_loader(cfg: Config, path: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
+    """The two-view loader of one worker, with its share of the global batch."""
+    from byol_ray.data.loaders import build_train_loader
+
+    return build_train_loader(
+        path, backend=cfg.data.loader, batch_size=cfg.train.batch_size // world_size,
+        resolution=cfg.data.resolution, crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio,
+        crop_law=cfg.data.crop_law, flip_prob=cfg.data.flip_prob, num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed, distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits: all a launcher knows that the lifecycle does not."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+@dataclass
+class RunOutcome:
+    """What a finished run leaves behind (rank 0): for the summary and a ``--json`` result."""
+
+    run_name: str
+    folder: str
+    checkpoints: str
+    metrics: dict[str, float]
+    run_id: str | None = None
+    tracking_uri: str = ""
+    registered: str | None = None  # "name/version"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
+        make_reporter: Callable[[ProgressPrinter], Reporter]) -> RunOutcome | None:
+    """Train ``cfg`` from ``state`` (or from scratch) in this process, as one rank of ``where``.
+
+    Args:
+        cfg: a config with resolved paths.
+        where: rank, world size and device of this process.
+        state: the checkpoint state to resume from (None: a fresh start).
+        make_reporter: the launcher's reporter (progress, checkpoints), given the progress printer. It may
+            have ``replay(metrics)``, called on every rank when ``state`` is already the last epoch's.
+
+    Returns:
+        The :class:`RunOutcome` on rank 0, None on the other ranks.
+    """
+    main = where.rank == 0
+    path = training_file(cfg, is_main=where.local_rank == 0)  # one conversion per node
+    loader = train_loader(cfg, path, where.device, rank=where.rank, world_size=where.world_size)
+    derived = derive(cfg, loader.num_samples, where.world_size)
+    folder = run_dir(cfg)
+    tracker = build_tracker(cfg, is_main=main)  # MLflow on rank 0 only
+    fingerprint = data_fingerprint(cfg, path) if main else {}
+    if main:
+        save_resolved(cfg, derived, folder / "config.yaml")
+    # a restarted run logs into the MLflow run its checkpoint (or, before the first one, its folder) names
+    run_id = (state or {}).get("mlflow_run_id") or (unfinished_run_id(tracker, folder) if main else None)
+    tracker.start(cfg, derived=derived, run_id=run_id, data_fingerprint=fingerprint)
+    if tracker.run_id is not None:
+        (folder / RUN_ID_FILE).write_text(tracker.run_id)
+    start_step = (state or {}).get("step", 0)
+    reporter = make_reporter(ProgressPrinter(derived.total_steps, cfg.train.epochs, start_step=start_step))
+    if state is not None and state["epoch"] >= cfg.train.epochs and hasattr(reporter, "replay"):
+        # Training had finished when the run was stopped (say a Tune driver killed after the final checkpoint):
+        # nothing is retrained; the final metrics are reported again so that Ray Train and Tune see them.
+        reporter.replay((read_history(folder) or [{"epoch": state["epoch"], "step": state["step"]}])[-1])
+    try:
+        result = fit(cfg, derived, loader, where.device, reporter=TrackingReporter(reporter, tracker), state=state)
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if not main:
+        return None
+    history = read_history(folder)
+    metrics = result.metrics or (history or [{}])[-1]
+    version = finish(tracker, cfg, derived, result.engine.online.encoder, history, metrics, folder, fingerprint)
+    return RunOutcome(cfg.run_name, str(folder), checkpoint_dir(cfg), metrics, tracker.run_id,
+                      getattr(tracker, "tracking_uri", ""), version)
+
+
+def finish(tracker: Tracker, cfg: Config, derived: Derived, encoder, history: list[dict[str, float]],
+           metrics: dict[str, float], folder: Path, fingerprint: dict[str, Any]) -> str | None:
+    """The end of a successful run on rank 0: config and plots as artifacts, the online encoder registered
+    once (``mlflow.register_name``), the run closed FINISHED even when registration fails.
+
+    Returns:
+        The registered ``name/version``, or None.
+    """
+    from byol_ray.plots import plot_curves
+    from byol_ray.registry import register_run_encoder
+
+    if isinstance(tracker, NullTracker):
+        return None
+    try:
+        if (folder / "config.yaml").is_file():
+            tracker.log_artifact(folder / "config.yaml")
+        for plot in plot_curves(history, folder / "plots"):
+            tracker.log_artifact(plot, "plots")
+    except Exception as exc:  # noqa: BLE001 - plots are a convenience; the encoder matters more
+        warnings.warn(f"MLflow: run artifacts not logged ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+    try:
+        version = register_run_encoder(
+            tracker, encoder, name=cfg.mlflow.register_name, cfg_dict=to_dict(cfg, derived),
+            metadata={"epochs": int(metrics.get("epoch", cfg.train.epochs)), "step": int(metrics.get("step", 0)),
+                      "metrics": metrics, "data_fingerprint": fingerprint})
+    finally:
+        tracker.finish("FINISHED")
+    return f"{version.name}/{version.version}" if version is not None else None
+
+
+def print_summary(cfg: Config, outcome: RunOutcome) -> None:
+    """The end-of-run summary: metrics, where things are, and how a downstream job pulls the encoder."""
+    m = outcome.metrics
+    say(f"run {cfg.run_name} finished: epoch {m.get('epoch')}, step {m.get('step')}, "
+        f"loss {m.get('epoch_loss', float('nan')):.4f}, probe acc {m.get('epoch_classifier_acc', float('nan')):.3f}")
+    say(f"run folder: {outcome.folder}")
+    say(f"checkpoints: {outcome.checkpoints}")
+    if outcome.run_id is None:
+        return
+    uri = outcome.tracking_uri
+    say(f"MLflow run {outcome.run_id} in {uri}")
+    if uri.startswith("sqlite:"):
+        say(f"open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if outcome.registered:
+        say(f"registered encoder: models:/{outcome.registered}")
+        say(f"evaluate it:  MLFLOW_TRACKING_URI={uri} byol-ray linear-eval --model models:/{outcome.registered} "
+            f"--train {cfg.data.train}")
+
+
+def discard_failed_start(cfg: Config) -> None:
+    """Remove the folder of a new run that failed before it finished an epoch, so the name is free again."""
+    ckpts = checkpoint_dir(cfg)
+    if "://" in ckpts or any(Path(ckpts).glob("epoch_*")) or (run_dir(cfg) / "metrics.jsonl").exists():
+        return
+    shutil.rmtree(run_dir(cfg), ignore_errors=True)
+    shutil.rmtree(Path(ckpts).parent, ignore_errors=True)

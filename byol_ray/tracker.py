@@ -1,0 +1,247 @@
+"""The tracker a training run logs into (MLflow on rank 0, nothing elsewhere) and the reporter that feeds it."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from byol_ray import mlflow_store
+from byol_ray.config import Config, ConfigError, Derived, to_dict
+from byol_ray.run_tags import flatten, git_commit, ray_tags
+
+if TYPE_CHECKING:
+    from byol_ray.engine import Reporter
+
+_MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_PARAM_CHARS = 6000
+_MAX_TAG_CHARS = 5000  # model-version tags allow 5000 characters, run tags 8000: one limit for both
+RUN_ID_FILE = "mlflow_run_id"  # in the run folder: the MLflow run this training run logs into
+
+
+class Tracker(Protocol):
+    """Where one run's params, metrics, tags and artifacts go. Call it on rank 0 only: the caller
+    decides (every other rank gets a :class:`NullTracker`), so workers never race on one run."""
+
+    @property
+    def run_id(self) -> str | None: ...
+    def start(self, cfg: Config, *, derived: Derived | None = None, run_id: str | None = None,
+              tags: dict[str, Any] | None = None, data_fingerprint: dict[str, Any] | None = None) -> str | None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def tags(self) -> dict[str, str]: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Records nothing: tests, benchmarks, ``mlflow.enabled=false`` and every rank but 0."""
+
+    run_id: str | None = None
+    tracking_uri: str = ""
+
+    def start(self, cfg, *, derived=None, run_id=None, tags=None, data_fingerprint=None) -> str | None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def set_tags(self, tags) -> None:
+        pass
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker:
+    """One MLflow run. Metrics are sent with MLflow's own asynchronous logging (``synchronous=False``), so a
+    slow or briefly unreachable server never stalls a training step; :meth:`flush`/:meth:`finish` wait."""
+
+    def __init__(self, tracking_uri: str, experiment: str = "byol-ray") -> None:
+        """Args:
+            tracking_uri: a resolved URI (:func:`mlflow_store.resolve_tracking_uri`); no global MLflow state.
+            experiment: experiment name, created when missing.
+        """
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.client = mlflow_store.client(tracking_uri)
+        self._run_id: str | None = None
+        self._pending: list = []  # RunOperations of metric batches not yet waited for
+        self.dropped_batches = 0  # batches the server refused after MLflow's own retries
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    def start(self, cfg: Config, *, derived: Derived | None = None, run_id: str | None = None,
+              tags: dict[str, Any] | None = None, data_fingerprint: dict[str, Any] | None = None) -> str:
+        """Create a run (or reopen ``run_id``) and log the resolved config as params plus tags.
+
+        Args:
+            cfg: the resolved config; flattened into params (``model.encoder``, ``optim.base_lr``, ...).
+            derived: derived values, logged as ``derived.*`` params.
+            run_id: an existing run to continue (a restarted worker passes ``state["mlflow_run_id"]``).
+            tags: extra run tags.
+            data_fingerprint: the training data's fingerprint, logged as ``data.<key>`` tags.
+
+        Returns:
+            The run id; raises :class:`ConfigError` when ``run_id`` is not in this store.
+        """
+        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
+
+        all_tags = {**git_commit(), **ray_tags(cfg.run_name), **flatten(data_fingerprint or {}, "data."),
+                    **(tags or {})}
+        if cfg.mlflow.parent_run_id:  # a Tune trial: shown nested under the search's parent run
+            all_tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
+        if "git_commit" in all_tags:
+            all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
+        params = flatten(to_dict(cfg, derived))
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as exc:
+                raise ConfigError(f"cannot resume MLflow run {run_id}: not found in {self.tracking_uri} "
+                                  f"({exc.message}); set mlflow.tracking_uri to the store the run started in"
+                                  ) from None
+            self.client.update_run(run_id, status="RUNNING")
+            existing = run.data.params
+            changed = {k: v for k, v in params.items()
+                       if k in existing and existing[k][:_MAX_PARAM_CHARS] != v[:_MAX_PARAM_CHARS]}
+            params = {k: v for k, v in params.items() if k not in existing}  # MLflow params are write-once
+            all_tags.update({f"resume.changed.{k}": v for k, v in changed.items()})
+            all_tags["resumed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            all_tags["resume_count"] = str(int(run.data.tags.get("resume_count", "0")) + 1)
+        else:
+            experiment_id = mlflow_store.ensure_experiment(self.client, self.experiment, self.tracking_uri)
+            run = self.client.create_run(experiment_id, run_name=cfg.run_name or None)
+            run_id = run.info.run_id
+        self._run_id = run_id
+        items = [Param(k, v[:_MAX_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_BATCH])
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in all_tags.items()])
+        return run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Send ``metrics`` at ``step`` without waiting for the server."""
+        from mlflow.entities import Metric
+
+        if self._run_id is None:
+            raise RuntimeError("MlflowTracker.log_metrics before start()")
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+            try:
+                self._pending.append(self.client.log_batch(
+                    self._run_id, metrics=batch[i:i + _MAX_METRICS_PER_BATCH], synchronous=False))
+            except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+                self._dropped(exc)
+
+    def _dropped(self, exc: BaseException) -> None:
+        self.dropped_batches += 1
+        warnings.warn(f"MLflow: dropped a metric batch ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
+
+    def flush(self) -> None:
+        """Block until every metric sent so far is stored (or dropped with a warning)."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            try:
+                operation.wait()
+            except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+                self._dropped(exc)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload one file (or a folder's files) into the run's artifacts."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self._run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self._run_id, tags=[RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in tags.items()])
+
+    def tags(self) -> dict[str, str]:
+        """The run's tags as stored on the server now."""
+        return dict(self.client.get_run(self._run_id).data.tags) if self._run_id else {}
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Wait for pending metrics and close the run with ``status`` (FINISHED, FAILED or KILLED).
+        A run left RUNNING by a crash is reopened by ``start(run_id=...)``."""
+        if self._run_id is None:
+            return
+        self.flush()
+        self.client.set_terminated(self._run_id, status=status)
+        if self.dropped_batches:
+            warnings.warn(f"MLflow run {self._run_id}: {self.dropped_batches} metric batch(es) could not be sent",
+                          RuntimeWarning, stacklevel=2)
+
+
+def unfinished_run_id(tracker: Tracker, run_folder: str | Path) -> str | None:
+    """The MLflow run a restarted training run should continue when no checkpoint names one.
+
+    A worker group that dies before its first checkpoint (a crash, or a Tune driver killed mid-trial)
+    restarts from scratch; it logs into the run it had opened (recorded in ``<run folder>/mlflow_run_id``)
+    instead of leaving that one RUNNING forever beside a second run. A FINISHED run is never reopened.
+    """
+    marker = Path(run_folder) / RUN_ID_FILE
+    client = getattr(tracker, "client", None)
+    if client is None or not marker.is_file():
+        return None
+    try:
+        run = client.get_run(marker.read_text().strip())
+    except Exception:  # noqa: BLE001 - another store or a deleted run: start a new one
+        return None
+    return run.info.run_id if run.info.status != "FINISHED" else None
+
+
+def build_tracker(cfg: Config, *, is_main: bool = True) -> Tracker:
+    """An :class:`MlflowTracker` on the main process when ``mlflow.enabled``, else a :class:`NullTracker`.
+
+    Args:
+        cfg: a config with resolved paths; ``mlflow.tracking_uri`` is resolved and checked here.
+        is_main: rank 0 (``byol_ray.dist.is_main()``); other ranks never track.
+
+    Returns:
+        The tracker (not started).
+    """
+    if not (cfg.mlflow.enabled and is_main):
+        return NullTracker()
+    uri = mlflow_store.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    mlflow_store.check_tracking(uri)
+    return MlflowTracker(uri, cfg.mlflow.experiment)
+
+
+class TrackingReporter:
+    """Wraps a :class:`Reporter`: every log and epoch end also goes to the tracker, all on one step scale
+    (the global step), so the curves of a restarted run continue where they left off."""
+
+    def __init__(self, inner: Reporter, tracker: Tracker) -> None:
+        self.inner, self.tracker = inner, tracker
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+        self.inner.log(metrics, step)
+
+    def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
+        # Epoch values get an epoch_ prefix so they never share a series with the per-step value of the
+        # same name (images_per_s); `epoch` itself is a metric on the step scale, like every other.
+        values = {k if k.startswith("epoch") else f"epoch_{k}": v for k, v in metrics.items() if k != "step"}
+        self.tracker.log_metrics(values, int(metrics["step"]))
+        self.tracker.flush()  # once an epoch: what the checkpoint claims is logged, is logged
+        if state is not None and self.tracker.run_id is not None:
+            state["mlflow_run_id"] = self.tracker.run_id  # a restarted worker logs into the same run
+        self.inner.epoch_end(metrics, epoch, state)
