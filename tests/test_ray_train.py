@@ -69,6 +69,16 @@ def test_two_worker_cpu_run_completes_and_learns(two_worker_run):
     assert result.checkpoints == checkpoint_dir(cfg) and result.metrics["epoch"] == 4
 
 
+def test_epoch_metrics_describe_both_workers_not_rank_0(two_worker_run):
+    cfg, _ = two_worker_run
+    for row in _history(cfg):
+        # each rank saw a different shard, so their losses differ; the reported loss is their
+        # sample-weighted mean (equal shards here: the midpoint), not rank 0's value
+        low, high = row["epoch_loss_rank_min"], row["epoch_loss_rank_max"]
+        assert low < high
+        assert row["epoch_loss"] == pytest.approx((low + high) / 2, rel=1e-6)
+
+
 def _shard_worker(config):
     """Build each rank's loader exactly as train_worker does and record the sample ids it yields."""
     import ray.train

@@ -1,0 +1,101 @@
+"""The package's import graph, lazy imports included: no cycles, and the pure core imports no edge."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "byol_ray"
+# The pure core (ARCHITECTURE.md): it runs where Ray, MLflow and FFCV cannot be installed.
+CORE = ("augment", "byol", "checkpoint", "config", "dist", "encoders", "engine", "lars", "loss", "preprocess",
+        "schedules")
+EDGE_PACKAGES = ("ray", "mlflow", "ffcv", "numba")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (functions' lazy imports too), as absolute names."""
+    tree = ast.parse(path.read_text())
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        # an import of a.b.c also runs a.b's and a's __init__, but those import nothing upward here
+        edges[name] = {m for m in _imports(path) if m in modules and m != name}
+    return edges
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_graph_sees_lazy_imports():
+    edges = graph()
+    # session imports byol_ray.data inside a function: the graph must still hold that edge
+    assert "byol_ray.data" in edges["byol_ray.session"] or "byol_ray.data.check" in edges["byol_ray.session"]
+    assert "byol_ray.engine" in edges["byol_ray.session"]
+
+
+def test_no_import_cycles():
+    assert _cycle(graph()) is None, f"import cycle: {' -> '.join(_cycle(graph()))}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_core_imports_no_edge_and_nothing_above_it():
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for name in CORE:
+        path = modules[f"byol_ray.{name}"]
+        imported = _imports(path)
+        edge = sorted(m for m in imported if m.split(".")[0] in EDGE_PACKAGES)
+        assert not edge, f"core module byol_ray.{name} imports {edge}"
+        ours = {m for m in imported if m.startswith("byol_ray.") and m in modules}
+        above = sorted(m for m in ours if m.removeprefix("byol_ray.").split(".")[0] not in CORE)
+        assert not above, f"core module byol_ray.{name} imports upward: {above}"
+
+
+def test_downstream_and_registry_do_not_reach_into_launchers_or_the_cli():
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith(("byol_ray.downstream", "byol_ray.registry", "byol_ray.data")):
+            upward = sorted(t for t in targets if t in ("byol_ray.cli", "byol_ray.session", "byol_ray.train",
+                                                        "byol_ray.ray_train", "byol_ray.tune"))
+            assert not upward, f"{name} imports upward: {upward}"
