@@ -173,7 +173,12 @@ def _read_yaml(source: str) -> dict[str, Any]:
         names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
         raise ConfigError(f"config file {source!r} not found; give a YAML path or a preset name ({names})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                          f"save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -268,7 +273,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} = {value!r} must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):  # .inf / .nan would poison every schedule silently
+            raise ConfigError(f"config key {key!r} = {value!r} must be a finite number")
+        return number
     if typ is str:
         if value is None:
             return ""
@@ -290,8 +301,21 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key {key!r} = {value!r} is out of range; allowed: {allowed}")
 
 
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every float in the config is finite, also in configs built with ``dataclasses.replace``."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, prefix=f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} = {value!r} must be a finite number")
+        elif isinstance(value, tuple) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(f"config key {key!r} = {list(value)!r} must hold finite numbers")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express; raises :class:`ConfigError`."""
+    _check_finite(cfg, prefix="")
     m, d, o, t, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.ray
     _check(m.encoder in ENCODERS, "model.encoder", m.encoder, ", ".join(ENCODERS))
     for key in ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim", "num_classes"):
