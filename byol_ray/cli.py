@@ -2,136 +2,271 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
 import sys
+import traceback
+from typing import Any
 
 from byol_ray.config import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_DECLINED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Bad input: one line on stderr, exit 2, no traceback. Anything else is a bug and keeps its traceback.
+BAD_INPUT = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+EPILOG = """\
+exit codes:
+  0    success
+  1    failure: an unexpected error (a bug; its traceback is printed)
+  2    bad input: a wrong flag, config key or value, a missing or unreadable file, an unusable
+       tracking store (one line on stderr: byol-ray <command>: error: <message>)
+  3    promote declined to move the alias (the candidate does not beat the holder)
+  130  interrupted (Ctrl-C)
+
+settings: a config key is written key.sub=value after the flags, the same in every command
+(mlflow.tracking_uri=URI, mlflow.experiment=NAME, ray.storage_path=PATH, ...); with
+mlflow.tracking_uri unset, $MLFLOW_TRACKING_URI wins over the local sqlite store.
+output: --json prints the command's result as one JSON document on stdout; progress and
+messages always go to stderr."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``argparse.ArgumentDefaultsHelpFormatter`` without the noise: no "(default: None/False/'')"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None or default is False
+                or default == "" or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """byol-ray's parsers (subcommands too): defaults and exit codes in --help, usage errors in one line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("epilog", EPILOG)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("byol-ray")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _config_args(p: argparse.ArgumentParser, default_config: str | None = "demo") -> None:
     p.add_argument("--config", "-c", action="append", default=None,
                    help=f"YAML file or preset name, repeatable, applied in order (default: {default_config})")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=5")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. train.epochs=5 mlflow.tracking_uri=http://host:5000")
 
 
 def _load(args, default_config: str = "demo"):
     from byol_ray.config import load_config
-    from byol_ray.run import resolve_paths
+    from byol_ray.session import resolve_paths
 
     return resolve_paths(load_config(args.config or [default_config], args.overrides))
 
 
 def cmd_train(args) -> int:
-    cfg = _load(args)
+    from byol_ray import session
+    from byol_ray.config import load_config
+
+    cfg = load_config(args.config or ["demo"], args.overrides)  # the launchers resolve paths after their checks
     if args.resume:
-        cfg = _resume_config(cfg, args.resume)
+        cfg = session.resume_config(cfg.output_dir, args.resume, args.overrides)
     if args.no_ray:
         from byol_ray.train import train_local
 
-        train_local(cfg, resume=bool(args.resume))
-        return 0
-    from byol_ray.ray_train import launch
+        outcome = train_local(cfg, resume=bool(args.resume))
+    else:
+        from byol_ray.ray_train import launch
 
-    launch(cfg, resume=bool(args.resume))
+        outcome = launch(cfg, resume=bool(args.resume))
+    args.result = outcome.as_dict()
     return 0
 
 
-def _resume_config(cfg, name: str):
-    """Reload the run's own saved config so a resumed run continues the same schedules."""
-    import dataclasses
-    from pathlib import Path
-
-    import yaml
-
-    from byol_ray.config import from_dict
-
-    saved = Path(cfg.output_dir) / name / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"cannot resume {name!r}: {saved} not found; check --resume and output_dir={cfg.output_dir}")
-    resumed = from_dict(yaml.safe_load(saved.read_text()))
-    return dataclasses.replace(resumed, run_name=name)
+def cmd_train_result(args) -> tuple[int, dict | None]:
+    """``train``: :func:`cmd_train`, whose run outcome (name, folder, MLflow run, registered version,
+    final metrics) it leaves in ``args.result``."""
+    code = cmd_train(args)
+    return code, getattr(args, "result", None)
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args) -> tuple[int, dict]:
     from byol_ray.data.prepare import prepare
 
     result = prepare(
         args.source, args.output, split=args.split, max_resolution=args.max_resolution,
         jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
-        num_workers=args.workers, label_fraction=args.label_fraction, val_fraction=args.val_fraction,
+        num_workers=args.num_workers, label_fraction=args.label_fraction, val_fraction=args.val_fraction,
         seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
     )
-    print(result)
-    return 0
+    print(f"[byol-ray] {result}", file=sys.stderr)
+    return EXIT_OK, dataclasses.asdict(result)
 
 
-def cmd_config(args) -> int:
+def cmd_config(args) -> tuple[int, dict | None]:
     import yaml
 
     from byol_ray.config import to_dict
 
-    print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
-    return 0
+    resolved = to_dict(_load(args))
+    if args.json:
+        return EXIT_OK, resolved
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")  # the YAML is this command's result
+    return EXIT_OK, None
 
 
-def cmd_tune(args) -> int:
+def cmd_tune(args) -> tuple[int, dict]:
     from byol_ray.tune import run_search
 
-    run_search(args.search, name=args.name, overrides=args.overrides, storage_path=args.storage_path,
-               resume=args.resume)
-    return 0
+    summary = run_search(args.search, name=args.search_name, overrides=args.overrides, resume=args.resume)
+    return EXIT_OK, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="byol-ray", description="BYOL self-supervised training on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="byol-ray", description="BYOL self-supervised training on Ray.")
+    parser.add_argument("--version", action="version", version=f"byol-ray {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train an encoder (default: the CPU demo preset on built-in data)")
     _config_args(p)
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (one device)")
     p.add_argument("--resume", metavar="RUN_NAME", help="continue an interrupted run from its latest checkpoint")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train_result)
 
     p = sub.add_parser("prepare", help="convert images (ImageFolder, CIFAR folder, 'demo') into an FFCV .beton")
     p.add_argument("source", help="ImageFolder split folder, CIFAR python folder, or 'demo'")
     p.add_argument("output", help="the .beton file to write")
     p.add_argument("--split", default="train", help="split of a CIFAR folder (train/test); 'demo' has only train")
-    p.add_argument("--max-resolution", type=int, default=None, help="longest stored side in pixels")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-resolution", type=int, default=None, help="longest stored side in pixels (default: as is)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the images stored as JPEG")
     p.add_argument("--compress-probability", type=float, default=None,
                    help="share stored as JPEG, the rest raw (default: raw up to ~96 px, JPEG above)")
-    p.add_argument("--workers", type=int, default=2, help="writer processes")
-    p.add_argument("--label-fraction", type=float, default=None, help="class-balanced label subset, e.g. 0.01")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out validation share")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2, help="writer processes")
+    p.add_argument("--label-fraction", type=float, default=None,
+                   help="keep a class-balanced label subset, e.g. 0.01 (default: all images)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="class-balanced share held out into <stem>.val.beton")
+    p.add_argument("--seed", type=int, default=0,
+                   help="this command's own seed: which images the label subset and the held-out share take")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("tune", help="search lr, tau, weight decay (any config key) with Ray Tune")
     p.add_argument("--search", required=True, help="search-space YAML (see tune_configs/)")
-    p.add_argument("--name", required=True, help="search name: folder under the storage path, MLflow parent run")
-    p.add_argument("--storage-path", default="", help="default: the trial config's ray.storage_path")
+    p.add_argument("--search-name", required=True,
+                   help="the search's name: its folder under ray.storage_path and its MLflow parent run")
     p.add_argument("--resume", action="store_true", help="restore an interrupted search; finished trials stay")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="trial config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="trial config overrides, e.g. ray.storage_path=/mnt/shared/byol-ray")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("config", help="print the resolved config")
+    p = sub.add_parser("config", help="print the resolved config (YAML; --json: JSON)")
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
     from byol_ray.downstream.cli import register as register_downstream
 
     register_downstream(sub)  # linear-eval, finetune, knn, promote, register
+    for command in sub.choices.values():  # one flag, one meaning, in every command
+        command.add_argument("--json", action="store_true",
+                             help="print the result as one JSON document on stdout (messages go to stderr)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# ----------------------------------------------------------------------------- running a command
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool):
+    """While active, everything written to stdout (ours, libraries', child processes') goes to stderr,
+    so that stdout carries only the result."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved_stream, saved_fd = sys.stdout, None
+    with contextlib.suppress(OSError):
+        saved_fd = os.dup(1)
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
     try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
-        print(f"byol-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stdout = saved_stream
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: paths and objects as text, non-finite floats as null (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    return str(obj)
+
+
+def _run(args) -> tuple[int, Any]:
+    outcome = args.func(args)
+    if isinstance(outcome, tuple):
+        return outcome
+    return (outcome if isinstance(outcome, int) else EXIT_OK), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``byol-ray``: parse, dispatch, map the outcome to an exit code (see ``EPILOG``)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    prefix = f"byol-ray {args.command}"
+    if unknown:  # said here, not by argparse, so that the line names the command
+        print(f"{prefix}: error: unrecognized arguments: {' '.join(unknown)} (key.sub=value settings go after "
+              f"the flags; see {prefix} --help)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        with _stdout_to_stderr(args.json):
+            code, result = _run(args)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BAD_INPUT as exc:
+        print(f"{prefix}: error: {_one_line(exc) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback, say so in one last line
+        traceback.print_exc()
+        print(f"{prefix}: failed: {type(exc).__name__}: {_one_line(exc)} (an unexpected error; the traceback "
+              f"above shows where)", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json and result is not None:
+        print(json.dumps(_jsonable(result), allow_nan=False))
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from byol_ray.config import load_config, to_dict
-from byol_ray.downstream import cli
+from byol_ray import cli
 from byol_ray.downstream.data import LoaderSettings, label_subset, open_splits
 from byol_ray.downstream.finetune import finetune
 from byol_ray.downstream.knn import knn_predict, knn_top1
@@ -109,8 +109,8 @@ def registry(tmp_path_factory):
 
 
 def _run(registry, *argv) -> dict:
-    out = cli.main([argv[0], "--model", f"{registry['name']}:{registry['version']}", "--tracking-uri",
-                    registry["uri"], "--experiment", "ds-test", *argv[1:]])
+    out = cli.main([argv[0], "--model", f"{registry['name']}:{registry['version']}", "--json",
+                    f"mlflow.tracking_uri={registry['uri']}", "mlflow.experiment=ds-test", *argv[1:]])
     assert out == 0
     return _client(registry["uri"]).get_model_version(registry["name"], registry["version"]).tags
 
@@ -163,7 +163,7 @@ def test_finetune_updates_the_encoder_and_linear_eval_does_not():
 
 
 def test_unknown_model_is_a_clean_cli_error(registry, capsys):
-    code = cli.main(["knn", "--model", "models:/missing@champion", "--tracking-uri", registry["uri"]])
+    code = cli.main(["knn", "--model", "models:/missing@champion", f"mlflow.tracking_uri={registry['uri']}"])
     assert code == 2
     assert "no registered model named 'missing'" in capsys.readouterr().err
 
@@ -179,16 +179,16 @@ def test_register_and_promote_cli(registry, tmp_path, capsys):
                            tmp_path / "epoch_0001" / "state.pt")
     client = _client(registry["uri"])
     for top1 in ("0.5", "0.7"):
-        assert cli.main(["register", "--checkpoint", str(ckpt.parent), "--name", "cli-encoder",
-                         "--tracking-uri", registry["uri"]]) == 0
+        assert cli.main(["register", "--checkpoint", str(ckpt.parent), "mlflow.register_name=cli-encoder",
+                         f"mlflow.tracking_uri={registry['uri']}", "--json"]) == 0
         version = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["version"]
         client.set_model_version_tag("cli-encoder", str(version), "linear_top1", top1)
-    assert not (tmp_path / "mlflow.db").exists()  # --tracking-uri wins over the checkpoint's own store
+    assert not (tmp_path / "mlflow.db").exists()  # mlflow.tracking_uri= wins over the checkpoint's own store
 
     def promote(ref: str) -> tuple[int, dict, str]:
-        code = cli.main(["promote", "--model", ref, "--tracking-uri", registry["uri"]])
-        lines = capsys.readouterr().out.strip().splitlines()
-        return code, json.loads(lines[-1]), lines[0]
+        code = cli.main(["promote", "--model", ref, f"mlflow.tracking_uri={registry['uri']}", "--json"])
+        out, err = capsys.readouterr()  # the decision on stdout, the human line on stderr
+        return code, json.loads(out), err.strip().splitlines()[0]
 
     code, decision, line = promote("cli-encoder:1")
     assert code == 0 and decision["promoted"] and "-> v1" in line

@@ -51,7 +51,7 @@ def test_train_register_promote_pull_evaluate(ray_cluster, mlflow_server, tmp_pa
     version = client.get_model_version("e2e-encoder", "1")
     assert version.run_id == run.info.run_id and version.tags["architecture"] == "tiny"
 
-    uri = ["--tracking-uri", mlflow_server]
+    uri = [f"mlflow.tracking_uri={mlflow_server}"]
     _cli("linear-eval", "--model", "models:/e2e-encoder/1", *uri, "--epochs", "5", "--batch-size", "128")
     print(_cli("promote", "--model", "models:/e2e-encoder/1", "--alias", "champion", *uri))
     # separate processes pull by alias

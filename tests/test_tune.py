@@ -106,7 +106,7 @@ def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, m
     path = _search(tmp_path, "restore", overrides=[*TINY, "train.epochs=2"],
                    space={"optim.base_lr": {"grid": [0.3, 1.0, 2.0]}}, num_samples=1, max_concurrent_trials=1,
                    scheduler={"type": "fifo"})
-    cmd = [str(Path(sys.executable).parent / "byol-ray"), "tune", "--search", str(path), "--name", "restore",
+    cmd = [str(Path(sys.executable).parent / "byol-ray"), "tune", "--search", str(path), "--search-name", "restore",
            *_common(tmp_path, mlflow_server)]
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     log = open(tmp_path / "first.log", "w")
