@@ -1,9 +1,12 @@
 """The Ray Train launcher: one TorchTrainer worker = one rank of the run; the driver checks and launches."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from byol_ray.config import Config, ConfigError, from_dict, to_dict
 from byol_ray.history import append_history, read_history
 from byol_ray.mlflow_store import check_tracking, probe_writable, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
+from byol_ray.run_tags import SUBMISSION_ID_ENV, ray_job_submission_id
 from byol_ray.tracker import RUN_ID_FILE
 
 VERBOSE_ENV = "BYOL_RAY_VERBOSE"  # set by `byol-ray --verbose`: Ray's and Tune's own progress output comes back
@@ -55,13 +59,23 @@ class RayReporter:
         ray.train.report(metrics if self.rank == 0 else {})
 
 
+def quiet_train_reports() -> None:
+    """Train V2 logs every report's whole metrics dict at INFO, under a logger named after its file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its output stays as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function: what only Ray knows (rank, device, the checkpoint to resume), then the run."""
     import ray.train
     import ray.train.torch
 
-    if not verbose():  # Train V2 logs every report's metrics dict at INFO
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if not verbose():
+        quiet_train_reports()
     cfg = from_dict(config)
     ctx = ray.train.get_context()
     torch.set_num_threads(cfg.ray.cpus_per_worker)  # the worker's own CPU budget, not the host's
@@ -140,7 +154,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, ""),
+           SUBMISSION_ID_ENV: ray_job_submission_id()}
     return TorchTrainer(
         train_worker,
         train_loop_config=to_dict(cfg),
@@ -162,19 +177,24 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     """Run ``cfg`` under a TorchTrainer; the same call serves a laptop, ``ray job submit`` and KubeRay.
 
     Args:
-        cfg: a config with resolved paths.
+        cfg: the config as given (relative paths are resolved here, after the checks that need them).
         resume: continue the run named ``cfg.run_name`` (Ray restores the latest checkpoint; the engine
             continues its schedules, target and loader epoch).
 
     Returns:
         The run's :class:`~byol_ray.session.RunOutcome`, read back from the run folder and checkpoints.
     """
-    session.check_data(cfg)  # every check before anything is written: a failed start leaves nothing behind
+    # Every check before anything is written, the cheap ones before Ray starts: a failed start leaves nothing.
+    in_job = bool(ray_job_submission_id())
+    session.check_outputs_outlive_job(cfg, in_job=in_job, multi_node=False)
+    given, cfg = cfg, session.resolve_paths(cfg)
+    session.check_data(cfg)
+    init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
+    session.check_outputs_outlive_job(given, in_job=in_job, multi_node=_alive_nodes() > 1, ray_temp=_ray_temp())
     check_storage(session.storage_root(cfg))
     if cfg.mlflow.enabled:  # an unreachable tracking server fails now, not after hours of training
         check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
     session.check_new_or_resume(cfg, resume)
-    init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
     check_resources(cfg)
     folder = session.run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
@@ -182,16 +202,70 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (folder / RUN_ID_FILE).unlink(missing_ok=True)  # a new run never reopens an older run's MLflow run
     try:
-        result = build_trainer(cfg).fit()
+        with _sigterm_raises():
+            result = build_trainer(cfg).fit()
         if result.error:
             raise result.error
-    except BaseException:
+    except BaseException as exc:
+        # `ray job stop` and Ctrl-C end the driver; its workers die with it, before they can close the run
+        _close_mlflow_run(cfg, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         if not resume:
             session.discard_failed_start(cfg)
         raise
     outcome = outcome_of(cfg)
     session.print_summary(cfg, outcome)
     return outcome
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """`ray job stop` sends SIGTERM, then SIGKILL a few seconds later: turn the first into an exception so the
+    driver can close the MLflow run in between (Python's default for SIGTERM is to die on the spot)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def _ray_temp() -> str:
+    """Ray's temporary directory on this node ('' when Ray does not say)."""
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_temp_dir_path()  # no public API for it in Ray 2.60
+    except Exception:  # noqa: BLE001 - the check it serves then relies on the relative-path rule alone
+        return ""
+
+
+def _close_mlflow_run(cfg: Config, status: str) -> None:
+    """Mark the run's MLflow run ``status`` from the driver if it is still RUNNING (best effort, quick)."""
+    marker = session.run_dir(cfg) / RUN_ID_FILE
+    if not (cfg.mlflow.enabled and marker.is_file()):
+        return
+    try:
+        from byol_ray.mlflow_store import client
+
+        mlflow = client(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+        run_id = marker.read_text().strip()
+        if mlflow.get_run(run_id).info.status == "RUNNING":
+            mlflow.set_terminated(run_id, status=status)
+            session.say(f"MLflow run {run_id} marked {status}")
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        session.say(f"could not mark the MLflow run {status}: {type(exc).__name__}: {exc}")
 
 
 def outcome_of(cfg: Config) -> session.RunOutcome:

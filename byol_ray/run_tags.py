@@ -37,6 +37,33 @@ def git_commit(folder: str | Path | None = None) -> dict[str, str]:
         return {}
 
 
+SUBMISSION_ID_ENV = "BYOL_RAY_SUBMISSION_ID"  # the driver's Ray job submission id, handed to its workers
+IMAGE_ENV = "BYOL_RAY_IMAGE"  # set in the runtime image (Dockerfile): its tag
+IMAGE_COMMIT_ENV = "BYOL_RAY_GIT_COMMIT"  # baked into the image: the commit it was built from
+
+
+def ray_job_submission_id() -> str:
+    """The Ray Jobs submission id when this process is a job's entrypoint (or a worker it started), else ''."""
+    if os.environ.get(SUBMISSION_ID_ENV):
+        return os.environ[SUBMISSION_ID_ENV]
+    try:  # Ray's job supervisor hands the entrypoint its job config, metadata included, in this variable
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+    except ValueError:
+        return ""
+    return str((config.get("metadata") or {}).get("job_submission_id", ""))
+
+
+def code_version(folder: str | Path | None = None) -> dict[str, str]:
+    """The code a run used: the checkout's commit, else the commit baked into the runtime image; and the
+    image's tag when the run is inside one."""
+    tags = git_commit(folder)
+    if not tags and os.environ.get(IMAGE_COMMIT_ENV):
+        tags = {"git_commit": os.environ[IMAGE_COMMIT_ENV], "git_dirty": "false"}
+    if os.environ.get(IMAGE_ENV):
+        tags["image"] = os.environ[IMAGE_ENV]
+    return tags
+
+
 def ray_tags(run_name: str) -> dict[str, str]:
     """``ray.run_name`` / ``ray.job_id`` (/ ``ray.submission_id``) when this process runs under Ray, else {}.
 
@@ -54,7 +81,7 @@ def ray_tags(run_name: str) -> dict[str, str]:
     if not job_id:
         return {}
     tags = {"ray.job_id": job_id, "ray.run_name": run_name}
-    submission = os.environ.get("RAY_JOB_SUBMISSION_ID", "")
+    submission = ray_job_submission_id()
     if submission:
         tags["ray.submission_id"] = submission
     return tags

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,6 +24,7 @@ import yaml
 from byol_ray.config import Config, ConfigError, Derived, derive, from_dict, save_resolved, to_dict, with_values
 from byol_ray.engine import FitResult, Reporter, fit
 from byol_ray.history import append_history, read_history
+from byol_ray.mlflow_store import is_local_store, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
 from byol_ray.tracker import RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, unfinished_run_id
 
@@ -58,6 +60,52 @@ def resolve_paths(cfg: Config) -> Config:
         data=dataclasses.replace(cfg.data, train=train, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve())),
         ray=dataclasses.replace(cfg.ray, storage_path=storage),
     )
+
+
+def check_outputs_outlive_job(cfg: Config, *, in_job: bool, multi_node: bool, ray_temp: str = "") -> None:
+    """Refuse, before any work, outputs that a Ray job or a multi-node cluster would lose.
+
+    Under Ray Jobs the entrypoint runs in Ray's temporary copy of ``--working-dir``, deleted after the job:
+    a relative path (or anything that resolves inside Ray's temporary directory) vanishes with it. On more
+    than one node, a store in one machine's files (sqlite) cannot be reached by workers elsewhere.
+
+    Args:
+        cfg: the config as given (paths not yet resolved).
+        in_job: this process is a Ray job's entrypoint.
+        multi_node: the cluster has more than one node.
+        ray_temp: Ray's temporary directory ('' when unknown).
+    """
+    if not (in_job or multi_node):
+        return
+    where = "a Ray job's working directory is a temporary copy that Ray deletes" if in_job else \
+        "on a multi-node cluster each node resolves it against its own disk"
+    for key, value in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
+        if not value or "://" in value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"{key}={value!r} is a relative path: {where}; set {key} to an absolute path on "
+                              f"shared storage (e.g. /mnt/shared/byol-ray) or an object-store URI")
+        if ray_temp and path.resolve().is_relative_to(Path(ray_temp).resolve()):
+            raise ConfigError(f"{key}={value!r} is inside Ray's temporary directory {ray_temp}, deleted with the "
+                              f"session; set {key} to a path on shared storage")
+    if not cfg.mlflow.enabled:
+        return
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    if not is_local_store(uri):
+        return
+    fix = "set mlflow.tracking_uri=http://MLFLOW-HOST:5000 (a tracking server that serves artifacts) or export " \
+          "MLFLOW_TRACKING_URI"
+    if multi_node:
+        raise ConfigError(f"the MLflow store {uri} is a file on this machine, which workers on other nodes cannot "
+                          f"reach; {fix}")
+    given = cfg.mlflow.tracking_uri.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    path = given.split(":///", 1)[1] if ":///" in given else given.removeprefix("file:")
+    if given and not path.startswith("/"):
+        raise ConfigError(f"mlflow.tracking_uri={given!r} is a relative path: {where}; {fix}")
+    local = uri.split(":///", 1)[1] if uri.startswith("sqlite:///") else uri.removeprefix("file://")
+    if ray_temp and Path(local).resolve().is_relative_to(Path(ray_temp).resolve()):
+        raise ConfigError(f"the MLflow store {uri} is inside Ray's temporary directory {ray_temp}; {fix}")
 
 
 def run_dir(cfg: Config) -> Path:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from byol_ray import mlflow_store
 from byol_ray.config import Config, ConfigError, Derived, to_dict
-from byol_ray.run_tags import flatten, git_commit, ray_tags
+from byol_ray.run_tags import code_version, flatten, ray_tags
 
 if TYPE_CHECKING:
     from byol_ray.engine import Reporter
@@ -77,6 +77,7 @@ class MlflowTracker:
         self.client = mlflow_store.client(tracking_uri)
         self._run_id: str | None = None
         self._pending: list = []  # RunOperations of metric batches not yet waited for
+        self._system = None  # MLflow's SystemMetricsMonitor, when on
         self.dropped_batches = 0  # batches the server refused after MLflow's own retries
 
     @property
@@ -100,13 +101,14 @@ class MlflowTracker:
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
-        all_tags = {**git_commit(), **ray_tags(cfg.run_name), **flatten(data_fingerprint or {}, "data."),
+        all_tags = {**code_version(), **ray_tags(cfg.run_name), **flatten(data_fingerprint or {}, "data."),
                     **(tags or {})}
         if cfg.mlflow.parent_run_id:  # a Tune trial: shown nested under the search's parent run
             all_tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
         if "git_commit" in all_tags:
             all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
         params = flatten(to_dict(cfg, derived))
+        existing_run = bool(run_id)
         if run_id:
             try:
                 run = self.client.get_run(run_id)
@@ -122,16 +124,39 @@ class MlflowTracker:
             all_tags.update({f"resume.changed.{k}": v for k, v in changed.items()})
             all_tags["resumed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             all_tags["resume_count"] = str(int(run.data.tags.get("resume_count", "0")) + 1)
+            # every Ray job that worked on this run, oldest first (ray.submission_id is the newest)
+            seen = [s for s in run.data.tags.get("ray.submission_ids", run.data.tags.get("ray.submission_id", ""))
+                    .split(",") if s]
+            new = all_tags.get("ray.submission_id")
+            if new and new not in seen:
+                all_tags["ray.submission_ids"] = ",".join([*seen, new])
         else:
             experiment_id = mlflow_store.ensure_experiment(self.client, self.experiment, self.tracking_uri)
             run = self.client.create_run(experiment_id, run_name=cfg.run_name or None)
             run_id = run.info.run_id
+            if all_tags.get("ray.submission_id"):
+                all_tags["ray.submission_ids"] = all_tags["ray.submission_id"]
         self._run_id = run_id
         items = [Param(k, v[:_MAX_PARAM_CHARS]) for k, v in params.items()]
         for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_BATCH])
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in all_tags.items()])
+        if cfg.mlflow.system_metrics_every_s > 0:
+            self._start_system_metrics(cfg.mlflow.system_metrics_every_s, resume=bool(existing_run))
         return run_id
+
+    def _start_system_metrics(self, every_s: float, resume: bool) -> None:
+        """MLflow's own monitor (an idle GPU shows beside the loss curve); its series use their own sample
+        counter as the step, which the MLflow UI plots against time."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self._run_id, sampling_interval=every_s, resume_logging=resume,
+                                                tracking_uri=self.tracking_uri)
+            self._system.start()
+        except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
+            warnings.warn(f"MLflow system metrics off ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
+            self._system = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Send ``metrics`` at ``step`` without waiting for the server."""
@@ -183,6 +208,9 @@ class MlflowTracker:
         A run left RUNNING by a crash is reopened by ``start(run_id=...)``."""
         if self._run_id is None:
             return
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         self.flush()
         self.client.set_terminated(self._run_id, status=status)
         if self.dropped_batches:

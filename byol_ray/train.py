@@ -14,6 +14,7 @@ from byol_ray.engine import pick_device
 from byol_ray.history import append_history
 from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
+from byol_ray.run_tags import ray_job_submission_id
 
 
 class LocalReporter:
@@ -44,12 +45,14 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     The run is tracked in MLflow (``mlflow.enabled``) and its online encoder registered at the end.
 
     Args:
-        cfg: a config whose paths are already resolved (:func:`byol_ray.session.resolve_paths`).
+        cfg: the config as given (relative paths are resolved here).
         resume: continue ``cfg.run_name`` from its newest checkpoint (and MLflow run) instead of starting fresh.
 
     Returns:
         The run's :class:`~byol_ray.session.RunOutcome`.
     """
+    session.check_outputs_outlive_job(cfg, in_job=bool(ray_job_submission_id()), multi_node=False)
+    cfg = session.resolve_paths(cfg)
     if "://" in session.storage_root(cfg):
         raise ConfigError(f"ray.storage_path={cfg.ray.storage_path!r} is an object-store URI, which only Ray "
                           "Train writes to; a --no-ray run keeps its checkpoints on a filesystem path (set "

@@ -198,7 +198,10 @@ def _trial(params: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from byol_ray.ray_train import build_trainer
+    from byol_ray.ray_train import build_trainer, quiet_train_reports, verbose
+
+    if not verbose():
+        quiet_train_reports()
 
     params = dict(params)  # Tune keeps the dict it passed as the trial's config: do not mutate it
     base = from_dict(params.pop("__base__"))
@@ -269,6 +272,8 @@ def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: i
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from byol_ray.ray_train import verbose
+
     # The trial function only waits on its Train run, whose workers hold the CPUs/GPUs; Tune needs a
     # non-empty bundle, so it asks for a little memory instead of a CPU that the workers would lack.
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 64 * 2**20})
@@ -297,7 +302,8 @@ def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: i
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=name, storage_path=storage,
+        # quiet by default: our own summary, not Tune's per-trial config tables (`byol-ray --verbose` restores them)
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=2 if verbose() else 0,
                                   stop=BYOLStopper(spec.stop, experiment_dir / STOP_REASONS_FILE)),
     )
     return tuner.fit()

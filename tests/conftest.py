@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local heads in tests (ENVIRONMENT.md)
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("NUMBA_OPT", "0")  # FFCV pipelines compile ~3x faster; tests use tiny data
+# As with an activated virtual environment: `byol-ray` and `ray` on PATH, for this process and for the Ray
+# nodes and job entrypoints it starts (the README's commands name them without a path).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"

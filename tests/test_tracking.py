@@ -280,3 +280,17 @@ def test_finish_registers_the_encoder_once_and_closes_the_run(sqlite_store, tmp_
         finish(tracker, cfg, derived, encoder, history, history[-1], tmp_path, {})
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "registry down" in run.data.tags["registration_error"]
+
+
+def test_system_metrics_of_rank_0s_node_land_in_the_run(sqlite_store, tmp_path):
+    cfg = _cfg(tmp_path, "mlflow.system_metrics_every_s=0.5")
+    tracker = MlflowTracker(sqlite_store, "system")
+    run_id = tracker.start(cfg)
+    deadline = time.monotonic() + 30
+    keys: set[str] = set()
+    while time.monotonic() < deadline and "system/cpu_utilization_percentage" not in keys:
+        time.sleep(0.5)
+        keys = set(_client(sqlite_store).get_run(run_id).data.metrics)
+    tracker.finish()
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
+    assert tracker._system is None  # the monitor thread was stopped with the run
