@@ -50,6 +50,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/byol-ray"  # .beton files prepared from non-.beton sources
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # 'reference': the paper's single draw, sides clamped to the image (DeepMind's dataset.py);
+    # 'torchvision': RandomResizedCrop's ten tries with a centred fallback (byol_ray/data/order.py)
+    crop_law: Literal["reference", "torchvision"] = "reference"
     flip_prob: float = 0.5
 
 
@@ -95,7 +98,9 @@ class RayConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    storage_path: str = "runs/ray"  # local path, shared filesystem path or object-store URI
+    # checkpoints go to <storage_path>/<run_name>/checkpoints; '' = output_dir (one rule for every launcher);
+    # on a cluster a shared filesystem path or an object-store URI (s3://, gs://)
+    storage_path: str = ""
     max_failures: int = 0
     num_to_keep: int = 2
 
@@ -109,6 +114,9 @@ class MlflowConfig:
     experiment: str = "byol-ray"
     register_name: str = "byol-encoder"  # '' = do not register
     parent_run_id: str = ""  # set by `byol-ray tune`: each trial's run nests under the search's run
+    # rank 0's node: CPU, memory, disk, network, GPU utilisation and memory through MLflow's own
+    # system-metrics monitor, sampled every this many seconds (0 = off)
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass
