@@ -1,0 +1,79 @@
+"""The local launcher (`train --no-ray`): nothing already written is lost, resume keeps the recipe and prunes,
+a failed start leaves no folder behind."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from byol_ray.config import ConfigError, load_config
+from byol_ray.session import resume_config
+from byol_ray.train import train_local
+
+TINY = ["model.projector_hidden_dim=64", "model.predictor_hidden_dim=64", "model.projector_dim=32",
+        "data.loader=torch", "data.num_workers=1", "train.batch_size=128", "train.log_every_steps=100",
+        "train.checkpoint_every_epochs=1", "ray.num_to_keep=2", "mlflow.enabled=false"]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(["demo"], [*TINY, f"output_dir={tmp_path / 'runs'}", "run_name=local", *extra])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch run that the tests below try to damage."""
+    tmp = tmp_path_factory.mktemp("local")
+    outcome = train_local(_cfg(tmp, "train.epochs=2"))
+    return tmp, outcome
+
+
+def test_a_new_run_over_a_finished_one_is_refused_and_nothing_changes(finished):
+    tmp, outcome = finished
+    folder = Path(outcome.folder)
+    before = _snapshot(folder)
+    with pytest.raises(ConfigError, match="already exists.*--resume local"):
+        train_local(_cfg(tmp, "train.epochs=2"))
+    assert _snapshot(folder) == before
+    assert [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_refuses_overrides_that_change_the_recipe(finished):
+    tmp, _ = finished
+    output_dir = str(tmp / "runs")
+    with pytest.raises(ConfigError, match=r"train\.epochs \(2 -> 3\).*optim\.base_lr|optim\.base_lr.*train\.epochs"):
+        resume_config(output_dir, "local", ["train.epochs=3", "optim.base_lr=0.5"])
+    allowed = resume_config(output_dir, "local", ["train.log_every_steps=7", "data.num_workers=1"])
+    assert allowed.train.log_every_steps == 7 and allowed.train.epochs == 2 and allowed.run_name == "local"
+
+
+def test_resume_of_an_interrupted_run_prunes_old_checkpoints_to_num_to_keep(tmp_path):
+    # an interrupted 4-epoch run that kept 3 checkpoints (num_to_keep was 3 then): resuming keeps 2
+    cfg = _cfg(tmp_path, "train.epochs=4", "ray.num_to_keep=3")
+    train_local(cfg)
+    checkpoints = Path(tmp_path / "runs" / "local" / "checkpoints")
+    assert sorted(p.name for p in checkpoints.glob("epoch_*")) == ["epoch_0002", "epoch_0003", "epoch_0004"]
+    # pretend the run stopped after epoch 3: drop the last checkpoint and its history row
+    import shutil
+
+    shutil.rmtree(checkpoints / "epoch_0004")
+    history = tmp_path / "runs" / "local" / "metrics.jsonl"
+    history.write_text("\n".join(history.read_text().splitlines()[:3]) + "\n")
+    resumed = resume_config(str(tmp_path / "runs"), "local", ["ray.num_to_keep=2"])
+    outcome = train_local(resumed, resume=True)
+    assert outcome.metrics["epoch"] == 4
+    assert sorted(p.name for p in checkpoints.glob("epoch_*")) == ["epoch_0003", "epoch_0004"]
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path):
+    cfg = _cfg(tmp_path, "train.batch_size=4096")  # larger than the data set: derive() refuses it
+    with pytest.raises(ConfigError, match="larger than the data set"):
+        train_local(cfg)
+    assert not (tmp_path / "runs" / "local").exists()
+    with pytest.raises(ConfigError, match="does not exist"):
+        train_local(_cfg(tmp_path, "data.train=/nonexistent/images"))
+    assert not (tmp_path / "runs" / "local").exists()
