@@ -5,9 +5,21 @@ import torch
 
 from byol_ray.augment import VIEW1, normalize_channels
 
-# The paper's evaluation preprocessing (RECIPE.md): centre crop (done by the eval loader), ImageNet stats.
+# The paper's evaluation preprocessing (RECIPE.md): centre crop 224/256 of the shorter side, resized, ImageNet stats.
 MEAN, STD = VIEW1.mean, VIEW1.std
-PREPROCESSING = f"centre crop, resize to resolution, x/255, normalise mean={list(MEAN)} std={list(STD)}"
+EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter image side
+PREPROCESSING = (f"centre square crop of {EVAL_CROP_RATIO:g} x the shorter side, resized to resolution, x/255, "
+                 f"normalised with mean={list(MEAN)} std={list(STD)}")
+
+
+def eval_transform(resolution: int) -> dict:
+    """The exact evaluation transform of an encoder trained at ``resolution``, as a downstream team rebuilds it
+    (torchvision equivalent: ``Resize(round(resolution / EVAL_CROP_RATIO)), CenterCrop(resolution), ToTensor(),
+    Normalize(mean, std)`` on RGB images; the eval loaders crop first, then resize, which is the same window)."""
+    return {"center_crop_ratio": EVAL_CROP_RATIO, "crop": "centre square, side = ratio x shorter side",
+            "resize_to": [resolution, resolution], "resize_shorter_side_to": round(resolution / EVAL_CROP_RATIO),
+            "scale": "uint8 / 255", "mean": [float(m) for m in MEAN], "std": [float(s) for s in STD],
+            "input": f"float32 [B, 3, {resolution}, {resolution}] RGB, channels first"}
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

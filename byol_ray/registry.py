@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import re
 import shutil
 import sys
@@ -17,8 +18,7 @@ from torch import nn
 
 from byol_ray.config import ConfigError
 from byol_ray.mlflow_store import check_tracking, ensure_experiment, resolve_tracking_uri
-from byol_ray.preprocess import PREPROCESSING, to_model_input
-from byol_ray.run_tags import flatten
+from byol_ray.preprocess import PREPROCESSING, eval_transform, to_model_input
 
 # Serialization: mlflow.pytorch's "pickle" format (cloudpickle of the whole module) loads back as the
 # same nn.Module class, so .train() and backward work for fine-tuning. The default "pt2" format
@@ -111,43 +111,52 @@ def model_card(cfg_dict: dict[str, Any], feature_dim: int, metadata: dict[str, A
                run_id: str | None) -> tuple[dict[str, str], str]:
     """Version tags and description from the run's config and the caller's metadata.
 
+    A few flat tags that people filter on, and three grouped JSON tags (``eval_transform``, ``training``,
+    ``final_metrics``), so a version row stays short in the MLflow UI while the card stays complete.
+
     Args:
         cfg_dict: ``to_dict(cfg, derived)`` of the training run.
         feature_dim: the encoder's output width.
         metadata: optional ``epochs`` (completed), ``step``, ``data_fingerprint`` (dict), ``metrics``
-            (final epoch metrics), ``checkpoint``; any other scalar key becomes a tag as is.
+            (final epoch metrics), ``checkpoint``; any other scalar key goes into ``training``.
         run_id: the training run.
 
     Returns:
         (tags, description).
     """
-
-    model, data = cfg_dict.get("model", {}), cfg_dict.get("data", {})
+    model, data, train = cfg_dict.get("model", {}), cfg_dict.get("data", {}), cfg_dict.get("train", {})
+    optim = cfg_dict.get("optim", {})
     metadata = dict(metadata)
+    resolution = int(data.get("resolution", 224))
+    fingerprint = metadata.pop("data_fingerprint", None) or {}
+    metrics = {k: float(f"{float(v):.6g}") for k, v in (metadata.pop("metrics", None) or {}).items()}
+    training = {
+        "epochs": metadata.pop("epochs", train.get("epochs")), "data": str(data.get("train", "")),
+        "data_fingerprint": fingerprint, "batch_size": train.get("batch_size"), "base_lr": optim.get("base_lr"),
+        "weight_decay": optim.get("weight_decay"), "tau_base": train.get("tau_base"),
+        "crop_law": data.get("crop_law"), "cifar_stem": bool(model.get("cifar_stem", False)),
+        **{k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))},
+    }
+    transform = eval_transform(resolution)
     tags = {
         "architecture": model.get("encoder", ""),
-        "cifar_stem": str(model.get("cifar_stem", False)).lower(),
         "feature_dim": str(feature_dim),
-        "resolution": str(data.get("resolution", "")),
-        "preprocessing": PREPROCESSING,
-        "input": "float32 [B, 3, resolution, resolution], normalised as in preprocessing",
-        "serialization_format": SERIALIZATION_FORMAT,
-        "epochs": str(metadata.pop("epochs", cfg_dict.get("train", {}).get("epochs", ""))),
-        "training_data": str(data.get("train", "")),
+        "resolution": str(resolution),
         "source_run_id": run_id or "",
         "byol_ray_version": _package_version(),
+        "serialization_format": SERIALIZATION_FORMAT,
+        "eval_transform": json.dumps(transform),
+        "training": json.dumps(training, default=str),
+        "final_metrics": json.dumps(metrics),
     }
-    tags.update(flatten(metadata.pop("data_fingerprint", None) or {}, "data."))
-    for key, value in (metadata.pop("metrics", None) or {}).items():
-        tags[f"final.{key}"] = f"{float(value):.6g}"
-    tags.update({k: str(v) for k, v in metadata.items() if isinstance(v, (str, int, float, bool))})
     tags = {k: v[:5000] for k, v in tags.items()}  # MLflow's model-version tag limit
-    train = cfg_dict.get("train", {})
     description = (
         f"BYOL online encoder f_θ ({tags['architecture']}, feature_dim {feature_dim}) trained "
-        f"{tags['epochs']} epochs on {tags['training_data']} at {tags['resolution']} px "
-        f"(batch {train.get('batch_size', '?')}, base_lr {cfg_dict.get('optim', {}).get('base_lr', '?')}, "
-        f"tau_base {train.get('tau_base', '?')}). Input: {tags['input']}; preprocessing: {PREPROCESSING}. "
+        f"{training['epochs']} epochs on {training['data']} at {resolution} px "
+        f"(batch {train.get('batch_size', '?')}, base_lr {optim.get('base_lr', '?')}, "
+        f"tau_base {train.get('tau_base', '?')}). Input: {transform['input']}. Evaluation preprocessing: "
+        f"{PREPROCESSING} (torchvision: Resize({transform['resize_shorter_side_to']}), CenterCrop({resolution}), "
+        f"ToTensor(), Normalize(mean={transform['mean']}, std={transform['std']})). "
         f"Output: [B, {feature_dim}] features after global average pooling. Loads with mlflow.pytorch.load_model "
         f"as a trainable torch.nn.Module (pickle format). Source run: {run_id or 'none'}."
     )

@@ -127,12 +127,18 @@ def test_register_and_pull_in_a_fresh_process(mlflow_server, trained, tmp_path):
 
     card = _client(mlflow_server).get_model_version(name, "1")
     assert card.tags["architecture"] == "tiny" and card.tags["feature_dim"] == "128"
-    assert card.tags["resolution"] == "32" and "0.485" in card.tags["preprocessing"]
-    assert card.tags["source_run_id"] == run_id and card.tags["final.epoch_loss"] == "0.5"
+    assert card.tags["resolution"] == "32"
+    transform = json.loads(card.tags["eval_transform"])  # enough to rebuild the evaluation input exactly
+    assert transform["center_crop_ratio"] == 0.875 and transform["resize_to"] == [32, 32]
+    assert transform["mean"] == pytest.approx([0.485, 0.456, 0.406]) and transform["std"][0] == pytest.approx(0.229)
+    assert "CenterCrop(32)" in card.description and "Resize(37)" in card.description
+    assert card.tags["source_run_id"] == run_id and json.loads(card.tags["final_metrics"])["epoch_loss"] == 0.5
+    assert len(card.tags) <= 12, sorted(card.tags)  # grouped: a version row stays short in the MLflow UI
     assert "tiny" in card.description and "trainable" in card.description
     assert card.tags["promoted_alias"] == "champion" and card.tags["promotion_forced"] == "true"
     card2 = _client(mlflow_server).get_model_version(name, "2")
-    assert card2.tags["data.sha256"] == "feedbeef"  # the training run's data fingerprint follows the checkpoint
+    # the training run's data fingerprint follows the checkpoint
+    assert json.loads(card2.tags["training"])["data_fingerprint"]["sha256"] == "feedbeef"
 
 
 def test_default_sqlite_store_flow_without_server(trained, tmp_path, monkeypatch):
@@ -147,7 +153,8 @@ def test_default_sqlite_store_flow_without_server(trained, tmp_path, monkeypatch
     assert store.is_file() and version.name == "byol-demo-encoder"
     assert not (cwd / "mlruns").exists() and not (cwd / "mlflow.db").exists()  # nothing lands in the cwd
     assert (store.parent / "mlartifacts").is_dir()
-    assert version.tags["final.epoch_loss"] == "0.25" and version.tags["epochs"] == "0"
+    assert json.loads(version.tags["final_metrics"])["epoch_loss"] == 0.25
+    assert json.loads(version.tags["training"])["epochs"] == 0
 
     promote(version.name, version.version, force=True, tracking_uri=uri)
     module, info = load_encoder(f"models:/{version.name}@champion", tracking_uri=uri, expect_arch="tiny")

@@ -1,6 +1,7 @@
 """Tracking edge: store URIs, fail-fast checks, params/metrics/tags/artifacts in a real server, resume."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -268,7 +269,8 @@ def test_finish_registers_the_encoder_once_and_closes_the_run(sqlite_store, tmp_
     assert finish(again, cfg, derived, encoder, history, history[-1], tmp_path / "no-run-dir", FINGERPRINT) is None
     assert len(client.search_model_versions("name='finish-encoder'")) == 1
     card = client.get_model_version("finish-encoder", "1").tags
-    assert card["final.epoch_loss"] == "1.5" and card["data.sha256"] == "ab12cd34" and card["source_run_id"] == run_id
+    assert json.loads(card["final_metrics"])["epoch_loss"] == 1.5 and card["source_run_id"] == run_id
+    assert json.loads(card["training"])["data_fingerprint"]["sha256"] == "ab12cd34"
 
     def broken(*args, **kwargs):
         raise RegistryError("registry down")
