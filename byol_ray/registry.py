@@ -354,7 +354,7 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
     cfg = from_dict(state["config"])
     name = name or cfg.mlflow.register_name
     if not name:
-        raise RegistryError("no model name: pass --name or set mlflow.register_name in the run's config")
+        raise RegistryError("no model name: pass mlflow.register_name=NAME or set it in the run's config")
     tracking_uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.output_dir)
     check_tracking(tracking_uri)
     encoder = encoder_from_checkpoint(state)

@@ -8,6 +8,7 @@ to resume from, and the reporter that saves checkpoints their way.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -195,14 +196,20 @@ def check_data(cfg: Config) -> None:
     check_training_data(cfg.data.train, cfg.data.loader)
 
 
-def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -> str:
+def training_file(cfg: Config, *, stall_s: float = 600.0, poll_s: float = 2.0) -> str:
     """The path the loader reads: the .beton itself, or one prepared once into the cache.
 
     With the FFCV loader a non-.beton source is converted on first use into
-    ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``; other ranks wait for it.
+    ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``. One process per machine converts, under a
+    file lock, with a progress bar; the others wait on its progress (the growing temporary file), not on a
+    fixed timeout that an ImageNet conversion would exceed, and take over if the converter dies.
     With the torch and memory loaders the source itself is returned.
+
+    Args:
+        cfg: the run's config.
+        stall_s: a waiter gives up when the conversion shows no progress for this long.
+        poll_s: how often a waiter looks.
     """
-    from byol_ray.data import prepare as prep
     from byol_ray.data import sources
 
     train = cfg.data.train
@@ -212,18 +219,32 @@ def training_file(cfg: Config, *, is_main: bool = True, wait_s: float = 600.0) -
     stem = "demo" if train == "demo" else Path(train).name
     max_resolution = max(cfg.data.resolution, 32)
     out = Path(cfg.data.cache_dir) / f"{stem}-{fp['sha256'][:12]}-{max_resolution}px.beton"
-    if out.exists():
-        return str(out)
-    if is_main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        say(f"preparing {train} -> {out} (once; later runs reuse it)")
-        prep.prepare(train, str(out), max_resolution=max_resolution, progress=False)
-    else:
-        deadline = time.monotonic() + wait_s
-        while not out.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank 0 did not finish preparing {out} within {wait_s:.0f}s")
-            time.sleep(1.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen, last_change, last_say = -1, time.monotonic(), 0.0
+    while not out.exists():
+        with open(out.with_name(f"{out.name}.lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process converts: watch it
+                size = sum(p.stat().st_size for p in out.parent.glob(f".{out.name}.tmp-*") if p.exists())
+                now = time.monotonic()
+                if size != seen:
+                    seen, last_change = size, now
+                elif now - last_change > stall_s:
+                    raise TimeoutError(f"the conversion of {train} into {out} made no progress for {stall_s:.0f} s; "
+                                       f"remove {out.name}.lock there if its process is gone, or prepare the "
+                                       f"data beforehand with `byol-ray prepare`")
+                if now - last_say > 30:
+                    say(f"waiting for another process to prepare {out.name} ({size / 2**20:.0f} MiB written)")
+                    last_say = now
+            else:
+                if not out.exists():  # the lock is ours and nobody finished: convert
+                    from byol_ray.data import prepare as prep
+
+                    say(f"preparing {train} -> {out} (once; later runs reuse it)")
+                    prep.prepare(train, str(out), max_resolution=max_resolution, progress=sys.stderr.isatty())
+                return str(out)
+        time.sleep(poll_s)
     return str(out)
 
 
@@ -300,7 +321,7 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
         The :class:`RunOutcome` on rank 0, None on the other ranks.
     """
     main = where.rank == 0
-    path = training_file(cfg, is_main=where.local_rank == 0)  # one conversion per node
+    path = training_file(cfg)  # one conversion per machine, under a file lock
     loader = train_loader(cfg, path, where.device, rank=where.rank, world_size=where.world_size)
     derived = derive(cfg, loader.num_samples, where.world_size)
     folder = run_dir(cfg)

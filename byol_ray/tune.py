@@ -237,7 +237,7 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
 
     Args:
         search_file: the YAML search spec.
-        name: experiment name; also the folder under the storage path and the MLflow parent run name.
+        name: experiment name; also the folder under ray.storage_path and the MLflow parent run name.
         overrides: extra trial-config overrides (``key=value``).
         storage_path: where Tune and every trial's Train run keep their state (default ``ray.storage_path``).
         resume: restore an interrupted search of this name; finished trials are not run again.
@@ -255,7 +255,7 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
     experiment_dir = Path(storage) / name
     if experiment_dir.exists() and not resume:
         raise ConfigError(f"a search named {name!r} already exists in {storage}; pass --resume to finish it "
-                          "or choose another --name")
+                          "or choose another --search-name")
     init_ray(base.ray.address)
     concurrency = check_search_resources(spec, base)
     parent = _parent_run(base, spec, search_file, experiment_dir)
@@ -279,7 +279,7 @@ def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: i
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 64 * 2**20})
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
-            raise ConfigError(f"no restorable search at {experiment_dir}; check --name and the storage path")
+            raise ConfigError(f"no restorable search at {experiment_dir}; check --search-name and ray.storage_path")
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
         return tuner.fit()
     if spec.scheduler.type == "asha":

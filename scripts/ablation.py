@@ -133,7 +133,8 @@ def run_arm(arm: str, seed: int, args, train: Path, test: Path, work: Path, log:
     start = time.perf_counter()
     if ARMS[arm] is None:
         ckpt = random_checkpoint(overrides, work, name)
-        cli("register", "--checkpoint", str(ckpt), "--name", f"ablation-{arm}", "--tracking-uri", uri, log=log)
+        cli("register", "--checkpoint", str(ckpt), f"mlflow.register_name=ablation-{arm}", f"mlflow.tracking_uri={uri}",
+            log=log)
     else:
         cli("train", "--no-ray", "--config", PRESET, *overrides, *ARMS[arm], log=log)
     train_s = time.perf_counter() - start
@@ -142,13 +143,13 @@ def run_arm(arm: str, seed: int, args, train: Path, test: Path, work: Path, log:
     version = max(MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = 'ablation-{arm}'"),
                   key=lambda v: int(v.version)).version
     model = f"models:/ablation-{arm}/{version}"
-    common = ["--model", model, "--tracking-uri", uri, "--train", str(train), "--test", str(test),
-              "--resolution", "32", "--center-crop-ratio", "1.0", "--num-workers", "1", "--seed", str(seed),
-              "--experiment", "ablation-eval"]
+    common = ["--json", "--model", model, "--train", str(train), "--test", str(test),
+              "--resolution", "32", "--center-crop-ratio", "1.0", "--num-workers", "1", "--seed", str(seed)]
     start = time.perf_counter()
-    knn = last_json(cli("knn", *common, "--batch-size", "512", log=log))
+    store = [f"mlflow.tracking_uri={uri}", "mlflow.experiment=ablation-eval"]
+    knn = last_json(cli("knn", *common, "--batch-size", "512", *store, log=log))
     linear = last_json(cli("linear-eval", *common, "--epochs", str(args.linear_epochs), "--batch-size", "256",
-                           log=log))
+                           *store, log=log))
     eval_s = time.perf_counter() - start
     curve = knn_curve(work / "runs" / name, train, test, args.curve_every)
     return {"arm": arm, "seed": seed, "model": model, "knn_top1": knn["knn_top1"],

@@ -77,3 +77,22 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         train_local(_cfg(tmp_path, "data.train=/nonexistent/images"))
     assert not (tmp_path / "runs" / "local").exists()
+
+
+def test_one_process_converts_the_source_the_others_wait_for_it(tmp_path):
+    """Two ranks on one machine ask for the same FFCV file at once: one converts under the lock, the other
+    waits on its progress and reads the same file."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from byol_ray.config import load_config; from byol_ray.session import training_file; "
+            f"cfg = load_config(['demo'], ['data.cache_dir={tmp_path / 'cache'}', 'data.loader=ffcv']); "
+            "print(training_file(cfg, poll_s=0.2))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1 and Path(paths.pop()).is_file()
+    assert sum("preparing demo" in err for _, err in outs) == 1, [err[-500:] for _, err in outs]
+    assert not list((tmp_path / "cache").glob(".*.tmp-*"))
