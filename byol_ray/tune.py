@@ -248,7 +248,11 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
     from byol_ray.ray_train import check_storage, init_ray
     from byol_ray.session import resolve_paths, storage_root
 
+    from byol_ray.run_tags import ray_job_submission_id
+    from byol_ray.session import check_outputs_outlive_job
+
     spec, base = load_search(search_file, overrides)
+    check_outputs_outlive_job(base, in_job=bool(ray_job_submission_id()), multi_node=False)
     base = resolve_paths(dataclasses.replace(base, run_name=name))
     storage = storage_path or storage_root(base)
     check_storage(storage)
