@@ -116,7 +116,8 @@ def cmd_prepare(args) -> tuple[int, dict]:
     result = prepare(
         args.source, args.output, split=args.split, max_resolution=args.max_resolution,
         jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
-        num_workers=args.num_workers, label_fraction=args.label_fraction, val_fraction=args.val_fraction,
+        num_workers=args.num_workers, label_fraction=args.label_fraction, label_subset=args.label_subset,
+        val_fraction=args.val_fraction,
         seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
     )
     print(f"[byol-ray] {result}", file=sys.stderr)
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an encoder (default: the CPU demo preset on built-in data)")
     _config_args(p)
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (one device)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray Train's own per-report log lines")
     p.add_argument("--resume", metavar="RUN_NAME", help="continue an interrupted run from its latest checkpoint")
     p.set_defaults(func=cmd_train_result)
 
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="writer processes")
     p.add_argument("--label-fraction", type=float, default=None,
                    help="keep a class-balanced label subset, e.g. 0.01 (default: all images)")
+    p.add_argument("--label-subset", metavar="FILE", default=None,
+                   help="keep the images a list file names, one file name per line (the standard ImageNet "
+                        "1%%/10%% subset lists); instead of --label-fraction")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="class-balanced share held out into <stem>.val.beton")
     p.add_argument("--seed", type=int, default=0,
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-name", required=True,
                    help="the search's name: its folder under ray.storage_path and its MLflow parent run")
     p.add_argument("--resume", action="store_true", help="restore an interrupted search; finished trials stay")
+    p.add_argument("--verbose", action="store_true", help="also show Tune's per-trial tables and Ray's log lines")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="trial config overrides, e.g. ray.storage_path=/mnt/shared/byol-ray")
     p.set_defaults(func=cmd_tune)
@@ -250,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: unrecognized arguments: {' '.join(unknown)} (key.sub=value settings go after "
               f"the flags; see {prefix} --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if getattr(args, "verbose", False):
+        os.environ["BYOL_RAY_VERBOSE"] = "1"  # read by the Ray launcher and its workers
     try:
         with _stdout_to_stderr(args.json):
             code, result = _run(args)
