@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from byol_ray.config import ConfigError
 from byol_ray.data.demo import DEMO_NAME, load_demo
 
 # torchvision's ImageFolder extensions; anything else in a class folder is skipped and counted.
@@ -128,7 +129,7 @@ class ImageFolderSource(Source):
         if not classes:
             loose = [e.name for e in os.scandir(root) if e.is_file()][:3]
             hint = f" (it holds files such as {loose}: move them into one folder per class)" if loose else ""
-            raise ValueError(f"{root} has no class folders{hint}; an ImageFolder is root/<class>/<image>")
+            raise ConfigError(f"{root} has no class folders{hint}; an ImageFolder is root/<class>/<image>")
         files, labels, sizes = [], [], []
         skipped: dict[str, list[str]] = {"not_image": [], "hidden": []}
         skipped_counts = {"not_image": 0, "hidden": 0}
@@ -151,10 +152,8 @@ class ImageFolderSource(Source):
                     sizes.append(os.path.getsize(root / rel))
                     found += 1
             if not found:
-                raise ValueError(
-                    f"class folder {root / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                    "add images or remove the folder"
-                )
+                raise ConfigError(f"class folder {root / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                  "add images or remove the folder")
         super().__init__(np.array(labels, dtype=np.int64), classes)
         self.root = root
         self.files = files
@@ -237,8 +236,17 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             data = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable CIFAR python batch ({exc}); re-download or re-extract it") from None
+        raise ConfigError(f"{path} is not a readable CIFAR python batch ({exc}); re-download or re-extract it") from None
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+
+
+def cifar_folder(root: str | Path) -> Path | None:
+    """The CIFAR python folder at ``root`` or in its cifar-10-batches-py / cifar-100-python child, else None."""
+    root = Path(root).expanduser()
+    for child in ("cifar-10-batches-py", "cifar-100-python"):
+        if _cifar_kind(root / child):
+            return root / child
+    return root if _cifar_kind(root) else None
 
 
 def _cifar_kind(root: Path) -> str | None:
@@ -262,7 +270,7 @@ def cifar_source(root: str | Path, split: str = "train") -> ArraySource:
     root = Path(root).expanduser().resolve()
     kind = _cifar_kind(root)
     if split not in ("train", "test"):
-        raise ValueError(f"CIFAR folder {root} has splits 'train' and 'test', not {split!r}; "
+        raise ConfigError(f"CIFAR folder {root} has splits 'train' and 'test', not {split!r}; "
                          "use val_fraction for a held-out validation split")
     if kind == "cifar10":
         names = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
@@ -282,7 +290,7 @@ def cifar_source(root: str | Path, split: str = "train") -> ArraySource:
 def demo_source(split: str = "train") -> ArraySource:
     """The built-in digits (see :mod:`byol_ray.data.demo`); it has one split, 'train'."""
     if split != "train":
-        raise ValueError(f"the demo data set has only the 'train' split, not {split!r}; "
+        raise ConfigError(f"the demo data set has only the 'train' split, not {split!r}; "
                          "use val_fraction for a held-out validation split")
     images, labels, class_names = load_demo()
     return ArraySource(images, labels, class_names, name=DEMO_NAME)
@@ -296,7 +304,7 @@ def open_source(source: str | Path | Source, split: str = "train") -> Source:
         split: for a folder holding split folders (train/, val/, test/) or CIFAR files, which split.
 
     Returns:
-        The Source; raises FileNotFoundError / ValueError naming the path and the fix.
+        The Source; raises FileNotFoundError or ConfigError (a ValueError), one line naming the path and the fix.
     """
     if isinstance(source, Source):
         return source
@@ -307,20 +315,18 @@ def open_source(source: str | Path | Source, split: str = "train") -> Source:
         raise FileNotFoundError(f"data source {str(source)!r} does not exist; {_SOURCE_HELP}")
     if root.is_file():
         what = "an FFCV .beton file, which the FFCV loader reads directly" if root.suffix == ".beton" else "a file"
-        raise ValueError(f"data source {root} is {what}, not a source folder; {_SOURCE_HELP}")
-    for child in ("cifar-10-batches-py", "cifar-100-python"):
-        if _cifar_kind(root / child):
-            root = root / child
-    if _cifar_kind(root):
-        return cifar_source(root, split)
+        raise ConfigError(f"data source {root} is {what}, not a source folder; {_SOURCE_HELP}")
+    cifar = cifar_folder(root)
+    if cifar is not None:
+        return cifar_source(cifar, split)
     subdirs = {e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")}
     if subdirs and subdirs <= set(SPLIT_NAMES):  # root holds split folders, not class folders
         if split not in subdirs:
-            raise ValueError(f"{root} holds the splits {sorted(subdirs)}, not {split!r}; pick one of those "
-                             f"or point at the split folder itself")
+            raise ConfigError(f"{root} holds the splits {sorted(subdirs)}, not {split!r}; pick one of those "
+                              f"or point at the split folder itself")
         root = root / split
     if not any(os.scandir(root)):
-        raise ValueError(f"data source {root} is an empty folder; {_SOURCE_HELP}")
+        raise ConfigError(f"data source {root} is an empty folder; {_SOURCE_HELP}")
     return ImageFolderSource(root)
 
 
