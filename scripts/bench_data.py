@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from byol_ray.augment import VIEW1, VIEW2, ViewAugment, augment_view
-from byol_ray.data.loaders import TwoViewLoader, build_train_loader
-from byol_ray.data.prepare import prepare, validate_beton
+from byol_ray.data.check import validate_beton
+from byol_ray.data.loaders import TwoViewEpochLoader, build_train_loader
+from byol_ray.data.prepare import prepare
 from byol_ray.data.sources import ImageFolderSource, Source
 
 
@@ -126,7 +127,7 @@ def prepared(source, path: Path, workers: int, **options) -> tuple[Path, float]:
 
 
 def _two_pipeline_loader(path, *, batch_size: int, resolution: int, num_workers: int, device: torch.device,
-                         seed: int = 0) -> TwoViewLoader:
+                         seed: int = 0) -> TwoViewEpochLoader:
     """The FFCV two-view loader as it was before byol_ray.data.two_view (baseline for this benchmark only).
 
     Two pipelines on the one stored field, each `RandomResizedCropRGBImageDecoder` + `RandomHorizontalFlip`:
@@ -134,20 +135,31 @@ def _two_pipeline_loader(path, *, batch_size: int, resolution: int, num_workers:
     """
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip
 
-    from byol_ray.data.loaders import _FFCVBatches, _ffcv_image_ops, _ffcv_label_ops, _ffcv_loader
+    from byol_ray.data.check import NO_FFCV_HINT, require_ffcv
+
+    require_ffcv(NO_FFCV_HINT)
+    from byol_ray.data.two_view import FFCVBatches, ffcv_image_ops, ffcv_label_ops, ffcv_loader
+
+    class TwoPipelineBatches(FFCVBatches):
+        def __iter__(self):
+            # FFCV emits the file's fields first ('image', 'label'), then the extra view ('image2').
+            for batch in super().__iter__():
+                yield batch[0], batch[2], batch[1]
 
     def view_ops():
         decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), (0.08, 1.0), (3 / 4, 4 / 3))
-        return _ffcv_image_ops(decoder, 0.5, device)
+        ops = ffcv_image_ops(decoder, device)
+        return ops[:1] + [RandomHorizontalFlip(0.5)] + ops[1:]  # a jitted op straight after the decoder
 
-    pipelines = {"image": view_ops(), "label": _ffcv_label_ops(device),
+    pipelines = {"image": view_ops(), "label": ffcv_label_ops(device),
                  "image2": PipelineSpec("image", transforms=view_ops())}
     shard = dict(seed=seed, shuffle=True, rank=0, world_size=1, drop_last=True)
-    loader, num_samples = _ffcv_loader(path, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-                                       pipelines=pipelines, shard=shard)
-    return TwoViewLoader(_FFCVBatches(loader, num_views=2), backend="ffcv", batch_size=batch_size,
-                         num_samples=num_samples)
+    loader, num_samples = ffcv_loader(path, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+                                      pipelines=pipelines, shard=shard)
+    return TwoViewEpochLoader(TwoPipelineBatches(loader), backend="ffcv", batch_size=batch_size,
+                              num_samples=num_samples)
 
 
 def measure_large(path: Path, args, workers: int, device: torch.device) -> dict:

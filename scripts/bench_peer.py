@@ -34,20 +34,20 @@ OURS = ["model.online_classifier=false", "mlflow.enabled=false", "train.log_ever
 def subset(data: Path, split: str, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A class-balanced, seeded share of an ImageFolder split, decoded once: uint8 [N, 3, H, W], int64 [N]."""
     from byol_ray.data.memory import load_to_device
-    from byol_ray.data.prepare import _stratified
+    from byol_ray.data.prepare import stratified_sample
     from byol_ray.data.sources import open_source
     from byol_ray.downstream.data import SubsetSource
 
     source = open_source(str(data / split))
     if fraction < 1:
-        keep = _stratified(source.labels, fraction, np.random.default_rng([seed, 1]), keep_one=False)
+        keep = stratified_sample(source.labels, fraction, np.random.default_rng([seed, 1]), keep_one=False)
         source = SubsetSource(source, np.sort(keep), f"{fraction:g} of {split}")
     return load_to_device(source, torch.device("cpu"))
 
 
 def train_ours(images, labels, args) -> tuple[torch.nn.Module, float]:
     from byol_ray.config import derive, load_config
-    from byol_ray.data.loaders import TwoViewLoader
+    from byol_ray.data.loaders import TwoViewEpochLoader
     from byol_ray.data.memory import MemoryTwoViewBatches
     from byol_ray.engine import fit
 
@@ -56,8 +56,8 @@ def train_ours(images, labels, args) -> tuple[torch.nn.Module, float]:
                                  f"train.seed={args.seed}", "data.train=demo"])
     batches = MemoryTwoViewBatches(images, labels, batch_size=args.batch, resolution=32, scale=cfg.data.crop_scale,
                                    ratio=cfg.data.crop_ratio, flip_prob=cfg.data.flip_prob, seed=args.seed,
-                                   shuffle=True, rank=0, world_size=1, drop_last=True)
-    loader = TwoViewLoader(batches, backend="memory", batch_size=args.batch, num_samples=len(labels))
+                                   shuffle=True, rank=0, world_size=1, drop_last=True, law=cfg.data.crop_law)
+    loader = TwoViewEpochLoader(batches, backend="memory", batch_size=args.batch, num_samples=len(labels))
     derived = derive(cfg, len(labels), 1)
     start = time.perf_counter()
     result = fit(cfg, derived, loader, torch.device("cpu"))

@@ -1,12 +1,17 @@
 """Data layer on real images and real FFCV files: sources, prepare, the two-view and eval loaders."""
 
+import errno
 import importlib.util
 import io
 import json
 import os
 import pickle
+import signal
+import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +25,12 @@ from PIL import Image
 os.environ.setdefault("NUMBA_OPT", "0")
 
 from byol_ray.data.demo import load_demo
-from byol_ray.data.loaders import build_eval_loader, build_train_loader, shard_order
-from byol_ray.data.prepare import PrepareError, prepare, val_path_for, validate_beton
+from byol_ray.config import ConfigError
+from byol_ray.data import check_training_data
+from byol_ray.data.check import validate_beton
+from byol_ray.data.loaders import build_eval_loader, build_train_loader
+from byol_ray.data.order import CROP_DRAWS, CROP_LAWS, CropLaw, crop_boxes, shard_order
+from byol_ray.data.prepare import PrepareError, label_subset_indices, prepare, val_path_for
 from byol_ray.data.sources import ArraySource, ImageFolderSource, fingerprint, open_source
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -335,6 +344,11 @@ def test_truncated_or_foreign_beton_is_a_clear_error(tmp_path, tagged_demo, cifa
     foreign.write_bytes(next(iter(cifar_jpegs.values()))[0].read_bytes())
     with pytest.raises(ValueError, match=r"photo\.beton is not a readable FFCV file.*byol-ray prepare"):
         validate_beton(foreign)
+    # The driver's check: the same causes as ConfigError, in one line.
+    for bad, why in ((out, "truncated"), (foreign, "not a readable FFCV file")):
+        with pytest.raises(ConfigError, match=why) as caught:
+            check_training_data(str(bad), "ffcv")
+        assert "\n" not in str(caught.value)
 
 
 @needs_ffcv
@@ -504,3 +518,283 @@ def test_ranks_of_a_real_process_group_cover_the_data_without_overlap(tmp_path):
                                           start_method="fork")
     rank0, rank1 = (set(t.tolist()) for t in torch.load(results))
     assert len(rank0) == len(rank1) == 48 and not rank0 & rank1
+
+
+# ------------------------------------------------------------------------------------ crop law
+
+IMG_H, IMG_W, DRAWS = 375, 500, 20000  # a typical ImageNet photo
+
+
+def deepmind_reference_boxes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """An independent numpy port of DeepMind's BYOL crop (byol/utils/dataset.py, _decode_and_random_crop):
+    one draw, area U[0.08, 1] of the image, log-uniform aspect in [3/4, 4/3], sides rounded then clamped
+    to the image, offsets uniform over the valid range. Returns (top, left, h, w) rows."""
+    target_area = rng.uniform(0.08, 1.0, n) * (IMG_H * IMG_W)
+    aspect_ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), n))
+    w = np.minimum(np.round(np.sqrt(target_area * aspect_ratio)), IMG_W).astype(np.int64)
+    h = np.minimum(np.round(np.sqrt(target_area / aspect_ratio)), IMG_H).astype(np.int64)
+    return np.stack([rng.integers(0, IMG_H - h + 1), rng.integers(0, IMG_W - w + 1), h, w], axis=1)
+
+
+def torchvision_boxes(n: int) -> np.ndarray:
+    """torchvision.transforms.RandomResizedCrop.get_params itself, n draws."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    torch.manual_seed(0)
+    image = torch.empty((3, IMG_H, IMG_W), dtype=torch.uint8)
+    return np.array([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+
+
+def crop_stats(boxes: np.ndarray) -> np.ndarray:
+    """(mean area fraction, share of crops above 80 % of the image, mean aspect w/h) of (top, left, h, w) rows."""
+    top, left, h, w = np.asarray(boxes, dtype=np.float64).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= IMG_H).all() and (left + w <= IMG_W).all()
+    area = h * w / (IMG_H * IMG_W)
+    return np.array([area.mean(), (area > 0.8).mean(), (w / h).mean()])
+
+
+def sampled_boxes(sampler: str, law: str) -> np.ndarray:
+    """DRAWS boxes from one backend's own sampler for a 500x375 image."""
+    crop = CropLaw(law)
+    if sampler == "ffcv":  # the numba-compiled law of the FFCV decoder
+        from byol_ray.data.two_view import view_params
+
+        return np.array([view_params(1, e, i, v, IMG_H, IMG_W, law=law)[:4]
+                         for e in range(5) for i in range(DRAWS // 10) for v in range(2)])
+    if sampler == "torch":  # the per-sample draws of the torch loader's dataset
+        from byol_ray.data.torch_loader import view_boxes
+
+        return np.array([box[:4] for i in range(DRAWS // 2) for box in view_boxes(1, 0, i, IMG_H, IMG_W, crop, 0.5)])
+    u = torch.rand((DRAWS, CROP_DRAWS), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return crop_boxes(u, IMG_H, IMG_W, crop).numpy()  # the memory loader's batched law
+
+
+@pytest.fixture(scope="module")
+def law_stats() -> dict[str, np.ndarray]:
+    """What each law should give: the independent port of the reference, and torchvision's own get_params."""
+    return {"reference": crop_stats(deepmind_reference_boxes(DRAWS, np.random.default_rng(0))),
+            "torchvision": crop_stats(torchvision_boxes(DRAWS))}
+
+
+def test_the_laws_differ_as_the_issue_says(law_stats):
+    ref, tv = law_stats["reference"], law_stats["torchvision"]
+    assert abs(ref[0] - 0.52) < 0.01 and abs(tv[0] - 0.43) < 0.01  # mean area fraction
+    assert 0.3 < tv[1] / ref[1] < 0.6  # crops above 80 % of the image: about half as common under torchvision
+
+
+@pytest.mark.parametrize("law", CROP_LAWS)
+@pytest.mark.parametrize("sampler", [pytest.param("ffcv", marks=needs_ffcv), "torch", "memory"])
+def test_every_sampler_follows_its_law(sampler, law, law_stats):
+    got, want, other = crop_stats(sampled_boxes(sampler, law)), law_stats[law], law_stats[{
+        "reference": "torchvision", "torchvision": "reference"}[law]]
+    assert np.abs(got - want).max() < 0.012, f"{sampler} {law}: {got.round(3)} vs {want.round(3)}"
+    assert np.abs(got - other)[:2].min() > 0.05, "the test cannot tell the two laws apart"
+
+
+# ------------------------------------------------------------------------------------ bad input, early
+
+
+class Untouchable(ArraySource):
+    """A source that fails the test if prepare decodes or checks any of its images."""
+
+    needs_check = True
+
+    def check(self, index):
+        raise AssertionError("an image was checked before the bad input was reported")
+
+    def load(self, index):
+        raise AssertionError("an image was decoded before the bad input was reported")
+
+
+@pytest.fixture()
+def untouchable(tagged_demo) -> Untouchable:
+    return Untouchable(tagged_demo.images[:50], tagged_demo.labels[:50], tagged_demo.class_names)
+
+
+def _one_line_config_error(call, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as caught:
+        call()
+    assert "\n" not in str(caught.value), str(caught.value)
+
+
+@needs_ffcv
+def test_bad_prepare_input_fails_in_one_line_before_any_decode(tmp_path, untouchable, cifar_jpegs, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_config_error(lambda: prepare(empty, tmp_path / "a.beton", progress=False), "empty folder")
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "dog").mkdir()
+    (tmp_path / "src" / "cat" / "a.jpg").write_bytes(next(iter(cifar_jpegs.values()))[0].read_bytes())
+    (tmp_path / "src" / "dog" / "notes.txt").write_text("no images here")
+    _one_line_config_error(lambda: prepare(tmp_path / "src", tmp_path / "a.beton", progress=False),
+                           r"class folder .*dog holds no images.*add images or remove the folder")
+    (tmp_path / "taken.beton").mkdir()
+    _one_line_config_error(lambda: prepare(untouchable, tmp_path / "taken.beton", overwrite=True, progress=False),
+                           r"taken\.beton is a directory; give a file path")
+    _one_line_config_error(lambda: prepare(untouchable, tmp_path / "missing" / "a.beton", progress=False),
+                           "output folder .*missing does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: make the folder refuse files another way
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    try:
+        _one_line_config_error(lambda: prepare(untouchable, locked / "a.beton", progress=False),
+                               r"output folder .*locked is not writable \(Permission denied\)")
+    finally:
+        locked.chmod(0o755)
+    assert os.listdir(locked) == []
+    with pytest.raises(PrepareError):  # a ConfigError, so the CLI reports it in one line
+        prepare(untouchable, locked / "a.beton", label_fraction=0.1, label_subset=tmp_path / "x.txt", progress=False)
+
+
+@pytest.fixture(scope="session")
+def cifar_class(cifar_archive, tmp_path_factory) -> Path:
+    """One real CIFAR-10 class (5,000 train JPEGs) as an ImageFolder: seconds of work for prepare."""
+    root = tmp_path_factory.mktemp("cifar-class")
+    with tarfile.open(cifar_archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and parts[:2] == ["train", "airplane"]:
+                (root / "airplane").mkdir(exist_ok=True)
+                (root / "airplane" / parts[2]).write_bytes(tar.extractfile(member).read())
+    return root
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of ``pid``: its children but multiprocessing's resource tracker."""
+    def command(child: str) -> bytes:
+        try:
+            return Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            return b"resource_tracker"
+
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in children if b"resource_tracker" not in command(c)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@needs_ffcv
+@pytest.mark.parametrize("phase", ["checking", "writing"])
+def test_ctrl_c_stops_prepare_promptly_and_leaves_no_file(phase, cifar_class, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group) while the decode-check pool or the
+    writer processes run: prepare exits within seconds, its workers gone, no output or temporary file left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = "import sys; from byol_ray.data.prepare import prepare; prepare(sys.argv[1], sys.argv[2], num_workers=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cifar_class), str(out / "c.beton")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+
+    def under_way() -> bool:
+        writing = any(".tmp-" in p.name for p in out.iterdir())
+        return len(_workers(proc.pid)) >= 2 and writing == (phase == "writing")
+
+    try:
+        while not under_way():
+            assert proc.poll() is None, f"prepare ended before {phase}: {proc.communicate()[0][-2000:]}"
+            assert time.monotonic() < deadline, f"prepare never reached {phase}"
+            time.sleep(0.01)
+        workers = _workers(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        proc.wait(timeout=15)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and took < 5, f"exit code {proc.returncode} after {took:.1f} s"
+    assert list(out.iterdir()) == [], "an interrupted prepare left files behind"
+    assert not any(map(_running, workers)), "worker processes outlived the interrupted prepare"
+
+
+# ------------------------------------------------------------------------------------ training-data check
+
+
+def test_check_training_data_is_one_line_per_problem(tmp_path, cifar_jpegs):
+    check_training_data("demo", "memory")
+    clean_root = next(iter(cifar_jpegs.values()))[0].parents[1]
+    for loader in ("ffcv", "torch", "memory"):
+        check_training_data(str(clean_root), loader)
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    (cifar / "data_batch_1").write_bytes(b"")  # recognised by its files; no image is read
+    check_training_data(str(cifar.parent), "torch")
+    (tmp_path / "bare" / "cat" / ".hidden").mkdir(parents=True)
+    (tmp_path / "bare" / "cat" / "notes.txt").write_text("no image")
+    (tmp_path / "bare" / "cat" / ".hidden" / "x.jpg").write_bytes(b"hidden folders do not count")
+    beton = tmp_path / "x.beton"
+    beton.write_bytes(b"\0")
+    cases = [((str(tmp_path / "nope"), "torch"), r"data.train=.*nope' does not exist"),
+             ((str(tmp_path / "bare"), "ffcv"), r"bare' is a folder without images"),
+             ((str(beton), "torch"), r"\.beton file, which only the FFCV loader reads \(data.loader=torch"),
+             ((str(beton), "memory"), "data.loader=memory reads source images"),
+             ((str(tmp_path / "bare" / "cat" / "notes.txt"), "ffcv"), "is a file but not a .beton"),
+             (("demo", "dali"), "data.loader='dali': choose one of")]
+    for args, match in cases:
+        _one_line_config_error(lambda: check_training_data(*args), match)
+
+
+@needs_ffcv
+def test_check_training_data_accepts_a_complete_beton(coord_beton):
+    check_training_data(str(coord_beton), "ffcv")
+
+
+# ------------------------------------------------------------------------------------ label subset
+
+
+@pytest.fixture()
+def imagenet_like(tmp_path, cifar_jpegs) -> Path:
+    """Real JPEGs under ImageNet's names: <wnid>/<wnid>_<n>.JPEG, four per class."""
+    root = tmp_path / "imagenet"
+    for wnid, files in zip(("n01440764", "n01443537"), cifar_jpegs.values()):
+        (root / wnid).mkdir(parents=True)
+        for n, src in enumerate(files[:4]):
+            (root / wnid / f"{wnid}_{10026 + n}.JPEG").write_bytes(src.read_bytes())
+    return root
+
+
+@needs_ffcv
+def test_label_subset_selects_the_listed_images(tmp_path, imagenet_like):
+    names = ["n01440764_10026.JPEG", "n01440764_10028.JPEG", "n01443537_10027.JPEG"]
+    listing = tmp_path / "1percent.txt"
+    listing.write_text("\n".join(names) + "\n\n")
+    out = tmp_path / "sub.beton"
+    result = prepare(imagenet_like, out, label_subset=listing, compress_probability=0.0, num_workers=1,
+                     progress=False)
+    assert result.num_written == 3
+    manifest = json.loads((tmp_path / "sub.beton.json").read_text())
+    assert manifest["class_counts"]["written"] == [2, 1] and manifest["options"]["label_subset"]["listed"] == 3
+    images, labels = _read_raw(out)
+    wanted = {(_rgb(imagenet_like / n.split("_")[0] / n).tobytes(), int(n.startswith("n01443537"))) for n in names}
+    assert {(im.tobytes(), int(lab)) for im, lab in zip(images, labels)} == wanted
+
+
+@needs_ffcv
+def test_label_subset_names_unknown_images_before_decoding(tmp_path, imagenet_like, untouchable):
+    listing = tmp_path / "list.txt"
+    listing.write_text("n01440764_10026.JPEG\n" + "".join(f"n09999999_{i}.JPEG\n" for i in range(8)))
+    _one_line_config_error(
+        lambda: prepare(imagenet_like, tmp_path / "a.beton", label_subset=listing, progress=False),
+        r"8 of 9 listed images are not in .*imagenet, e\.g\. \['n09999999_0\.JPEG', .*'n09999999_4\.JPEG'\]; check")
+    _one_line_config_error(lambda: prepare(untouchable, tmp_path / "a.beton", label_subset=listing, progress=False),
+                           "selects images by file name")
+    _one_line_config_error(lambda: prepare(imagenet_like, tmp_path / "a.beton", label_subset=tmp_path / "no.txt",
+                                           progress=False), r"no\.txt does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet", "list.txt"]
+    twin = imagenet_like / "n01443537" / "n01440764_10026.JPEG"  # the same name in two class folders
+    twin.write_bytes((imagenet_like / "n01440764" / twin.name).read_bytes())
+    source = open_source(imagenet_like)
+    with pytest.raises(ConfigError, match=r"1 listed names match several files.*paths below the root"):
+        label_subset_indices(source, [twin.name])
+    assert source.files[label_subset_indices(source, [f"n01443537/{twin.name}"])[0]] == f"n01443537/{twin.name}"

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from byol_ray.config import ConfigError, derive, load_config
+from byol_ray.data import check_training_data
 from byol_ray.data.loaders import build_train_loader
-from byol_ray.data.memory import load_to_device, resized_crops, sample_boxes
+from byol_ray.data.memory import load_to_device, resized_crops
+from byol_ray.data.order import CROP_DRAWS, CROP_LAWS, CropLaw, crop_box, crop_boxes, shard_order
 from byol_ray.data.sources import open_source
 
 CPU = torch.device("cpu")
@@ -33,20 +35,35 @@ def test_same_size_crop_is_the_exact_pixels_of_the_box():
     assert torch.equal(out[2], images[2, :, 16:32, 0:16])
 
 
-def test_boxes_follow_random_resized_crop_and_are_seeded():
-    g = torch.Generator().manual_seed(3)
-    boxes = sample_boxes(4000, 32, 48, (0.08, 1.0), (3 / 4, 4 / 3), g, CPU)
-    top, left, h, w = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 48).all()
-    area = h * w / (32 * 48)
-    assert area.min() >= 0.06 and area.max() <= 1.0
-    assert ((w / h) >= 0.7).all() and ((w / h) <= 1.45).all()
-    assert 0.4 < float(area.mean()) < 0.6  # uniform in [0.08, 1] (minus the tries that did not fit)
-    again = sample_boxes(4000, 32, 48, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3), CPU)
-    assert torch.equal(boxes, again)
-    # a crop that can never fit falls back to the largest centred crop within the ratio range
-    tall = sample_boxes(5, 100, 10, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), CPU)
-    assert torch.equal(tall, torch.tensor([[43.0, 0.0, 13.0, 10.0]] * 5))
+def _uniforms(n, seed):
+    return torch.rand((n, CROP_DRAWS), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("law", CROP_LAWS)
+def test_batched_law_is_the_scalar_law_draw_for_draw(law):
+    """crop_boxes (memory loader) and crop_box (torch loader as is, FFCV decoder compiled) on the same uniforms."""
+    u = _uniforms(4000, 3)
+    for height, width, scale, ratio in ((32, 48, (0.08, 1.0), (3 / 4, 4 / 3)), (375, 500, (0.3, 0.9), (0.5, 2.0))):
+        crop = CropLaw(law, scale, ratio)
+        batched = crop_boxes(u, height, width, crop).numpy().astype(np.int64)
+        scalar = np.array([crop_box(row, height, width, *crop.args()) for row in u.numpy()])
+        assert np.array_equal(batched, scalar)
+        top, left, h, w = batched.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        assert (h >= 1).all() and (w >= 1).all()
+
+
+def test_laws_differ_where_a_crop_does_not_fit():
+    """Torchvision rejects a crop wider or taller than the image (ten tries, then the centred fallback);
+    the reference clamps its sides to the image. Seeded: the same generator state, the same boxes."""
+    tall = crop_boxes(_uniforms(5, 0), 100, 10, CropLaw("torchvision", (0.9, 1.0)))
+    assert torch.equal(tall, torch.tensor([[43.0, 0.0, 13.0, 10.0]] * 5, dtype=torch.float64))
+    clamped = crop_boxes(_uniforms(500, 0), 100, 10, CropLaw("reference", (0.9, 1.0)))
+    assert (clamped[:, 3] == 10).all() and (clamped[:, 2] >= 26).all() and (clamped[:, 2] <= 37).all()
+    assert len(set(clamped[:, 0].tolist())) > 20  # placed anywhere along the strip, not centred
+    assert torch.equal(crop_boxes(_uniforms(50, 4), 32, 48, CropLaw()), crop_boxes(_uniforms(50, 4), 32, 48, CropLaw()))
+    with pytest.raises(ValueError, match="crop_law='paper'.*'reference', 'torchvision'"):
+        CropLaw("paper")
 
 
 def test_loader_shards_disjointly_and_repeats_an_epoch_exactly():
@@ -76,8 +93,6 @@ def test_loader_shards_disjointly_and_repeats_an_epoch_exactly():
 def test_shards_hold_disjoint_images():
     images, labels = load_to_device(open_source("demo"), CPU)
     assert images.shape == (1797, 3, 32, 32) and labels.shape == (1797,)
-    from byol_ray.data.loaders import shard_order
-
     a = shard_order(1797, 0, seed=1, shuffle=True, rank=0, world_size=2)
     b = shard_order(1797, 0, seed=1, shuffle=True, rank=1, world_size=2)
     assert not set(a.tolist()) & set(b.tolist())
@@ -93,12 +108,10 @@ def test_memory_loader_trains_and_rejects_a_beton(tmp_path):
     result = fit(cfg, derive(cfg, loader.num_samples, 1), loader, CPU)
     assert result.steps == 1797 // 128 and np.isfinite(result.metrics["epoch_loss"])
 
-    from byol_ray.run import check_data_source
-
     beton = tmp_path / "x.beton"
     beton.write_bytes(b"\0")
     with pytest.raises(ConfigError, match="data.loader=memory reads source images"):
-        check_data_source(load_config(["demo"], ["data.loader=memory", f"data.train={beton}"]))
+        check_training_data(str(beton), "memory")
 
 
 def test_mixed_image_sizes_fail_with_the_fix(tmp_path):

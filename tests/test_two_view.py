@@ -10,7 +10,8 @@ import torch
 # As in test_data.py: these tests time compilation, not decoding (only effective before numba's import).
 os.environ.setdefault("NUMBA_OPT", "0")
 
-from byol_ray.data.loaders import build_train_loader, crop_params  # noqa: E402
+from byol_ray.data.loaders import TwoViewEpochLoader, build_train_loader  # noqa: E402
+from byol_ray.data.order import CROP_DRAWS, CROP_LAWS, CropLaw, crop_box, crop_boxes  # noqa: E402
 from byol_ray.data.prepare import prepare  # noqa: E402
 from byol_ray.data.sources import ArraySource  # noqa: E402
 
@@ -139,51 +140,54 @@ def test_epochs_and_views_differ_and_crops_follow_the_configuration(betons):
     assert 0.22 < flips.mean() < 0.38, f"flip rate {flips.mean():.2f}, configured 0.3"
 
 
-def test_draws_follow_torchvision_random_resized_crop():
-    """Many draws of view_params against loaders.crop_params (torchvision's algorithm, numpy's generator):
-    the same area and aspect distributions, boxes inside the image, flips at flip_prob, uniform placement,
-    and the same centre-crop fallback when no try fits."""
+@pytest.mark.parametrize("law", CROP_LAWS)
+def test_decoder_draws_are_the_batched_law_draw_for_draw(law):
+    """The numba-compiled crop law of the decoder (view_params) and the batched torch law (crop_boxes, the
+    memory loader's) give the same box from the same SplitMix64 uniforms, for every view drawn; boxes lie
+    inside the image, flips come at flip_prob, and views, epochs and samples all draw afresh."""
+    from byol_ray.data.two_view import view_params, view_uniforms
+
+    height, width, scale, ratio = 300, 400, (0.3, 0.9), (0.5, 2.0)  # many torchvision tries miss
+    keys = [(e, i, v) for e in range(2) for i in range(1000) for v in range(2)]
+    params = np.array([view_params(7, e, i, v, height, width, scale, ratio, 0.25, law) for e, i, v in keys])
+    uniforms = np.stack([view_uniforms(7, e, i, v) for e, i, v in keys])
+    batched = crop_boxes(torch.from_numpy(uniforms[:, :CROP_DRAWS]), height, width, CropLaw(law, scale, ratio))
+    assert np.array_equal(params[:, :4], batched.numpy().astype(np.int64))
+    assert np.array_equal(params[:, 4], uniforms[:, CROP_DRAWS] < 0.25)
+    top, left, h, w, flip = params.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    assert abs(flip.mean() - 0.25) < 0.02
+    assert np.histogram(left / (width - w + 1), bins=4, range=(0, 1))[0].min() > 800  # placed uniformly
+    assert len({tuple(b) for b in params}) > 0.9 * len(params)
+    assert view_params(7, 0, 0, 0, height, width, scale, ratio, 0.25, law) == tuple(params[0])  # repeatable
+
+
+def test_torchvision_law_falls_back_to_the_centred_crop_and_reference_clamps():
+    """A 10 x 1000 strip cannot hold 90 % of its area at aspect <= 4/3: every torchvision try misses and the
+    largest centred crop within the ratio range is cut; the reference law clamps the height to the strip."""
     from byol_ray.data.two_view import view_params
 
-    height, width, scale, ratio = 300, 400, (0.3, 0.9), (0.5, 2.0)  # many tries miss: rejection shapes the law
-    boxes = np.array([view_params(7, e, i, v, height, width, scale, ratio, 0.25)
-                      for e in range(4) for i in range(1000) for v in range(2)])
-    rng = np.random.default_rng(0)
-    reference = np.array([crop_params(height, width, scale, ratio, rng) for _ in range(len(boxes))])
-    top, left, h, w, flip = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
-    for b in (boxes, reference):
-        b_area, b_log_aspect = b[:, 2] * b[:, 3] / (height * width), np.log(b[:, 3] / b[:, 2])
-        assert b_area.min() > 0.29 and b_area.max() < 0.91 and b_log_aspect.min() < -0.6 and b_log_aspect.max() > 0.6
-    area, ref_area = (b[:, 2] * b[:, 3] / (height * width) for b in (boxes, reference))
-    log_aspect, ref_log_aspect = (np.log(b[:, 3] / b[:, 2]) for b in (boxes, reference))
-    assert abs(area.mean() - ref_area.mean()) < 0.01 and abs(log_aspect.mean() - ref_log_aspect.mean()) < 0.03
-    assert np.abs(np.quantile(area, [0.1, 0.5, 0.9]) - np.quantile(ref_area, [0.1, 0.5, 0.9])).max() < 0.02
-    assert abs(np.mean(w == width) - np.mean(reference[:, 3] == width)) < 0.02  # fallbacks as often
-    assert abs(flip.mean() - 0.25) < 0.015
-    assert np.histogram(left / (width - w + 1), bins=4, range=(0, 1))[0].min() > 1500  # placed uniformly
-    assert len({tuple(b) for b in boxes}) > 0.9 * len(boxes)  # views, epochs, samples all draw afresh
-    assert view_params(7, 0, 0, 0, height, width, scale, ratio, 0.25) == tuple(boxes[0])  # repeatable
-    # A 10 x 1000 strip cannot hold 90 % of its area at aspect <= 4/3: every try misses.
-    assert view_params(0, 0, 0, 0, 10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), 0.0)[:4] == \
-        crop_params(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (0, 493, 10, 13)
-    assert view_params(0, 0, 0, 0, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3), 0.0)[:4] == \
-        crop_params(1000, 10, (0.9, 1.0), (3 / 4, 4 / 3), rng)
+    strip = (10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), 0.0)
+    assert view_params(0, 0, 0, 0, *strip, "torchvision")[:4] == (0, 493, 10, 13)
+    assert view_params(0, 0, 0, 0, 1000, 10, *strip[2:], "torchvision")[:4] == (493, 0, 13, 10)
+    top, left, h, w, _ = view_params(0, 0, 0, 0, *strip, "reference")
+    assert h == 10 and 95 <= w <= 110 and top == 0  # sqrt(0.9..1 * 10000 * 3/4..4/3), then h = min(h, 10)
+    u = np.random.default_rng(0).random(CROP_DRAWS)
+    assert crop_box(u, 10, 1000, *CropLaw("torchvision", (0.9, 1.0)).args()) == (0, 493, 10, 13)
 
 
 def test_views_to_device_handles_the_view_major_layout(betons):
     """ViewsToDevice (used for CUDA) run with a CPU target: the same views as without it."""
-    from byol_ray.data.loaders import _FFCVBatches, _ffcv_label_ops, _ffcv_loader, _EpochLoader
-    from byol_ray.data.two_view import TwoViewBatches, ViewsToDevice, two_view_image_ops
+    from byol_ray.data.two_view import (FFCVBatches, TwoViewBatches, ViewsToDevice, ffcv_label_ops, ffcv_loader,
+                                        two_view_image_ops)
 
     raw, _, _ = betons
-    ops, decoder = two_view_image_ops(16, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5, seed=2,
-                                      device=torch.device("cpu"))
-    pipelines = {"image": ops + [ViewsToDevice(torch.device("cpu"))], "label": _ffcv_label_ops(torch.device("cpu"))}
+    ops, decoder = two_view_image_ops(16, law=CropLaw(), flip_prob=0.5, seed=2, device=torch.device("cpu"))
+    pipelines = {"image": ops + [ViewsToDevice(torch.device("cpu"))], "label": ffcv_label_ops(torch.device("cpu"))}
     shard = dict(seed=2, shuffle=True, rank=0, world_size=1, drop_last=True)
-    ffcv_loader, n = _ffcv_loader(raw, batch_size=16, num_workers=1, drop_last=False, pipelines=pipelines, shard=shard)
-    with_op = _kept(_EpochLoader(TwoViewBatches(_FFCVBatches(ffcv_loader, 1), decoder), backend="ffcv",
-                                 batch_size=16, num_samples=n))
+    loader, n = ffcv_loader(raw, batch_size=16, num_workers=1, drop_last=False, pipelines=pipelines, shard=shard)
+    with_op = _kept(TwoViewEpochLoader(TwoViewBatches(FFCVBatches(loader), decoder), backend="ffcv",
+                                       batch_size=16, num_samples=n))
     plain = _kept(build_train_loader(raw, batch_size=16, resolution=16, seed=2, num_workers=1, drop_last=False))
     a, b = _epoch(with_op, 1), _epoch(plain, 1)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[0].is_contiguous() and len(a[2]) == N

@@ -1,15 +1,15 @@
-"""The in-device-memory two-view loader (``data.loader=memory``): the whole data set lives on the GPU.
+"""The device-memory backend (``data.loader=memory``): the whole data set lives on the GPU.
 
 For data sets that fit in device memory (CIFAR-10 is 150 MB as uint8), the images are decoded once
 into one uint8 tensor on the device; every batch is then an index, a random-resized crop and a flip
 done for the whole batch at once (``grid_sample``), so the GPU never waits for the host. The colour
 work is the engine's batched augmentation, as with the other loaders.
 
-Crops follow torchvision's ``RandomResizedCrop.get_params`` (ten tries, then the largest centred crop
-within the ratio range), drawn per batch on the device from a generator seeded by (seed, epoch, rank):
-a run resumed at an epoch boundary repeats an uninterrupted one (with the same batch size and world
-size; unlike the FFCV and torch loaders, the draws are not keyed on the sample index). Resampling is bilinear without antialias,
-which matters only when a crop is shrunk by more than about 2x (not for 32-px images at 32 px).
+Crops follow :func:`byol_ray.data.order.crop_boxes` (the batched crop law), drawn per batch on the
+device from a generator seeded by (seed, epoch, rank): a run resumed at an epoch boundary repeats an
+uninterrupted one (with the same batch size and world size; unlike the FFCV and torch loaders, the
+draws are not keyed on the sample index). Resampling is bilinear without antialias, which matters
+only when a crop is shrunk by more than about 2x (not for 32-px images at 32 px).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_boxes, shard_order
 from byol_ray.data.sources import Source
 
 DEFAULT_MAX_FRACTION = 0.5  # share of the device's free memory the data set may take
@@ -57,34 +58,6 @@ def load_to_device(source: Source, device: torch.device, *, max_bytes: int | Non
     return images.to(device, non_blocking=True), labels.to(device)
 
 
-def sample_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                 generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n`` crop boxes (top, left, h, w) as float [n, 4], torchvision's RandomResizedCrop rule, batched."""
-    tries = 10
-    area = height * width
-    u = torch.rand((4, n, tries), generator=generator, device=device, dtype=torch.float64)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    pick = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # the first try that fits
-    h, w = h.gather(1, pick).squeeze(1), w.gather(1, pick).squeeze(1)
-    top = torch.floor(u[2].gather(1, pick).squeeze(1) * (height - h + 1))
-    left = torch.floor(u[3].gather(1, pick).squeeze(1) * (width - w + 1))
-    # no try fitted: the largest centred crop within the ratio range
-    in_ratio = width / height
-    fw, fh = float(width), float(height)
-    if in_ratio < ratio[0]:
-        fh = float(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw = float(round(height * ratio[1]))
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=device, dtype=torch.float64)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback).float()
-
-
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, resolution: int) -> torch.Tensor:
     """Crop ``boxes`` (top, left, h, w) out of uint8 [B, 3, H, W], resize to ``resolution``, flip where
     ``flips``; returns uint8 [B, 3, resolution, resolution]. One ``grid_sample`` for the whole batch."""
@@ -102,21 +75,32 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor
 
 
 class MemoryTwoViewBatches:
-    """Batches of one rank's share of a device-resident data set; two crops+flips per image."""
+    """Batches of one rank's share of a device-resident data set; two crops+flips per image.
+
+    Args:
+        images: uint8 [N, 3, H, W] on the device.
+        labels: int64 [N] on the device.
+        batch_size: samples per batch.
+        resolution: output side in pixels.
+        scale: range of the crop's area as a fraction of the image's.
+        ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+        flip_prob: probability of a horizontal flip, per view.
+        seed: order and crop seed.
+        shuffle: a new permutation each epoch (else the stored order).
+        rank: this rank.
+        world_size: number of ranks.
+        drop_last: drop the last incomplete batch.
+        law: the crop law, 'reference' or 'torchvision' (byol_ray.data.order).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, resolution: int, scale,
-                 ratio, flip_prob: float, seed: int, shuffle: bool, rank: int, world_size: int, drop_last: bool) -> None:
+                 ratio, flip_prob: float, seed: int, shuffle: bool, rank: int, world_size: int, drop_last: bool,
+                 law: str = "reference") -> None:
         self.images, self.labels, self.batch_size, self.resolution = images, labels, batch_size, resolution
-        self.scale, self.ratio, self.flip_prob, self.seed = tuple(scale), tuple(ratio), flip_prob, seed
+        self.law, self.flip_prob, self.seed = CropLaw(law, scale, ratio), flip_prob, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
         self.epoch = 0
         self.generator = torch.Generator(device=images.device)
-
-    def _order(self) -> np.ndarray:
-        from byol_ray.data.loaders import shard_order
-
-        return shard_order(len(self.labels), self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
-                           world_size=self.world_size, drop_last=True)
 
     def __len__(self) -> int:
         n = len(self.labels) // self.world_size  # this rank's equal share (shard_order drops the remainder)
@@ -127,7 +111,9 @@ class MemoryTwoViewBatches:
 
     def __iter__(self):
         device = self.images.device
-        order = torch.from_numpy(self._order()).to(device)
+        order = shard_order(len(self.labels), self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
+                            world_size=self.world_size, drop_last=True)
+        order = torch.from_numpy(order).to(device)
         # its own stream: salted so it never equals the engine's augmentation generator on the same device
         words = np.random.SeedSequence([self.seed, self.epoch, self.rank, _STREAM]).generate_state(2)
         self.generator.manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
@@ -137,7 +123,18 @@ class MemoryTwoViewBatches:
             batch = self.images.index_select(0, idx)
             views = []
             for _ in range(2):
-                boxes = sample_boxes(len(idx), height, width, self.scale, self.ratio, self.generator, device)
-                flips = torch.rand(len(idx), generator=self.generator, device=device) < self.flip_prob
-                views.append(resized_crops(batch, boxes, flips, self.resolution))
+                # the crops' uniforms, then the flips' (as the FFCV and torch backends lay them out)
+                u = torch.rand((len(idx), CROP_DRAWS + 1), generator=self.generator, device=device,
+                               dtype=torch.float64)
+                boxes = crop_boxes(u, height, width, self.law).float()
+                views.append(resized_crops(batch, boxes, u[:, CROP_DRAWS] < self.flip_prob, self.resolution))
             yield views[0], views[1], self.labels.index_select(0, idx)
+
+
+def train_batches(source: Source, *, batch_size: int, resolution: int, law: CropLaw, flip_prob: float, seed: int,
+                  shard: dict, drop_last: bool, device: torch.device) -> MemoryTwoViewBatches:
+    """Decodes ``source`` onto ``device`` once; (view1, view2, labels) batches of one rank's share per epoch."""
+    images, labels = load_to_device(source, device)
+    return MemoryTwoViewBatches(images, labels, batch_size=batch_size, resolution=resolution, scale=law.scale,
+                                ratio=law.ratio, flip_prob=flip_prob, seed=seed, shuffle=shard["shuffle"],
+                                rank=shard["rank"], world_size=shard["world_size"], drop_last=drop_last, law=law.law)

@@ -1,4 +1,4 @@
-"""FFCV two-view decoder: each image decoded once, two seeded random-resized crops (and flips) cut from it.
+"""The FFCV backend: a two-view decoder (one decode per image, seeded crops and flips) and the FFCV Loader glue.
 
 FFCV's stock route to two views (two pipelines on one stored field, each with
 ``RandomResizedCropRGBImageDecoder`` + ``RandomHorizontalFlip``) decodes every JPEG twice and draws
@@ -6,10 +6,11 @@ its crops and flips from numba's unseeded per-thread generator, so a resumed or 
 different crops. :class:`TwoViewDecoder` decodes a sample once into a scratch buffer and cuts both
 views from it; each view's crop and flip come from a counter-based generator keyed by
 (seed, epoch, sample index, view), so they are the same whichever thread decodes the sample, however
-many threads there are, and whether the run was interrupted or not.
+many threads there are, and whether the run was interrupted or not. The crop law is
+:func:`byol_ray.data.order.crop_box`, compiled by numba.
 
 Resizing is FFCV's ``resize_crop`` (OpenCV ``INTER_AREA``), as in FFCV's own decoders; the torch
-backend resizes with PIL bicubic, so the two backends cut crops by the same algorithm but not from
+backend resizes with PIL bicubic, so the two backends cut crops by the same law but not from
 the same random draws and not to the same pixels.
 
 Batch layout: the decoder returns the batch *view-major*, ``uint8 [2, B, 3, H, W]``, so ``out[0]``
@@ -17,14 +18,16 @@ and ``out[1]`` are contiguous NCHW tensors with no further copy. FFCV's accounti
 the per-sample allocation) sees the per-sample shape ``(2, 3, H, W)``; only :class:`ViewsToDevice`
 (not FFCV's ``ToDevice``/``ToTorchImage``, which assume a leading batch axis) may follow ``ToTensor``.
 
-This module imports FFCV and numba at import time: import it only where FFCV is required (the FFCV
-branch of ``build_train_loader`` does, after ``require_ffcv``).
+This module imports FFCV and numba at import time: import it only where FFCV is required (the
+loader dispatcher does, after ``require_ffcv``).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
@@ -34,6 +37,9 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba import njit
+
+from byol_ray.data.check import NO_FFCV_HINT, validate_beton
+from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_box, shard_order
 
 # ------------------------------------------------------------------------------ counter-based draws
 
@@ -67,45 +73,24 @@ def _uniform(state):
     return np.float64(_mix(state) >> _S11) * _TWO_M53, state
 
 
-@njit(nogil=True)
-def _crop_and_flip(height, width, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi, flip_prob, state):
-    """torchvision's RandomResizedCrop.get_params (as ``loaders.crop_params``) then a flip draw.
-
-    Ten tries of area ~ U[scale_lo, scale_hi] * image area and log(aspect) ~ U[log_r_lo, log_r_hi]; the
-    first crop that fits is placed uniformly; after ten misses, the largest centred crop whose aspect
-    lies within [r_lo, r_hi]. Returns (top, left, crop_height, crop_width, flip).
-    """
-    height, width, state = np.int64(height), np.int64(width), np.uint64(state)
-    area = np.float64(height) * np.float64(width)
-    for _ in range(10):
-        u, state = _uniform(state)
-        target_area = area * (scale_lo + (scale_hi - scale_lo) * u)
-        u, state = _uniform(state)
-        aspect = np.exp(log_r_lo + (log_r_hi - log_r_lo) * u)
-        w = np.int64(round(np.sqrt(target_area * aspect)))
-        h = np.int64(round(np.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            u, state = _uniform(state)
-            top = min(np.int64(u * (height - h + 1)), height - h)
-            u, state = _uniform(state)
-            left = min(np.int64(u * (width - w + 1)), width - w)
-            u, state = _uniform(state)
-            return top, left, h, w, u < flip_prob
-    in_ratio = np.float64(width) / np.float64(height)
-    w, h = width, height
-    if in_ratio < r_lo:
-        h = np.int64(round(width / r_lo))
-    elif in_ratio > r_hi:
-        w = np.int64(round(height * r_hi))
-    u, state = _uniform(state)
-    return (height - h) // 2, (width - w) // 2, h, w, u < flip_prob
+_crop_box = njit(nogil=True)(crop_box)  # the one crop law, compiled
 
 
 @njit(nogil=True)
-def _view_params(key, epoch, index, view, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi,
+def _draw(key, epoch, index, view, out):
+    """Fills ``out`` with one view's uniforms (the crop's, then the flip's), keyed as :func:`_view_key`."""
+    state = _view_key(key, epoch, index, view)
+    for k in range(len(out)):
+        out[k], state = _uniform(state)
+
+
+@njit(nogil=True)
+def _view_params(key, epoch, index, view, height, width, law, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi,
                  flip_prob):
-    return _crop_and_flip(height, width, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi, flip_prob,
-                          _view_key(key, epoch, index, view))
+    u = np.empty(CROP_DRAWS + 1)
+    _draw(key, epoch, index, view, u)
+    top, left, h, w = _crop_box(u, height, width, law, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi)
+    return top, left, h, w, u[CROP_DRAWS] < flip_prob
 
 
 def seed_key(seed: int) -> np.uint64:
@@ -113,8 +98,25 @@ def seed_key(seed: int) -> np.uint64:
     return np.uint64(_mix(np.uint64(int(seed) & _U64)))
 
 
-def view_params(seed: int, epoch: int, index: int, view: int, height: int, width: int,
-                scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5) -> tuple[int, int, int, int, bool]:
+def view_uniforms(seed: int, epoch: int, index: int, view: int) -> np.ndarray:
+    """The uniforms :class:`TwoViewDecoder` draws for one view of one stored sample.
+
+    Args:
+        seed: the loader's seed.
+        epoch: the epoch.
+        index: the sample's index in the .beton file.
+        view: 0 or 1.
+
+    Returns:
+        float64 [CROP_DRAWS + 1]: the crop's uniforms (as byol_ray.data.order lays them out), then the flip's.
+    """
+    u = np.empty(CROP_DRAWS + 1)
+    _draw(seed_key(seed), np.uint64(epoch), np.uint64(index), np.uint64(view), u)
+    return u
+
+
+def view_params(seed: int, epoch: int, index: int, view: int, height: int, width: int, scale=(0.08, 1.0),
+                ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5, law: str = "reference") -> tuple[int, int, int, int, bool]:
     """The crop box and flip that :class:`TwoViewDecoder` uses for one view of one stored sample.
 
     Args:
@@ -127,13 +129,14 @@ def view_params(seed: int, epoch: int, index: int, view: int, height: int, width
         scale: area fraction range.
         ratio: aspect (width / height) range.
         flip_prob: probability of a horizontal flip.
+        law: the crop law, 'reference' or 'torchvision' (byol_ray.data.order).
 
     Returns:
         (top, left, crop_height, crop_width, flipped).
     """
+    args = CropLaw(law, scale, ratio).args()
     top, left, h, w, flip = _view_params(seed_key(seed), np.uint64(epoch), np.uint64(index), np.uint64(view),
-                                         height, width, float(scale[0]), float(scale[1]), float(np.log(ratio[0])),
-                                         float(np.log(ratio[1])), float(ratio[0]), float(ratio[1]), float(flip_prob))
+                                         np.int64(height), np.int64(width), *args, float(flip_prob))
     return int(top), int(left), int(h), int(w), bool(flip)
 
 
@@ -162,16 +165,14 @@ class TwoViewDecoder(ResizedCropRGBImageDecoder):
 
     Args:
         output_size: (height, width) of each view.
-        scale: range of the crop's area as a fraction of the image's.
-        ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+        law: the crop law and its scale and ratio ranges.
         flip_prob: probability of a horizontal flip, per view.
         seed: crop seed; with the epoch, the sample index and the view it fixes every draw.
     """
 
-    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5,
-                 seed: int = 0) -> None:
+    def __init__(self, output_size, law: CropLaw = CropLaw(), flip_prob: float = 0.5, seed: int = 0) -> None:
         super().__init__(tuple(int(s) for s in output_size))
-        self.scale, self.ratio, self.flip_prob, self.seed = tuple(scale), tuple(ratio), float(flip_prob), int(seed)
+        self.law, self.flip_prob, self.seed = law, float(flip_prob), int(seed)
         # numba freezes arrays captured by a compiled closure into constants, so the compiled code
         # reads the epoch through this array's address instead (see generate_code).
         self.epoch_box = np.zeros(1, dtype=np.int64)
@@ -188,7 +189,8 @@ class TwoViewDecoder(ResizedCropRGBImageDecoder):
 
     @property
     def get_crop_generator(self):
-        return _crop_and_flip
+        # Abstract in FFCV's base class, read only by the base generate_code, which ours replaces.
+        return _crop_box
 
     def declare_state_and_memory(self, previous_state: State):
         self.max_width = np.uint64(self.metadata["width"].max())
@@ -209,13 +211,11 @@ class TwoViewDecoder(ResizedCropRGBImageDecoder):
         # type, which each FFCV Loader construction mutates in place (OSCacheManager.state_type), so a
         # dispatcher compiled for an earlier loader can no longer find its own overloads (KeyError).
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        to_chw, crop_and_flip = _to_chw, _crop_and_flip  # 3-D arrays and scalars only: shared safely
-        view_key, read_raw = _view_key, ctypes_memcopy
+        to_chw, crop, draw = _to_chw, _crop_box, _draw  # float64/3-D arrays and scalars only: shared safely
+        read_raw = ctypes_memcopy
         out_h, out_w = self.output_size
-        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
-        r_lo, r_hi = float(self.ratio[0]), float(self.ratio[1])
-        log_r_lo, log_r_hi = float(np.log(r_lo)), float(np.log(r_hi))
-        flip_prob = self.flip_prob
+        law, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi = self.law.args()
+        flip_prob, draws = self.flip_prob, CROP_DRAWS
         key = seed_key(self.seed)
         epoch_address = np.uint64(self.epoch_box.ctypes.data)  # the op keeps the array alive
         eight = np.uint64(8)
@@ -231,20 +231,20 @@ class TwoViewDecoder(ResizedCropRGBImageDecoder):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
                 image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
                     imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
                     image = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
+                u = np.empty(draws + 1)  # the crop's uniforms, then the flip's
                 for view in range(2):
-                    state = view_key(key, epoch, np.uint64(source_ix), np.uint64(view))
-                    top, left, h, w, flip = crop_and_flip(height, width, scale_lo, scale_hi, log_r_lo, log_r_hi,
-                                                          r_lo, r_hi, flip_prob, state)
+                    draw(key, epoch, np.uint64(source_ix), np.uint64(view), u)
+                    top, left, h, w = crop(u, height, width, law, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi)
                     resize_crop_c(image, top, top + h, left, left + w, scratch[dst_ix])
-                    to_chw(scratch[dst_ix], views[view, dst_ix], flip)
+                    to_chw(scratch[dst_ix], views[view, dst_ix], u[draws] < flip_prob)
             return views
 
         decode.is_parallel = True
@@ -276,12 +276,12 @@ class ViewsToDevice(Operation):
                 AllocationQuery(previous_state.shape, dtype=previous_state.dtype, device=self.device))
 
 
-def two_view_image_ops(resolution: int, *, scale, ratio, flip_prob: float, seed: int,
+def two_view_image_ops(resolution: int, *, law: CropLaw, flip_prob: float, seed: int,
                        device: torch.device) -> tuple[list, TwoViewDecoder]:
     """The image pipeline (decoder -> ToTensor -> optional ViewsToDevice) and its decoder."""
     from ffcv.transforms import ToTensor
 
-    decoder = TwoViewDecoder((resolution, resolution), scale, ratio, flip_prob, seed)
+    decoder = TwoViewDecoder((resolution, resolution), law, flip_prob, seed)
     ops = [decoder, ToTensor()]  # the decoder is the only JIT op: nothing non-JIT precedes a JIT op
     if device.type != "cpu":
         ops.append(ViewsToDevice(device, non_blocking=True))
@@ -291,8 +291,8 @@ def two_view_image_ops(resolution: int, *, scale, ratio, flip_prob: float, seed:
 class TwoViewBatches:
     """(view1, view2, labels) from a single-output FFCV loader whose image pipeline is two_view_image_ops.
 
-    Wraps the loader's batch iterator (``loaders._FFCVBatches`` with one view); keeps the decoder's
-    epoch equal to the epoch FFCV is about to serve.
+    Wraps the loader's batch iterator (:class:`FFCVBatches`); keeps the decoder's epoch equal to the
+    epoch FFCV is about to serve.
     """
 
     def __init__(self, batches, decoder: TwoViewDecoder) -> None:
@@ -314,3 +314,127 @@ class TwoViewBatches:
                 yield views[0], views[1], labels
         finally:
             inner.close()  # stops FFCV's producer thread when an epoch is left early
+
+
+# ------------------------------------------------------------------------------ FFCV Loader glue
+
+
+class ShardOrder:
+    """FFCV traversal order backed by :func:`byol_ray.data.order.shard_order` (duck-types ffcv's TraversalOrder).
+
+    FFCV's own distributed orders pad with repeated samples (DistributedSampler drop_last=False)
+    and read rank and world size from torch.distributed; this one needs neither.
+    """
+
+    def __init__(self, num_samples: int, **shard) -> None:
+        self.num_samples, self.shard = num_samples, shard
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return shard_order(self.num_samples, epoch, **self.shard).astype(np.uint64)
+
+
+class FFCVBatches:
+    """An FFCV Loader's batches, one epoch per iteration, with torch's thread count kept and early exits clean."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __iter__(self):
+        threads = torch.get_num_threads()
+        batches = iter(self.loader)
+        torch.set_num_threads(threads)  # FFCV resets torch's thread count to num_workers on each epoch
+        try:
+            yield from batches
+        finally:
+            # An epoch left early (a break, an exception) would otherwise keep FFCV's producer
+            # thread alive, polling forever: it is a running Thread, so never garbage-collected.
+            batches.close()
+
+
+def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pipelines: dict, shard: dict):
+    """An FFCV Loader over a checked .beton, visiting :func:`shard_order`'s samples.
+
+    Args:
+        path: the .beton file.
+        batch_size: samples per batch.
+        num_workers: FFCV threads, 1..this host's cores.
+        drop_last: drop the last incomplete batch.
+        pipelines: FFCV pipelines by output name.
+        shard: keyword arguments of :func:`shard_order` (seed, shuffle, rank, world_size, drop_last).
+
+    Returns:
+        (the Loader, the number of samples in the file).
+    """
+    from ffcv.loader import Loader, OrderOption
+
+    if not 1 <= num_workers <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"num_workers={num_workers}: the FFCV loader takes 1..{numba.config.NUMBA_NUM_THREADS} "
+                         "threads (this host's cores); pass this worker's own CPU count")
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        raise ValueError(f"backend='ffcv' reads a .beton file; {path} is not one. Convert it first with "
+                         f"`byol-ray prepare {path} OUT.beton`, or {NO_FFCV_HINT}")
+    info = validate_beton(path)
+    threads = torch.get_num_threads()
+    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                    pipelines=pipelines, drop_last=drop_last, seed=shard["seed"])
+    torch.set_num_threads(threads)
+    loader.traversal_order = ShardOrder(info["num_samples"], **shard)
+    loader.first_traversal_order = loader.next_traversal_order()  # what FFCV's __len__ counts
+    return loader, info["num_samples"]
+
+
+def ffcv_image_ops(decoder, device: torch.device) -> list:
+    """An image pipeline: ``decoder`` -> ToTensor -> ToTorchImage (contiguous NCHW) -> ToDevice off the CPU."""
+    # decoder -> jitted numpy ops -> ToTensor -> ToTorchImage -> ToDevice: a JIT op after a
+    # non-JIT one makes FFCV's pipeline compiler loop forever (docs ENVIRONMENT.md).
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    # channels_last=False: contiguous NCHW like the torch backend; the batched colour ops run ~1.4x
+    # faster on it on CPU than on FFCV's default channels-last view, for one cheap uint8 copy.
+    ops = [decoder, ToTensor(), ToTorchImage(channels_last=False)]
+    return ops + ([ToDevice(device, non_blocking=True)] if device.type != "cpu" else [])
+
+
+def ffcv_label_ops(device: torch.device) -> list:
+    """The label pipeline: int64 [B] on ``device``."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]
+    return ops + ([ToDevice(device, non_blocking=True)] if device.type != "cpu" else [])
+
+
+def train_batches(path, *, batch_size: int, resolution: int, law: CropLaw, flip_prob: float, num_workers: int,
+                  seed: int, shard: dict, drop_last: bool, device: torch.device) -> tuple[TwoViewBatches, int]:
+    """Two-view batches of a .beton: one decode per image, crops and flips seeded by (seed, epoch, index, view).
+
+    Returns:
+        (the batches, the number of samples in the file).
+    """
+    image_ops, decoder = two_view_image_ops(resolution, law=law, flip_prob=flip_prob, seed=seed, device=device)
+    pipelines = {"image": image_ops, "label": ffcv_label_ops(device)}
+    loader, num_samples = ffcv_loader(path, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
+                                      pipelines=pipelines, shard=shard)
+    return TwoViewBatches(FFCVBatches(loader), decoder), num_samples
+
+
+def eval_batches(path, *, batch_size: int, resolution: int, center_crop_ratio: float, num_workers: int,
+                 shard: dict, device: torch.device) -> tuple[FFCVBatches, int]:
+    """(images, labels) batches of a .beton, centre-cropped (ratio x shorter side) and resized.
+
+    Returns:
+        (the batches, the number of samples in the file).
+    """
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=center_crop_ratio)
+    pipelines = {"image": ffcv_image_ops(decoder, device), "label": ffcv_label_ops(device)}
+    loader, num_samples = ffcv_loader(path, batch_size=batch_size, num_workers=num_workers, drop_last=False,
+                                      pipelines=pipelines, shard=shard)
+    return FFCVBatches(loader), num_samples

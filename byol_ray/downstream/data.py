@@ -10,7 +10,7 @@ from byol_ray.data.sources import Source, open_source
 
 # Shared with `byol-ray prepare`: the same seeds give the same images as a prepared --val-fraction /
 # --label-fraction .beton, so torch-backend and FFCV evaluations see identical subsets.
-from byol_ray.data.prepare import _stratified as stratified_sample  # noqa: E402
+from byol_ray.data.prepare import stratified_sample  # noqa: E402
 
 HOLDOUT_STREAM, LABEL_STREAM, SELECTION_STREAM = 0, 1, 3  # rng streams: [seed, stream]
 

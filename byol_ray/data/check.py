@@ -1,0 +1,137 @@
+"""Cheap checks of training data before any work starts: FFCV available, .beton complete, folders holding images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from byol_ray.config import ConfigError
+from byol_ray.data.demo import DEMO_NAME
+from byol_ray.data.sources import IMAGE_EXTENSIONS, cifar_folder
+
+LOADERS = ("ffcv", "torch", "memory")
+NO_FFCV_HINT = "use the torch loader instead (backend='torch', config data.loader=torch), which reads the source folder"
+_FIX = "re-create it with `byol-ray prepare SOURCE {path} --overwrite`"
+
+
+def require_ffcv(hint: str) -> None:
+    """Imports FFCV once, or raises ImportError that names the alternative in ``hint``.
+
+    Importing FFCV calls torch.set_num_threads(1) (its Compiler's default), which would silently
+    make a CPU training loop single-threaded; the caller's thread count is restored.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import ffcv  # noqa: F401
+        import ffcv.loader  # noqa: F401
+        import ffcv.writer  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError when libturbojpeg/OpenCV are missing
+        raise ImportError(f"FFCV is not importable here ({type(exc).__name__}: {exc}); {hint}") from exc
+    finally:
+        torch.set_num_threads(threads)
+
+
+def validate_beton(path: str | Path) -> dict:
+    """Checks that a file is a complete .beton with an RGB 'image' and an int 'label' field.
+
+    Reads the header, the field descriptors and the sample tables, never an image.
+
+    Args:
+        path: the .beton file.
+
+    Returns:
+        {'path', 'num_samples', 'fields'}; raises FileNotFoundError, or ConfigError (a ValueError) in
+        one line naming the file and the command that re-creates it when it is truncated or foreign.
+    """
+    path = Path(path).expanduser().resolve()
+    fix = _FIX.format(path=path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
+    require_ffcv("reading a .beton needs FFCV; point the torch loader (data.loader=torch) at the source folder")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+
+    size = path.stat().st_size
+    if size < HeaderType.itemsize:
+        raise ConfigError(f"{path} is truncated: {size} bytes, too few for an FFCV file; {fix}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise ConfigError(f"{path} is not a readable FFCV file (format version field {header['version']}, "
+                          f"expected {CURRENT_VERSION}); {fix}")
+    ptr = int(header["alloc_table_ptr"])
+    if not 0 < ptr <= size or (size - ptr) % ALLOC_TABLE_TYPE.itemsize:
+        # The allocation table is written last, at the end: a cut file loses it first.
+        raise ConfigError(f"{path} is truncated: {size} bytes, but its allocation table starts at byte {ptr}; {fix}")
+    try:
+        reader = Reader(str(path))
+        table = reader.alloc_table
+        complete = (len(reader.metadata) == reader.num_samples and len(table) >= reader.num_samples
+                    and (len(table) == 0 or int((table["ptr"] + table["size"]).max()) <= ptr))
+    except Exception as exc:  # numpy errors from a damaged field table, unknown field types...
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever numpy says
+        raise ConfigError(f"{path} is not a readable FFCV file ({reason}); {fix}") from None
+    if not complete:
+        raise ConfigError(f"{path} is truncated or damaged (samples point past its data region); {fix}")
+    kinds = {name: type(h).__name__ for name, h in reader.handlers.items()}
+    if not (isinstance(reader.handlers.get("image"), RGBImageField)
+            and isinstance(reader.handlers.get("label"), IntField)):
+        raise ConfigError(f"{path} has fields {kinds}, not the 'image' (RGBImageField) and 'label' (IntField) "
+                          f"that byol-ray writes; {fix}")
+    return {"path": str(path), "num_samples": int(reader.num_samples), "fields": kinds}
+
+
+def _first_image(root: Path) -> str | None:
+    """The first image file under ``root`` (hidden files and folders skipped), or None; stops at the first."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                return os.path.join(dirpath, name)
+    return None
+
+
+def check_training_data(path: str, loader: str) -> None:
+    """Fails in one line, before any worker starts, when ``loader`` cannot train on ``path``.
+
+    Cheap: a .beton's header and tables are read (never an image), a folder is walked only up to
+    its first image file (a CIFAR python folder is recognised by its batch files).
+
+    Args:
+        path: config data.train: 'demo', an image folder, a CIFAR python folder or a .beton file.
+        loader: config data.loader: 'ffcv', 'torch' or 'memory'.
+
+    Raises:
+        ConfigError: the path does not exist, is a truncated or foreign .beton, is a folder without
+            images, or is a .beton given to a loader that reads source images.
+    """
+    if loader not in LOADERS:
+        raise ConfigError(f"data.loader={loader!r}: choose one of {LOADERS}")
+    if path == DEMO_NAME:
+        return
+    where = Path(path).expanduser()
+    if not where.exists():
+        raise ConfigError(f"data.train={path!r} does not exist; point it at an image folder, a CIFAR folder or a "
+                          ".beton written by `byol-ray prepare`")
+    if where.is_dir():
+        if cifar_folder(where) is None and _first_image(where) is None:
+            raise ConfigError(f"data.train={path!r} is a folder without images ({', '.join(IMAGE_EXTENSIONS)}) or "
+                              "CIFAR batch files; point it at an ImageFolder (root/<class>/<image>) or a CIFAR folder")
+        return
+    if where.suffix != ".beton":
+        raise ConfigError(f"data.train={path!r} is a file but not a .beton; point it at the image folder, or convert "
+                          f"it with `byol-ray prepare SOURCE OUT.beton`")
+    if loader != "ffcv":
+        raise ConfigError(f"data.train={path!r} is a .beton file, which only the FFCV loader reads (data.loader="
+                          f"{loader} reads source images); set data.loader=ffcv or point data.train at the source "
+                          "image folder")
+    try:
+        validate_beton(where)
+    except ImportError as exc:
+        raise ConfigError(f"data.train={path!r} is a .beton, but FFCV is not importable here "
+                          f"({type(exc.__cause__ or exc).__name__}); install FFCV, or set data.loader=torch and "
+                          "point data.train at the source image folder") from None
