@@ -91,7 +91,7 @@ def build(args, device: torch.device):
                            generator=torch.Generator().manual_seed(1)).to(device)
     batches = MemoryTwoViewBatches(images, labels, batch_size=args.batch, resolution=args.resolution,
                                    scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio, flip_prob=cfg.data.flip_prob,
-                                   seed=0, shuffle=True, rank=0, world_size=1, drop_last=True)
+                                   law=cfg.data.crop_law, seed=0, shuffle=True, rank=0, world_size=1, drop_last=True)
     engine = BYOLEngine(cfg, derive(cfg, args.dataset_size, 1), device)
     if args.compile:
         engine.online_ddp = torch.compile(engine.online)
