@@ -96,3 +96,32 @@ def test_one_process_converts_the_source_the_others_wait_for_it(tmp_path):
     assert len(paths) == 1 and Path(paths.pop()).is_file()
     assert sum("preparing demo" in err for _, err in outs) == 1, [err[-500:] for _, err in outs]
     assert not list((tmp_path / "cache").glob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign"])
+def test_a_broken_beton_is_refused_by_the_driver_before_ray_starts(tmp_path, kind):
+    """`byol-ray train` (the Ray launcher) checks the data before it starts or joins a Ray cluster: one line,
+    exit 2, within seconds, and no run folder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    beton = tmp_path / "train.beton"
+    if kind == "truncated":
+        from byol_ray.data.prepare import prepare
+
+        prepare("demo", str(tmp_path / "full.beton"), progress=False)
+        beton.write_bytes((tmp_path / "full.beton").read_bytes()[:4096])
+    else:
+        beton.write_bytes(os.urandom(8192))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    out = subprocess.run([str(Path(sys.executable).parent / "byol-ray"), "train", f"data.train={beton}",
+                          f"output_dir={tmp_path / 'runs'}", "run_name=broken"], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("byol-ray train: error: data.train=") and str(beton) in lines[0]
+    assert time.monotonic() - start < 30 and "Ray" not in out.stderr
+    assert not (tmp_path / "runs" / "broken").exists()

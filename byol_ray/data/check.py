@@ -135,3 +135,5 @@ def check_training_data(path: str, loader: str) -> None:
         raise ConfigError(f"data.train={path!r} is a .beton, but FFCV is not importable here "
                           f"({type(exc.__cause__ or exc).__name__}); install FFCV, or set data.loader=torch and "
                           "point data.train at the source image folder") from None
+    except ConfigError as exc:  # name the setting: the user fixes data.train, not a file they never named
+        raise ConfigError(f"data.train={path!r}: {exc}") from None
