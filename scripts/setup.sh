@@ -66,7 +66,7 @@ fi
 PIP="$PYBIN -m pip --disable-pip-version-check"
 
 # Every install is constrained by the lock: exact versions, the matching torch/torchvision pair
-# included (the registry's CPU-only torch wheel breaks torchvision; see docs/environment.md).
+# included (the registry's CPU-only torch wheel breaks torchvision at import).
 if [ "$DEPS_ONLY" = 1 ]; then
   mapfile -t deps < <("$PYBIN" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
   echo "[setup] installing byol-ray's dependencies into $PYBIN (constraints: $LOCK)"
