@@ -1,6 +1,10 @@
-"""Offline checks of cluster/: Ray's own schema for the launcher YAML, a vendored KubeRay CRD subset for
-the KubeRay manifests, and the cross-file facts a deployment silently depends on (commands that parse,
-GPUs that exist, one shared path everywhere). Nothing here talks to a cloud or a Kubernetes API.
+"""Offline checks of cluster/ and the runtime image: Ray's own schema for the launcher YAML, a vendored KubeRay
+CRD subset for the KubeRay manifests, small structural schemas for the core Kubernetes kinds (the MLflow
+Deployment/Service, the staging Job), and the cross-file facts a deployment silently depends on: one pinned
+image everywhere, built FROM the Ray and Python the tests run, installed by scripts/setup.sh with the lock the
+tests pass in, nothing installed at node or job start, commands that parse, GPUs that exist, one shared path and
+one tracking server everywhere. Each check has a test that breaks it and sees it caught. Nothing here talks to a
+cloud, a registry, a Docker daemon or a Kubernetes API.
 """
 from __future__ import annotations
 
@@ -9,25 +13,38 @@ import json
 import re
 import shlex
 import sys
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from referencing import Registry, Resource
 
 from byol_ray.cli import build_parser
 from byol_ray.config import PRESETS_DIR, ConfigError, load_config
+from byol_ray.run_tags import IMAGE_COMMIT_ENV, IMAGE_ENV
+from byol_ray.session import check_outputs_outlive_job, storage_root
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 AWS_YAML = CLUSTER / "aws-gpu.yaml"
 KUBERAY = CLUSTER / "kuberay"
-SCHEMAS = Path(__file__).parent / "schemas" / "kuberay"
+SCHEMAS = Path(__file__).parent / "schemas"
 DOCS = REPO / "docs" / "cluster.md"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+LOCK = REPO / "requirements.lock"
+SETUP = REPO / "scripts" / "setup.sh"
+MAKEFILE = REPO / "Makefile"
 
 SHARED = "/mnt/shared"  # the one path every node sees the same storage at
 GPU_KEY = "nvidia.com/gpu"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
 
 def _load(path: Path) -> dict:
@@ -39,9 +56,24 @@ def _errors(validator: jsonschema.Validator, doc: dict) -> list[str]:
 
 
 def _installed_ray_version() -> str:
-    from importlib.metadata import version
-
     return version("ray")
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _under_shared(value: str) -> bool:
+    return value.startswith(SHARED + "/")
+
+
+def pinned_image() -> str:
+    """The runtime image every node runs: `make image`'s default tag, at pyproject's version."""
+    match = re.search(r"^IMAGE \?= (\S+)$", MAKEFILE.read_text(), flags=re.M)
+    assert match, "Makefile no longer sets a default IMAGE ?= ..."
+    return match.group(1).replace("$(VERSION)", _pyproject()["project"]["version"])
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -60,14 +92,30 @@ def ray_validator() -> jsonschema.Validator:
     return jsonschema.validators.validator_for(schema)(schema)  # what jsonschema.validate in `ray up` picks
 
 
+def _schema_registry() -> tuple[dict, Registry]:
+    docs = {f"{p.parent.name}/{p.name}": json.loads(p.read_text()) for p in SCHEMAS.glob("*/*.schema.json")}
+    return docs, Registry().with_resources([(d["$id"], Resource.from_contents(d)) for d in docs.values()])
+
+
 @pytest.fixture(scope="module")
 def kuberay_validators() -> dict[str, jsonschema.Validator]:
-    docs = {p.name: json.loads(p.read_text()) for p in SCHEMAS.glob("*.schema.json")}
-    registry = Registry().with_resources([(d["$id"], Resource.from_contents(d)) for d in docs.values()])
+    docs, registry = _schema_registry()
     out = {}
-    for kind, name in (("RayCluster", "raycluster.schema.json"), ("RayJob", "rayjob.schema.json")):
+    for kind, name in (("RayCluster", "kuberay/raycluster.schema.json"), ("RayJob", "kuberay/rayjob.schema.json")):
         jsonschema.Draft202012Validator.check_schema(docs[name])
         out[kind] = jsonschema.Draft202012Validator(docs[name], registry=registry)
+    return out
+
+
+@pytest.fixture(scope="module")
+def core_validators() -> dict[str, jsonschema.Validator]:
+    """Structural subsets for the core kinds (tests/schemas/core/SOURCE.md), not the API server's schema."""
+    docs, registry = _schema_registry()
+    out = {}
+    for kind in ("Deployment", "Service", "Job"):
+        schema = docs[f"core/{kind.lower()}.schema.json"]
+        jsonschema.Draft202012Validator.check_schema(schema)
+        out[kind] = jsonschema.Draft202012Validator(schema, registry=registry)
     return out
 
 
@@ -86,6 +134,28 @@ def pvc() -> dict:
     return _load(KUBERAY / "pvc.yaml")
 
 
+def _by_kind(path: Path) -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    out = {d["kind"]: d for d in docs}
+    assert len(out) == len(docs), f"{path.name}: two documents of one kind"
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlflow_docs() -> dict[str, dict]:
+    return _by_kind(KUBERAY / "mlflow.yaml")
+
+
+@pytest.fixture(scope="module")
+def stage() -> dict:
+    return _load(KUBERAY / "stage.yaml")
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return DOCKERFILE.read_text()
+
+
 # ----------------------------------------------------------------------------- byol-ray commands
 
 
@@ -97,14 +167,14 @@ def parse_cli_command(command: str):
 
 
 def config_sources(args) -> list[str]:
-    """Map ``--config`` values to loadable files: preset names, or staged copies of a preset on shared storage."""
+    """Map ``--config`` values to loadable files: preset names (in the image), or staged copies of a preset."""
     out = []
     for source in args.config or ["demo"]:
         path = Path(source)
         if not path.suffix and (PRESETS_DIR / f"{source}.yaml").exists():
             out.append(source)
-        elif str(path).startswith(SHARED + "/") and (PRESETS_DIR / path.name).exists():
-            out.append(str(PRESETS_DIR / path.name))  # the docs stage the packaged preset there
+        elif _under_shared(str(path)) and (PRESETS_DIR / path.name).exists():
+            out.append(str(PRESETS_DIR / path.name))  # a copy of the packaged preset on shared storage
         else:
             raise AssertionError(f"--config {source!r} is neither a preset nor a staged copy of one under {SHARED}")
     return out
@@ -127,6 +197,354 @@ def doc_commands(markdown: str, subcommand: str) -> list[str]:
             if at >= 0:
                 out.append(" ".join(line[at:].split()))
     return out
+
+
+def doc_shell_lines(markdown: str) -> list[str]:
+    """Every line of the fenced shell blocks, backslash continuations joined."""
+    return [" ".join(line.split()) for block in re.findall(r"```(?:bash|sh)\n(.*?)```", markdown, flags=re.S)
+            for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def output_problems(cfg, *, what: str) -> list[str]:
+    """Outputs that outlive a `ray job submit` on a multi-node cluster: the rules byol-ray enforces, plus ours
+    (data and every output on the shared volume, MLflow on a tracking server reached over HTTP)."""
+    problems = []
+    try:
+        check_outputs_outlive_job(cfg, in_job=True, multi_node=True)
+    except ConfigError as exc:
+        problems.append(f"{what}: byol-ray would refuse it: {exc}")
+    for key, value in (("data.train", cfg.data.train), ("output_dir", cfg.output_dir),
+                       ("checkpoint root (ray.storage_path or output_dir)", storage_root(cfg))):
+        if not _under_shared(value):
+            problems.append(f"{what}: {key}={value} is not on the shared volume {SHARED}")
+    if not re.match(r"https?://", cfg.mlflow.tracking_uri):
+        problems.append(f"{what}: mlflow.tracking_uri={cfg.mlflow.tracking_uri!r} is not a tracking server URL")
+    return problems
+
+
+# ----------------------------------------------------------------------------- nothing installed at start
+
+
+FFCV_BUILD_PACKAGES = ("build-essential", "g++", "gcc")
+
+
+def ffcv_system_packages() -> list[str]:
+    """The apt packages scripts/setup.sh installs for FFCV (the image gets them by running setup.sh)."""
+    match = re.search(r"for pkg in ([^;]+);", SETUP.read_text())
+    assert match, "scripts/setup.sh no longer lists FFCV's system packages in a `for pkg in ...` loop"
+    return match.group(1).split()
+
+
+_ALLOWED_PIP = {"boto3"}  # Ray's AWS autoscaler dependency on the launcher's head, not byol-ray
+
+
+def install_problems(command: str, where: str) -> list[str]:
+    """An apt-get of FFCV's packages, or a pip/uv/conda install of anything but Ray's own boto3, at start."""
+    problems = []
+    for segment in re.split(r"&&|\|\||;|\||\n|\(|\)", command):
+        words = segment.split()
+        for i, word in enumerate(words):
+            if word in ("apt-get", "apt") and "install" in words[i + 1:]:
+                pkgs = [w for w in words[words.index("install", i) + 1:] if not w.startswith("-")]
+                bad = [p for p in pkgs if p in ffcv_system_packages() or p in FFCV_BUILD_PACKAGES]
+                if bad:
+                    problems.append(f"{where}: installs FFCV's system packages at start: {' '.join(bad)}")
+            if word in ("pip", "pip3", "conda", "mamba") or word.endswith("/pip") or word == "uv":
+                rest = words[i + 1:]
+                if rest[:1] == ["pip"]:  # uv pip install
+                    rest = rest[1:]
+                if rest[:1] == ["install"]:
+                    targets = [w.strip("'\"") for w in rest[1:] if not w.startswith("-")]
+                    names = [re.split(r"[<>=!~\[ ]", w, maxsplit=1)[0] for w in targets]
+                    if "-e" in rest or "-r" in rest or any(n not in _ALLOWED_PIP for n in names):
+                        problems.append(f"{where}: pip-installs at start: {' '.join(targets) or ' '.join(rest)}")
+    return problems
+
+
+def aws_commands(cfg: dict) -> dict[str, list[str]]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return {k: [c for c in cfg.get(k, []) if isinstance(c, str)] for k in keys}
+
+
+def _containers(pod_spec: dict) -> list[dict]:
+    return pod_spec.get("initContainers", []) + pod_spec.get("containers", [])
+
+
+def _container_command(container: dict) -> str:
+    return " ".join(container.get("command", []) + container.get("args", []))
+
+
+def runtime_env_problems(text: str | None) -> list[str]:
+    """The RayJob needs no runtime env; if there is one, it must not build environments or ship code."""
+    if text is None:
+        return []
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(text)
+    if not isinstance(env, dict):
+        return ["runtimeEnvYAML is not a mapping"]
+    problems = [f"unknown runtime_env field {k!r}" for k in env if k not in RuntimeEnv.known_fields]
+    try:
+        RuntimeEnv(**env)
+    except (ValueError, TypeError) as exc:
+        problems.append(f"Ray rejects the runtime env: {exc}")
+    for field in ("pip", "uv", "conda", "py_modules", "working_dir", "py_executable", "image_uri", "container"):
+        if field in env:
+            problems.append(f"runtime env field {field!r}: Ray would build or ship code per job instead of "
+                            f"running the image's byol-ray")
+    return problems
+
+
+# ----------------------------------------------------------------------------- the runtime image
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: comments dropped, continuation lines joined."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            instr, _, rest = line.strip().partition(" ")
+            out.append((instr.upper(), " ".join(rest.split())))
+    return out
+
+
+def _dockerignore_allows(path: str, ignore_text: str) -> bool:
+    """Docker's rule: the last matching pattern wins (a `!` pattern re-includes)."""
+    import fnmatch
+
+    allowed = True
+    for raw in ignore_text.splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/"):
+            allowed = negate
+    return allowed
+
+
+def dockerfile_problems(text: str, ignore_text: str) -> list[str]:
+    problems = []
+    instructions = dockerfile_instructions(text)
+    froms = [args for instr, args in instructions if instr == "FROM"]
+    if len(froms) != 1:
+        return [f"expected one FROM (one stage), found {len(froms)}"]
+    base = froms[0].split()[0]
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu", base)
+    if not match:
+        problems.append(f"base image {base} is not Ray's official GPU image rayproject/ray:X.Y.Z-pyXY-gpu")
+    else:
+        ray_version, py = match.group(1), (int(match.group(2)), int(match.group(3)))
+        ray_req = next(Requirement(d) for d in _pyproject()["project"]["dependencies"] if Requirement(d).name == "ray")
+        if not ray_req.specifier.contains(ray_version):
+            problems.append(f"base image Ray {ray_version} is outside pyproject's {ray_req}")
+        if ray_version != _installed_ray_version():
+            problems.append(f"base image Ray {ray_version} != the Ray the tests run ({_installed_ray_version()})")
+        if py != sys.version_info[:2]:
+            problems.append(f"base image Python {py[0]}.{py[1]} != the Python the tests run "
+                            f"({sys.version_info.major}.{sys.version_info.minor})")
+
+    copied: list[str] = []
+    setup_runs = []
+    for instr, args in instructions:
+        if instr in ("COPY", "ADD"):
+            parts = [p for p in args.split() if not p.startswith("--")]
+            for source in parts[:-1]:
+                copied.append(source)
+                if not _dockerignore_allows(source, ignore_text):
+                    problems.append(f"COPY {source}: excluded from the build context by .dockerignore")
+        if instr == "RUN":
+            if re.search(r"\bpip3?\s+install\b|\bapt(-get)?\s+install\b|\bconda\s+install\b", args):
+                problems.append(f"RUN installs outside scripts/setup.sh (one source of truth): {args}")
+            if "scripts/setup.sh" in args:
+                setup_runs.append((args, set(copied)))
+    full = [(args, seen) for args, seen in setup_runs if "--system" in args.split() and "--deps-only" not in args]
+    if not full:
+        problems.append("no RUN of `scripts/setup.sh --system` (the script make setup and CI run)")
+    for args, seen in setup_runs:
+        missing = {"requirements.lock", "scripts/setup.sh", "pyproject.toml"} - seen
+        if missing:
+            problems.append(f"setup.sh runs before {sorted(missing)} are copied in: {args}")
+    for args, seen in full:
+        if "byol_ray" not in seen:
+            problems.append("the full setup.sh run comes before the byol_ray source is copied in")
+
+    args_declared = {args.split("=")[0] for instr, args in instructions if instr == "ARG"}
+    env_text = " ".join(a for instr, a in instructions if instr == "ENV")
+    for var in (IMAGE_ENV, IMAGE_COMMIT_ENV):
+        if var not in args_declared:
+            problems.append(f"no build ARG {var}")
+        if not re.search(rf"\b{var}=\$\{{?{var}\}}?", env_text):
+            problems.append(f"ENV {var} is not set from its build ARG (the run tags read it)")
+    return problems
+
+
+def setup_problems(text: str) -> list[str]:
+    """scripts/setup.sh installs everything with requirements.lock as constraints, nothing pinned by itself."""
+    problems = []
+    if not re.search(r"^LOCK=requirements\.lock$", text, flags=re.M):
+        problems.append("setup.sh does not name requirements.lock (LOCK=requirements.lock)")
+    installs = [line.strip() for line in text.splitlines()
+                if re.search(r"\bpip\b.*\binstall\b|\$PIP install", line) and not line.lstrip().startswith("#")]
+    if not installs:
+        problems.append("setup.sh installs nothing with pip")
+    for line in installs:
+        if not re.search(r'-c "?\$LOCK"?|-c "?requirements\.lock"?', line):
+            problems.append(f"pip install without the lock as constraints: {line}")
+    if re.search(r"(torch|torchvision)==", text):
+        problems.append("setup.sh pins torch/torchvision itself; the lock is the one source of versions")
+    want = re.search(r"^want=\$\((.*)\)", text, flags=re.M)
+    if not want or not re.search(r"\$LOCK|requirements\.lock", want.group(1)):
+        problems.append("the idempotency stamp does not hash the lock file")
+    if "--system" not in text:
+        problems.append("setup.sh has no --system mode (install into the current interpreter) for the image")
+    return problems
+
+
+def lock_entries(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, ver = line.partition("==")
+        assert sep and ver and " " not in line, f"not a name==version pin: {line!r}"
+        out[canonicalize_name(name)] = ver
+    return out
+
+
+def lock_problems(text: str, installed=None) -> list[str]:
+    """The lock pins what the tests run on, covers every declared dependency, and leaves the project out."""
+    installed = installed or _installed_version
+    problems = []
+    if "pip freeze --exclude-editable" not in text or "make lock" not in text:
+        problems.append("the lock's header does not say how it was generated (pip freeze --exclude-editable, make lock)")
+    try:
+        pins = lock_entries(text)
+    except AssertionError as exc:
+        return [str(exc)]
+    if "byol-ray" in pins:
+        problems.append("the lock pins byol-ray itself (the image installs it from source)")
+    project = _pyproject()["project"]
+    declared = project["dependencies"] + [d for extra in project.get("optional-dependencies", {}).values()
+                                          for d in extra]
+    for dep in declared:
+        name = canonicalize_name(Requirement(dep).name)
+        if name not in pins:
+            problems.append(f"{name} is a dependency in pyproject.toml but not pinned in the lock (make lock)")
+        elif not Requirement(dep).specifier.contains(pins[name], prereleases=True):
+            problems.append(f"the lock pins {name}=={pins[name]}, outside pyproject's {dep}")
+    for name in ("torch", "torchvision"):
+        if name not in pins:
+            problems.append(f"the lock does not pin {name} (the matching pair)")
+    for name, ver in pins.items():
+        have = installed(name)
+        if have is not None and not SpecifierSet(f"=={ver}").contains(have, prereleases=True):
+            problems.append(f"the lock pins {name}=={ver} but the tests run {have}: run `make lock` (or make setup)")
+    return problems
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the MLflow tracking server
+
+
+@lru_cache(maxsize=None)
+def _mlflow_server_command():
+    import warnings
+
+    with warnings.catch_warnings():  # importing MLflow's CLI configures its SQLAlchemy models (a deprecation)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from mlflow.cli import server
+    return server
+
+
+def mlflow_server_params(command: str) -> dict:
+    """The options of the ``mlflow server ...`` in a shell command, parsed by MLflow's own CLI (click)."""
+    at = command.find("mlflow server")
+    assert at >= 0, f"no `mlflow server` in {command!r}"
+    args = []
+    for token in shlex.split(command[at + len("mlflow server"):]):
+        if token in ("&&", ";", "&", "|", "&)", ")", "2>&1") or token.startswith(">"):
+            break
+        args.append(token)
+    return _mlflow_server_command().make_context("server", args).params
+
+
+def mlflow_server_problems(command: str, where: str) -> list[str]:
+    """A server that every node can reach, that serves artifacts, and whose store outlives the cluster."""
+    try:
+        params = mlflow_server_params(command)
+    except Exception as exc:  # noqa: BLE001 - click's usage errors, our assertion
+        return [f"{where}: mlflow server does not parse: {exc}"]
+    problems = []
+    if params["host"] != "0.0.0.0":
+        problems.append(f"{where}: mlflow server binds {params['host']}, unreachable from other pods/nodes")
+    if not params["serve_artifacts"] or params["artifacts_only"]:
+        problems.append(f"{where}: the server does not serve artifacts (workers would need storage credentials)")
+    backend = params["backend_store_uri"] or ""
+    if backend.startswith("sqlite:"):
+        path = backend.split(":///", 1)[-1]
+        if not _under_shared(path):
+            problems.append(f"{where}: the MLflow store {backend} is not on the shared volume: lost with the pod")
+        if str(params["workers"]) != "1":
+            problems.append(f"{where}: SQLite on a network file system needs one writer (--workers 1)")
+    elif "://" not in backend:
+        problems.append(f"{where}: backend store {backend!r} is neither SQLite on {SHARED} nor a database URL")
+    artifacts = params["artifacts_destination"] or ""
+    if not (_under_shared(artifacts) or re.match(r"(s3|gs|wasbs|abfss)://", artifacts)):
+        problems.append(f"{where}: artifacts go to {artifacts or './mlartifacts'}, not {SHARED} or an object store")
+    return problems
+
+
+def mlflow_service_url(service: dict) -> str:
+    return f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
+def mlflow_k8s_problems(deploy: dict, service: dict, claim: str) -> list[str]:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    problems = []
+    spec = deploy["spec"]
+    if spec.get("replicas", 1) != 1 or spec.get("strategy", {}).get("type") != "Recreate":
+        problems.append("the MLflow Deployment must be one replica with strategy Recreate (one SQLite writer)")
+    pod_labels = spec["template"]["metadata"].get("labels", {})
+    if not spec["selector"].get("matchLabels", {}).items() <= pod_labels.items():
+        problems.append("the Deployment's selector does not match its pod labels")
+    if not service["spec"].get("selector") or not service["spec"]["selector"].items() <= pod_labels.items():
+        problems.append("the Service's selector does not select the MLflow pods")
+    container = spec["template"]["spec"]["containers"][0]
+    command = _container_command(container)
+    problems += mlflow_server_problems(command, "mlflow.yaml")
+    try:
+        params = mlflow_server_params(command)
+    except Exception:  # noqa: BLE001 - reported above
+        return problems
+    port = service["spec"]["ports"][0]
+    if port.get("targetPort", port["port"]) != params["port"]:
+        problems.append(f"Service targetPort {port.get('targetPort')} != the server's --port {params['port']}")
+    if params["port"] not in [p["containerPort"] for p in container.get("ports", [])]:
+        problems.append(f"the container does not declare port {params['port']}")
+    allowed = [h.strip() for h in (params["allowed_hosts"] or "").split(",") if h.strip()]
+    name, svc_port = service["metadata"]["name"], port["port"]
+    for host in (f"{name}:{svc_port}", f"{name}.byol.svc:{svc_port}", f"{name}.byol.svc.cluster.local:{svc_port}"):
+        if not params["disable_security_middleware"] and not (allowed and is_allowed_host_header(allowed, host)):
+            problems.append(f"MLflow would refuse requests for Host {host!r} (--allowed-hosts)")
+    mounts = [m["mountPath"] for m in container.get("volumeMounts", [])
+              if any(v["name"] == m["name"] and v.get("persistentVolumeClaim", {}).get("claimName") == claim
+                     for v in spec["template"]["spec"].get("volumes", []))]
+    if mounts != [SHARED]:
+        problems.append(f"the MLflow pod mounts PVC {claim!r} at {mounts}, not [{SHARED!r}]")
+    return problems
 
 
 # ----------------------------------------------------------------------------- AWS: Ray's own schema
@@ -181,14 +599,18 @@ def test_aws_semantic_checks_reject_a_broken_config(aws, mutation):
 def aws_problems(cfg: dict) -> list[str]:
     problems = []
     image = cfg["docker"]["image"]
-    ray_version = _installed_ray_version()
-    if f":{ray_version}-" not in image:
-        problems.append(f"docker image {image} is not Ray {ray_version} (the version pyproject.toml pins)")
+    if image != pinned_image():
+        problems.append(f"docker image {image} is not the pinned runtime image {pinned_image()}")
+    for key in ("head_image", "worker_image"):
+        for node in cfg["available_node_types"].values():
+            if node.get("docker", {}).get(key, image) != image:
+                problems.append(f"a node type overrides the image with {node['docker'][key]}")
     region = cfg["provider"]["region"]
     if not cfg["provider"].get("availability_zone", region).startswith(region):
         problems.append("availability_zone is outside provider.region")
 
-    init = " ".join(cfg.get("initialization_commands", []))
+    commands = aws_commands(cfg)
+    init = " ".join(commands["initialization_commands"])
     efs = re.search(r"(fs-[0-9a-f]+)\.efs\.([a-z0-9-]+)\.amazonaws\.com:/ +([^\s)]+)", init)
     if not efs:
         problems.append("no EFS mount in initialization_commands")
@@ -199,14 +621,18 @@ def aws_problems(cfg: dict) -> list[str]:
             problems.append(f"EFS is mounted at {efs.group(3)}, not {SHARED}")
     if f"-v {SHARED}:{SHARED}" not in cfg["docker"].get("run_options", []):
         problems.append(f"{SHARED} is not bind-mounted into the container")
+    for key, lines in commands.items():
+        for line in lines:
+            problems += install_problems(line, key)
+    if any(local in (".", "./") for local in cfg.get("file_mounts", {}).values()):
+        problems.append("file_mounts copies the checkout onto the nodes; the code is in the image")
 
-    setup = " ".join(cfg.get("setup_commands", []))
-    for pkg in ffcv_system_packages():
-        if pkg not in setup.split():
-            problems.append(f"setup_commands do not install {pkg} (FFCV builds against it)")
-    repo_mounts = [remote for remote, local in cfg.get("file_mounts", {}).items() if local in (".", "./")]
-    if not any(f"pip install -q {remote}" in setup or f"pip install {remote}" in setup for remote in repo_mounts):
-        problems.append("setup_commands do not pip-install the checkout that file_mounts copies")
+    servers = [c for c in commands["head_start_ray_commands"] if "mlflow server" in c]
+    if len(servers) != 1:
+        problems.append("the head does not start one MLflow tracking server")
+    else:
+        problems += mlflow_server_problems(servers[0], "head_start_ray_commands")
+
     if "--env RAY_AUTH_MODE=token" not in cfg["docker"].get("run_options", []):
         problems.append("token auth (RAY_AUTH_MODE=token) is not set on the nodes")
     if "/home/ray/.ray/auth_token" not in cfg.get("file_mounts", {}):
@@ -214,13 +640,6 @@ def aws_problems(cfg: dict) -> list[str]:
     if cfg["available_node_types"][cfg["head_node_type"]]["resources"].get("CPU") != 0:
         problems.append("the head advertises CPUs, so training workers could land on it")
     return problems
-
-
-def ffcv_system_packages() -> list[str]:
-    """The apt packages scripts/setup.sh installs for FFCV: the cluster must install the same ones."""
-    match = re.search(r"for pkg in ([^;]+);", (REPO / "scripts" / "setup.sh").read_text())
-    assert match, "scripts/setup.sh no longer lists FFCV's system packages in a `for pkg in ...` loop"
-    return match.group(1).split()
 
 
 def aws_capacity_problems(cfg: dict, ray_cfg) -> list[str]:
@@ -246,15 +665,8 @@ def test_aws_cross_file_facts_hold(aws):
     assert aws_problems(aws) == []
 
 
-def test_aws_image_matches_pyproject_ray_pin(aws):
-    from packaging.requirements import Requirement
-
-    deps = [Requirement(d) for d in _pyproject()["project"]["dependencies"]]
-    ray_req = next(r for r in deps if r.name == "ray")
-    tag = aws["docker"]["image"].split(":")[1]
-    assert ray_req.specifier.contains(tag.split("-")[0]), f"{tag} is outside pyproject's {ray_req}"
-    assert f"-py{sys.version_info.major}{sys.version_info.minor}-" in f"{tag}-", "image Python != project Python"
-
+_FFCV_APT = ("sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+             "--no-install-recommends libopencv-dev libturbojpeg0-dev pkg-config build-essential")
 
 AWS_CROSS_MUTATIONS = {
     "EFS in another region": lambda c: c.update(initialization_commands=[
@@ -262,9 +674,22 @@ AWS_CROSS_MUTATIONS = {
     "EFS mounted elsewhere": lambda c: c.update(initialization_commands=[
         s.replace(":/ /mnt/shared", ":/ /mnt/efs") for s in c["initialization_commands"]]),
     "shared dir not in container": lambda c: c["docker"]["run_options"].remove("-v /mnt/shared:/mnt/shared"),
-    "FFCV package dropped": lambda c: c.update(setup_commands=[
-        s.replace("libturbojpeg0-dev", "") for s in c["setup_commands"]]),
-    "other Ray in the image": lambda c: c["docker"].update(image="rayproject/ray:2.59.0-py311-gpu"),
+    "stock Ray image (nothing baked in)": lambda c: c["docker"].update(image="rayproject/ray:2.60.0-py311-gpu"),
+    "another tag of the image": lambda c: c["docker"].update(image=pinned_image() + "-rc1"),
+    "worker type overrides the image": lambda c: c["available_node_types"]["ray.worker.gpu"].update(
+        docker={"worker_image": "rayproject/ray:2.60.0-py311-gpu"}),
+    "apt-get of FFCV's packages at node start": lambda c: c["setup_commands"].append(_FFCV_APT),
+    "pip install of the checkout at node start": lambda c: (
+        c["file_mounts"].update({"/home/ray/byol-ray": "."}), c["setup_commands"].append("pip install -q /home/ray/byol-ray")),
+    "pip install of byol-ray from a registry": lambda c: c["worker_setup_commands"].append("pip install byol-ray==0.1.0"),
+    "editable install on the head": lambda c: c["head_setup_commands"].append("cd ~/byol-ray && pip install -e ."),
+    "MLflow store on the head's disk": lambda c: c.update(head_start_ray_commands=[
+        s.replace("sqlite:////mnt/shared/mlflow/mlflow.db", "sqlite:////home/ray/mlflow.db")
+        for s in c["head_start_ray_commands"]]),
+    "MLflow on loopback only": lambda c: c.update(head_start_ray_commands=[
+        s.replace("--host 0.0.0.0", "--host 127.0.0.1") for s in c["head_start_ray_commands"]]),
+    "no MLflow server": lambda c: c.update(head_start_ray_commands=[
+        s for s in c["head_start_ray_commands"] if "mlflow server" not in s]),
 }
 
 
@@ -273,6 +698,127 @@ def test_aws_cross_file_checks_catch_breakage(aws, mutation):
     broken = copy.deepcopy(aws)
     AWS_CROSS_MUTATIONS[mutation](broken)
     assert aws_problems(broken), f"not caught: {mutation}"
+
+
+@pytest.mark.parametrize("command", [
+    "pip install -q /home/ray/byol-ray", "pip3 install .", "python -m pip install -e /src/byol-ray",
+    "uv pip install byol-ray", "pip install -r requirements.txt", "sudo apt-get install -y libturbojpeg0-dev",
+    "apt install -y build-essential", "cd /x && pip install 'torch==2.14.1'",
+])
+def test_install_check_catches_installs(command):
+    assert install_problems(command, "x"), command
+
+
+@pytest.mark.parametrize("command", [
+    "pip install -q 'boto3>=1.4.8'", "sudo apt-get install -y -qq nfs-common", "ray stop",
+    "ulimit -n 65536; ray start --head --port=6379",
+])
+def test_install_check_lets_the_rest_through(command):
+    assert install_problems(command, "x") == [], command
+
+
+# ----------------------------------------------------------------------------- the runtime image and the lock
+
+
+def test_dockerfile_builds_on_the_tested_ray_and_python_and_runs_setup_sh(dockerfile):
+    assert dockerfile_problems(dockerfile, DOCKERIGNORE.read_text()) == []
+
+
+DOCKERFILE_MUTATIONS = {
+    "other Ray in the base": ("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.59.0-py311-gpu"),
+    "other Python in the base": ("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.60.0-py312-gpu"),
+    "not Ray's GPU image": ("rayproject/ray:2.60.0-py311-gpu", "python:3.11-slim"),
+    "setup.sh not run": ("PYTHON=python bash scripts/setup.sh --system\n", "pip install .\n"),
+    "own pip install beside setup.sh": ("ARG BYOL_RAY_IMAGE\n",
+                                        "RUN pip install torch==2.14.1\nARG BYOL_RAY_IMAGE\n"),
+    "apt-get in the Dockerfile": ("ARG BYOL_RAY_IMAGE\n",
+                                  "RUN sudo apt-get install -y libopencv-dev\nARG BYOL_RAY_IMAGE\n"),
+    "lock not copied": ("COPY --chown=ray:users pyproject.toml requirements.lock ./",
+                        "COPY --chown=ray:users pyproject.toml ./"),
+    "image tag not baked in": ("BYOL_RAY_IMAGE=${BYOL_RAY_IMAGE}", "BYOL_RAY_IMAGE=latest"),
+    "commit ARG dropped": ("ARG BYOL_RAY_GIT_COMMIT\n", ""),
+    "source never copied in": ("COPY --chown=ray:users byol_ray byol_ray\n", ""),
+}
+
+
+@pytest.mark.parametrize("mutation", list(DOCKERFILE_MUTATIONS), ids=list(DOCKERFILE_MUTATIONS))
+def test_dockerfile_checks_catch_breakage(dockerfile, mutation):
+    old, new = DOCKERFILE_MUTATIONS[mutation]
+    assert old in dockerfile, f"stale mutation: {old!r} not in the Dockerfile"
+    assert dockerfile_problems(dockerfile.replace(old, new), DOCKERIGNORE.read_text()), f"not caught: {mutation}"
+
+
+def test_dockerignore_check_catches_an_excluded_source(dockerfile):
+    ignore = DOCKERIGNORE.read_text().replace("!requirements.lock\n", "")
+    assert dockerfile_problems(dockerfile, ignore), "a COPY of an ignored file was not caught"
+
+
+def test_dockerignore_keeps_the_venv_and_git_out():
+    ignore = DOCKERIGNORE.read_text()
+    for path in (".venv", ".git", "runs", "data.beton", "mlflow.db"):
+        assert not _dockerignore_allows(path, ignore), path
+
+
+def test_setup_sh_installs_with_the_lock_as_constraints():
+    assert setup_problems(SETUP.read_text()) == []
+
+
+SETUP_MUTATIONS = {
+    "constraints dropped": ('$PIP install -q -c "$LOCK" -e ".[dev]"', '$PIP install -q -e ".[dev]"'),
+    "own torch pins": ('$PIP install -q -c "$LOCK" -e ".[dev]"',
+                       '$PIP install -q "torch==2.14.1" "torchvision==0.29.1"\n  $PIP install -q -c "$LOCK" -e ".[dev]"'),
+    "stamp ignores the lock": ('want=$(cat pyproject.toml "$LOCK" scripts/setup.sh', 'want=$(cat pyproject.toml scripts/setup.sh'),
+    "other lock file": ("LOCK=requirements.lock", "LOCK=constraints.txt"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(SETUP_MUTATIONS), ids=list(SETUP_MUTATIONS))
+def test_setup_checks_catch_breakage(mutation):
+    text = SETUP.read_text()
+    old, new = SETUP_MUTATIONS[mutation]
+    assert old in text, f"stale mutation: {old!r} not in setup.sh"
+    assert setup_problems(text.replace(old, new)), f"not caught: {mutation}"
+
+
+def test_lock_pins_the_environment_the_tests_run_in():
+    assert lock_problems(LOCK.read_text()) == []
+    pins = lock_entries(LOCK.read_text())
+    assert pins["ray"] == _installed_ray_version()
+
+
+LOCK_MUTATIONS = {
+    "torch pin moved": lambda t: re.sub(r"^torch==.*$", "torch==2.0.0", t, flags=re.M),
+    "torchvision dropped": lambda t: re.sub(r"^torchvision==.*\n", "", t, flags=re.M),
+    "a dependency missing": lambda t: re.sub(r"^mlflow==.*\n", "", t, flags=re.M),
+    "the project pinned": lambda t: t + "byol-ray==0.1.0\n",
+    "an unpinned line": lambda t: t + "numpy>=1.24\n",
+    "no header": lambda t: "\n".join(line for line in t.splitlines() if not line.startswith("#")),
+}
+
+
+@pytest.mark.parametrize("mutation", list(LOCK_MUTATIONS), ids=list(LOCK_MUTATIONS))
+def test_lock_checks_catch_breakage(mutation):
+    text = LOCK.read_text()
+    broken = LOCK_MUTATIONS[mutation](text)
+    assert broken != text
+    assert lock_problems(broken), f"not caught: {mutation}"
+
+
+def test_lock_check_catches_a_stale_lock():
+    """A package upgraded in the test environment without `make lock`."""
+    text = LOCK.read_text()
+    stale = {canonicalize_name("numpy"): "0.0.1"}
+    assert lock_problems(text, installed=lambda n: stale.get(n, _installed_version(n)))
+
+
+def test_makefile_regenerates_the_lock_and_builds_the_tagged_image():
+    make = MAKEFILE.read_text()
+    lock_rule = re.search(r"^lock:.*?(?=^\S)", make, flags=re.S | re.M)
+    assert lock_rule and "pip freeze --exclude-editable" in lock_rule.group(0)
+    image_rule = re.search(r"^image:.*?(?=^\S)", make, flags=re.S | re.M)
+    assert image_rule, "no `make image`"
+    for arg in (f"--build-arg {IMAGE_ENV}=$(IMAGE)", f"--build-arg {IMAGE_COMMIT_ENV}=$$(git rev-parse HEAD)"):
+        assert arg in image_rule.group(0), arg
 
 
 # ----------------------------------------------------------------------------- KubeRay: vendored CRD subset
@@ -303,6 +849,8 @@ KUBERAY_MUTATIONS = {
         "volumeMounts"][0].pop("mountPath"),
     "typo'd container key": lambda d: _worker(_cluster_spec(d))["template"]["spec"]["containers"][0].update(
         resource={}),
+    "env value not a string": lambda d: _worker(_cluster_spec(d))["template"]["spec"]["containers"][0]["env"][0].update(
+        value=5000),
     "head group without template": lambda d: _cluster_spec(d)["headGroupSpec"].pop("template"),
     "old apiVersion": lambda d: d.update(apiVersion="ray.io/v1alpha1"),
     "unknown autoscaling flag": lambda d: _cluster_spec(d).update(enableAutoscaling=True),
@@ -392,16 +940,30 @@ def gpu_capacity_problems(spec: dict, ray_cfg) -> list[str]:
 
 
 def image_problems(spec: dict) -> list[str]:
+    """Every pod runs the pinned runtime image, installs nothing at start, and rayVersion is the image's Ray."""
     ray_version = _installed_ray_version()
-    images = {_ray_container(g)["image"] for _, g in _groups(spec)}
-    problems = [] if len(images) == 1 else [f"head and workers run different images: {sorted(images)}"]
-    problems += [f"image {i} is not Ray {ray_version}" for i in images if f":{ray_version}-" not in i]
+    problems = []
+    for name, group in _groups(spec):
+        for container in _containers(group["template"]["spec"]):
+            if container["image"] != pinned_image():
+                problems.append(f"{name}/{container['name']}: image {container['image']} is not {pinned_image()}")
+            problems += install_problems(_container_command(container), f"{name}/{container['name']}")
     if spec.get("rayVersion") != ray_version:
         problems.append(f"rayVersion {spec.get('rayVersion')!r} != Ray {ray_version}")
     return problems
 
 
-def entrypoint_problems(job: dict) -> list[str]:
+def tracking_env_problems(spec: dict, url: str) -> list[str]:
+    """Every Ray pod points MLFLOW_TRACKING_URI at the tracking server (jobs that set no mlflow.tracking_uri)."""
+    problems = []
+    for name, group in _groups(spec):
+        env = {e["name"]: e.get("value") for e in _ray_container(group).get("env", [])}
+        if env.get(TRACKING_ENV) != url:
+            problems.append(f"{name}: {TRACKING_ENV}={env.get(TRACKING_ENV)!r}, not the MLflow service {url}")
+    return problems
+
+
+def entrypoint_problems(job: dict, tracking_url: str) -> list[str]:
     entrypoint = job["spec"].get("entrypoint", "")
     if not entrypoint.startswith("byol-ray train "):
         return [f"entrypoint does not start with 'byol-ray train': {entrypoint!r}"]
@@ -410,42 +972,49 @@ def entrypoint_problems(job: dict) -> list[str]:
     except (AssertionError, ConfigError, SystemExit) as exc:
         return [f"entrypoint does not resolve: {exc}"]
     problems = [] if args.config else ["entrypoint has no --config"]
-    for key, value in (("data.train", cfg.data.train), ("ray.storage_path", cfg.ray.storage_path),
-                       ("output_dir", cfg.output_dir)):
-        if not value.startswith(SHARED + "/"):
-            problems.append(f"{key}={value} is not on the shared volume {SHARED}")
+    problems += output_problems(cfg, what="entrypoint")
+    if cfg.mlflow.tracking_uri != tracking_url:
+        problems.append(f"mlflow.tracking_uri={cfg.mlflow.tracking_uri} is not the MLflow service {tracking_url}")
+    problems += runtime_env_problems(job["spec"].get("runtimeEnvYAML"))
     return problems
 
 
-def test_rayjob_entrypoint_is_a_valid_byol_ray_command(rayjob):
-    assert entrypoint_problems(rayjob) == []
+def test_rayjob_entrypoint_is_a_valid_byol_ray_command(rayjob, mlflow_docs):
+    url = mlflow_service_url(mlflow_docs["Service"])
+    assert entrypoint_problems(rayjob, url) == []
     args, cfg = resolve_command(rayjob["spec"]["entrypoint"])
-    assert args.config == ["/mnt/shared/configs/imagenet_resnet50_300ep.yaml"]
-    assert cfg.ray.storage_path == "/mnt/shared/byol-ray"
-    assert cfg.mlflow.tracking_uri == "http://mlflow.mlflow.svc:5000"
+    assert args.config == ["imagenet_resnet50_300ep"], "the preset packaged in the image"
+    assert cfg.output_dir == "/mnt/shared/byol-ray"
+    assert "runtimeEnvYAML" not in rayjob["spec"], "the image holds byol-ray; a runtime env would rebuild it per job"
 
 
 @pytest.mark.parametrize("edit", [
     ("ray.num_workers=16", "ray.num_worker=16"),                        # a key that does not exist
     ("ray.num_workers=16", "ray.num_workers=sixteen"),                  # a wrong type
-    ("imagenet_resnet50_300ep.yaml", "imagenet_resnet50_30ep.yaml"),    # a config that is no preset
+    ("imagenet_resnet50_300ep", "imagenet_resnet50_30ep"),              # a config that is no preset
     ("byol-ray train", "byol-ray trian"),                               # not the train command
-    ("ray.storage_path=/mnt/shared/byol-ray", "ray.storage_path=/tmp/byol-ray"),  # off the shared volume
+    ("output_dir=/mnt/shared/byol-ray", "output_dir=runs"),             # relative: gone with the job's dir
+    ("output_dir=/mnt/shared/byol-ray", "output_dir=/tmp/byol-ray"),    # off the shared volume
+    ("output_dir=/mnt/shared/byol-ray", "output_dir=/mnt/shared/byol-ray ray.storage_path=/home/ray/ckpt"),
+    ("mlflow.tracking_uri=http://mlflow:5000", "mlflow.tracking_uri=sqlite:///mlflow.db"),  # a local store
+    ("mlflow.tracking_uri=http://mlflow:5000", "mlflow.tracking_uri=http://mlflow-server:5000"),  # no such Service
+    ("data.train=/mnt/shared/imagenet-train.beton", "data.train=/data/imagenet-train.beton"),
 ])
-def test_entrypoint_checks_catch_breakage(rayjob, edit):
+def test_entrypoint_checks_catch_breakage(rayjob, mlflow_docs, edit):
     broken = copy.deepcopy(rayjob)
     broken["spec"]["entrypoint"] = broken["spec"]["entrypoint"].replace(*edit)
     assert broken["spec"]["entrypoint"] != rayjob["spec"]["entrypoint"]
-    assert entrypoint_problems(broken), f"not caught: {edit}"
+    assert entrypoint_problems(broken, mlflow_service_url(mlflow_docs["Service"])), f"not caught: {edit}"
 
 
 @pytest.mark.parametrize("which", ["RayCluster", "RayJob"])
-def test_kuberay_pods_share_storage_gpus_and_image(raycluster, rayjob, pvc, which):
+def test_kuberay_pods_share_storage_gpus_image_and_tracking(raycluster, rayjob, pvc, mlflow_docs, which):
     spec = _cluster_spec(raycluster if which == "RayCluster" else rayjob)
     _, job_cfg = resolve_command(rayjob["spec"]["entrypoint"])
     assert shared_volume_problems(spec, pvc["metadata"]["name"]) == []
     assert gpu_capacity_problems(spec, job_cfg.ray) == []
     assert image_problems(spec) == []
+    assert tracking_env_problems(spec, mlflow_service_url(mlflow_docs["Service"])) == []
     assert spec["enableInTreeAutoscaling"] is False, "byol-ray needs its GPUs up before the run starts"
 
 
@@ -453,9 +1022,10 @@ def _first_worker_container(spec):
     return _ray_container(_worker(spec))
 
 
-SHARED_CHECK = ("shared", lambda spec, claim, ray_cfg: shared_volume_problems(spec, claim))
-GPU_CHECK = ("gpu", lambda spec, claim, ray_cfg: gpu_capacity_problems(spec, ray_cfg))
-IMAGE_CHECK = ("image", lambda spec, claim, ray_cfg: image_problems(spec))
+SHARED_CHECK = ("shared", lambda spec, claim, ray_cfg, url: shared_volume_problems(spec, claim))
+GPU_CHECK = ("gpu", lambda spec, claim, ray_cfg, url: gpu_capacity_problems(spec, ray_cfg))
+IMAGE_CHECK = ("image", lambda spec, claim, ray_cfg, url: image_problems(spec))
+TRACKING_CHECK = ("tracking", lambda spec, claim, ray_cfg, url: tracking_env_problems(spec, url))
 
 KUBERAY_CROSS_MUTATIONS = {
     "worker mounts elsewhere": (SHARED_CHECK, lambda s: _first_worker_container(s)["volumeMounts"][0].update(
@@ -466,19 +1036,31 @@ KUBERAY_CROSS_MUTATIONS = {
     "no GPU limit": (GPU_CHECK, lambda s: _first_worker_container(s)["resources"]["limits"].pop(GPU_KEY)),
     "too few GPUs": (GPU_CHECK, lambda s: _worker(s).update(replicas=1, minReplicas=1)),
     "too few CPUs per pod": (GPU_CHECK, lambda s: _first_worker_container(s)["resources"]["limits"].update(cpu="16")),
-    "image skew": (IMAGE_CHECK, lambda s: _first_worker_container(s).update(image="rayproject/ray:2.59.0-py311-gpu")),
+    "stock Ray image on the workers": (IMAGE_CHECK, lambda s: _first_worker_container(s).update(
+        image="rayproject/ray:2.60.0-py311-gpu")),
+    "another tag on the head": (IMAGE_CHECK, lambda s: _ray_container(s["headGroupSpec"]).update(
+        image=pinned_image().rsplit(":", 1)[0] + ":latest")),
     "rayVersion skew": (IMAGE_CHECK, lambda s: s.update(rayVersion="2.59.0")),
+    "apt-get at pod start": (IMAGE_CHECK, lambda s: _first_worker_container(s).update(command=[_FFCV_APT])),
+    "pip install at pod start": (IMAGE_CHECK, lambda s: _ray_container(s["headGroupSpec"]).update(
+        command=["pip install /mnt/shared/src/byol-ray"])),
+    "init container installs": (IMAGE_CHECK, lambda s: _worker(s)["template"]["spec"].update(initContainers=[
+        {"name": "install", "image": pinned_image(), "command": ["bash", "-c", "pip install -e /mnt/shared/src"]}])),
+    "worker without the tracking URI": (TRACKING_CHECK, lambda s: _first_worker_container(s).pop("env")),
+    "head tracks to a local file": (TRACKING_CHECK, lambda s: _ray_container(s["headGroupSpec"])["env"][0].update(
+        value="sqlite:////mnt/shared/mlflow.db")),
 }
 
 
 @pytest.mark.parametrize("mutation", list(KUBERAY_CROSS_MUTATIONS), ids=list(KUBERAY_CROSS_MUTATIONS))
-def test_kuberay_cross_file_checks_catch_breakage(raycluster, rayjob, pvc, mutation):
+def test_kuberay_cross_file_checks_catch_breakage(raycluster, rayjob, pvc, mlflow_docs, mutation):
     (_, check), mutate = KUBERAY_CROSS_MUTATIONS[mutation]
     spec = copy.deepcopy(raycluster["spec"])
     _, job_cfg = resolve_command(rayjob["spec"]["entrypoint"])
-    assert check(spec, pvc["metadata"]["name"], job_cfg.ray) == []  # the unmutated spec passes this check
+    url = mlflow_service_url(mlflow_docs["Service"])
+    assert check(spec, pvc["metadata"]["name"], job_cfg.ray, url) == []  # the unmutated spec passes this check
     mutate(spec)
-    assert check(spec, pvc["metadata"]["name"], job_cfg.ray), f"not caught: {mutation}"
+    assert check(spec, pvc["metadata"]["name"], job_cfg.ray, url), f"not caught: {mutation}"
 
 
 def test_rayjob_cluster_is_the_raycluster(raycluster, rayjob):
@@ -486,38 +1068,28 @@ def test_rayjob_cluster_is_the_raycluster(raycluster, rayjob):
     assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"]
 
 
-def runtime_env_problems(text: str) -> list[str]:
-    from ray.runtime_env import RuntimeEnv
-
-    env = yaml.safe_load(text)
-    if not isinstance(env, dict):
-        return ["runtimeEnvYAML is not a mapping"]
-    problems = [f"unknown runtime_env field {k!r}" for k in env if k not in RuntimeEnv.known_fields]
-    try:
-        RuntimeEnv(**env)
-    except (ValueError, TypeError) as exc:
-        problems.append(f"Ray rejects the runtime env: {exc}")
-    pip = env.get("pip", {})
-    packages = pip.get("packages", []) if isinstance(pip, dict) else pip
-    if not any(str(p).startswith(SHARED + "/") for p in packages):
-        problems.append(f"pip does not install byol-ray from the shared volume {SHARED}")
-    return problems
-
-
-def test_rayjob_runtime_env_is_valid_for_ray(rayjob):
-    assert runtime_env_problems(rayjob["spec"]["runtimeEnvYAML"]) == []
+def test_rayjob_runs_once_and_cleans_up(rayjob):
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
     assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+    assert rayjob["spec"]["backoffLimit"] == 0, "a re-submission of the same run_name is refused (use --resume)"
 
 
 @pytest.mark.parametrize("text", [
-    "pipp:\n  - /mnt/shared/src/byol-ray\n",                       # typo'd field: Ray would ignore it
-    "pip:\n  packages: /mnt/shared/src/byol-ray\n",                 # a string, not a list
+    "pip:\n  packages:\n    - /mnt/shared/src/byol-ray\n",       # the old per-job virtualenv
+    "uv:\n  - byol-ray\n",
+    "working_dir: /mnt/shared/src/byol-ray\n",                      # ships code that shadows the image's
+    "py_modules:\n  - /mnt/shared/src/byol_ray\n",
+    "pipp:\n  - /mnt/shared/src/byol-ray\n",                        # typo'd field: Ray would ignore it
     "env_vars:\n  NCCL_DEBUG: 1\n",                                 # env values must be strings
     "- pip\n",                                                      # not a mapping
 ])
 def test_runtime_env_checks_catch_breakage(text):
     assert runtime_env_problems(text)
+
+
+def test_runtime_env_check_lets_plain_env_vars_through():
+    assert runtime_env_problems('env_vars:\n  NCCL_DEBUG: "WARN"\n') == []
+    assert runtime_env_problems(None) == []
 
 
 def test_pvc_is_shared_read_write_many(pvc, raycluster):
@@ -530,24 +1102,222 @@ def test_pvc_is_shared_read_write_many(pvc, raycluster):
     assert claims == {pvc["metadata"]["name"]}
 
 
-def test_aws_and_kuberay_run_the_same_image(aws, raycluster):
-    assert {aws["docker"]["image"]} == {_ray_container(g)["image"] for _, g in _groups(raycluster["spec"])}
+# ----------------------------------------------------------------------------- KubeRay: MLflow server and staging
+
+
+def test_core_manifests_match_the_structural_schemas(core_validators, mlflow_docs, stage):
+    assert set(mlflow_docs) == {"Deployment", "Service"}
+    for kind, doc in mlflow_docs.items():
+        assert _errors(core_validators[kind], doc) == [], kind
+    assert _errors(core_validators["Job"], stage) == []
+
+
+CORE_SCHEMA_MUTATIONS = {
+    "Deployment: typo'd spec key": ("Deployment", lambda d: d["spec"].update(replica=1)),
+    "Deployment: replicas as a string": ("Deployment", lambda d: d["spec"].update(replicas="1")),
+    "Deployment: no selector": ("Deployment", lambda d: d["spec"].pop("selector")),
+    "Deployment: unknown strategy": ("Deployment", lambda d: d["spec"]["strategy"].update(type="Recreated")),
+    "Deployment: old apiVersion": ("Deployment", lambda d: d.update(apiVersion="extensions/v1beta1")),
+    "Deployment: container without image": ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]
+                                            .pop("image")),
+    "Service: port as a string": ("Service", lambda d: d["spec"]["ports"][0].update(port="5000")),
+    "Service: unknown type": ("Service", lambda d: d["spec"].update(type="Internal")),
+    "Service: typo'd key": ("Service", lambda d: d["spec"].update(selectors=d["spec"]["selector"])),
+    "Job: restartPolicy Always": ("Job", lambda d: d["spec"]["template"]["spec"].update(restartPolicy="Always")),
+    "Job: no restartPolicy": ("Job", lambda d: d["spec"]["template"]["spec"].pop("restartPolicy")),
+    "Job: backoffLimit as a string": ("Job", lambda d: d["spec"].update(backoffLimit="1")),
+    "Job: typo'd volumeMount": ("Job", lambda d: d["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
+                                .update(mountpath="/x")),
+}
+
+
+@pytest.mark.parametrize("mutation", list(CORE_SCHEMA_MUTATIONS), ids=list(CORE_SCHEMA_MUTATIONS))
+def test_core_schemas_reject_broken_manifests(core_validators, mlflow_docs, stage, mutation):
+    kind, mutate = CORE_SCHEMA_MUTATIONS[mutation]
+    broken = copy.deepcopy(stage if kind == "Job" else mlflow_docs[kind])
+    mutate(broken)
+    assert _errors(core_validators[kind], broken), f"schema accepted: {mutation}"
+
+
+def test_mlflow_server_serves_artifacts_from_the_shared_volume_to_every_pod(mlflow_docs, pvc):
+    deploy, service = mlflow_docs["Deployment"], mlflow_docs["Service"]
+    assert mlflow_k8s_problems(deploy, service, pvc["metadata"]["name"]) == []
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == pinned_image()
+
+
+def _mlflow_args(d: dict) -> list[str]:
+    return d["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _edit_args(old: str, new: str):
+    def mutate(docs):
+        args = _mlflow_args(docs["Deployment"])
+        assert any(old in a for a in args), f"stale mutation: {old!r}"
+        args[:] = [a.replace(old, new) for a in args]
+    return mutate
+
+
+MLFLOW_MUTATIONS = {
+    "two replicas on one SQLite file": lambda d: d["Deployment"]["spec"].update(replicas=2),
+    "rolling update (two writers)": lambda d: d["Deployment"]["spec"]["strategy"].update(type="RollingUpdate"),
+    "Service selects nothing": lambda d: d["Service"]["spec"]["selector"].update({"app.kubernetes.io/name": "mlfow"}),
+    "Service targets another port": lambda d: d["Service"]["spec"]["ports"][0].update(targetPort=8080),
+    "store inside the pod": _edit_args("sqlite:////mnt/shared/mlflow/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    "artifacts inside the pod": _edit_args("--artifacts-destination /mnt/shared/mlflow/artifacts",
+                                           "--artifacts-destination /tmp/artifacts"),
+    "no artifact serving": _edit_args("--workers 1", "--workers 1 --no-serve-artifacts"),
+    "loopback only": _edit_args("--host 0.0.0.0", "--host 127.0.0.1"),
+    "several SQLite writers": _edit_args("--workers 1", "--workers 4"),
+    "default allowed hosts (refuses mlflow:5000)": lambda d: _mlflow_args(d["Deployment"]).__setitem__(
+        0, re.sub(r"--allowed-hosts '[^']*'", "", _mlflow_args(d["Deployment"])[0])),
+    "typo'd flag": _edit_args("--artifacts-destination", "--artifact-destination"),
+    "PVC not mounted": lambda d: d["Deployment"]["spec"]["template"]["spec"].update(volumes=[]),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MLFLOW_MUTATIONS), ids=list(MLFLOW_MUTATIONS))
+def test_mlflow_checks_catch_breakage(mlflow_docs, pvc, mutation):
+    broken = copy.deepcopy(mlflow_docs)
+    MLFLOW_MUTATIONS[mutation](broken)
+    assert mlflow_k8s_problems(broken["Deployment"], broken["Service"], pvc["metadata"]["name"]), \
+        f"not caught: {mutation}"
+
+
+def stage_problems(job: dict, rayjob: dict, claim: str) -> list[str]:
+    """The staging Job writes, from the pinned image, exactly the .beton the RayJob trains on."""
+    problems = []
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for c in _containers(pod):
+        if c["image"] != pinned_image() and c["name"] == container["name"]:
+            problems.append(f"stage container image {c['image']} is not {pinned_image()}")
+        problems += install_problems(_container_command(c), f"stage.yaml/{c['name']}")
+    command = _container_command(container)
+    at = command.find("byol-ray prepare")
+    if at < 0:
+        return problems + ["the staging Job does not run `byol-ray prepare`"]
+    line = command[at:]
+    try:
+        args = parse_cli_command(" ".join(shlex.split(line)))
+    except SystemExit:
+        return problems + [f"`{line}` does not parse"]
+    _, cfg = resolve_command(rayjob["spec"]["entrypoint"])
+    if args.output != cfg.data.train:
+        problems.append(f"stage writes {args.output}, the RayJob trains on {cfg.data.train}")
+    if not _under_shared(args.source):
+        problems.append(f"the ImageFolder {args.source} is not on the shared volume")
+    volumes = {v["name"] for v in pod.get("volumes", []) if v.get("persistentVolumeClaim", {}).get("claimName") == claim}
+    if [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in volumes] != [SHARED]:
+        problems.append(f"the staging pod does not mount PVC {claim!r} at {SHARED}")
+    if GPU_KEY in container.get("resources", {}).get("limits", {}):
+        problems.append("the staging Job asks for GPUs; prepare runs on CPUs")
+    return problems
+
+
+def test_stage_job_prepares_the_file_the_rayjob_trains_on(stage, rayjob, pvc):
+    assert stage_problems(stage, rayjob, pvc["metadata"]["name"]) == []
+
+
+def _stage_edit(old: str, new: str):
+    def mutate(job):
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert any(old in a for a in args), f"stale mutation: {old!r}"
+        args[:] = [a.replace(old, new) for a in args]
+    return mutate
+
+
+STAGE_MUTATIONS = {
+    "writes another file": _stage_edit("/mnt/shared/imagenet-train.beton --max", "/mnt/shared/imagenet.beton --max"),
+    "old flag name": _stage_edit("--num-workers 32", "--workers 32"),
+    "reads pod-local images": _stage_edit("prepare /mnt/shared/imagenet/train", "prepare /data/imagenet/train"),
+    "stock Ray image": lambda j: j["spec"]["template"]["spec"]["containers"][0].update(
+        image="rayproject/ray:2.60.0-py311-gpu"),
+    "installs at start": _stage_edit("exec byol-ray prepare", "pip install /mnt/shared/src && exec byol-ray prepare"),
+    "PVC not mounted": lambda j: j["spec"]["template"]["spec"]["containers"][0].update(volumeMounts=[]),
+    "asks for a GPU": lambda j: j["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+        {GPU_KEY: 1}),
+}
+
+
+@pytest.mark.parametrize("mutation", list(STAGE_MUTATIONS), ids=list(STAGE_MUTATIONS))
+def test_stage_checks_catch_breakage(stage, rayjob, pvc, mutation):
+    broken = copy.deepcopy(stage)
+    STAGE_MUTATIONS[mutation](broken)
+    assert stage_problems(broken, rayjob, pvc["metadata"]["name"]), f"not caught: {mutation}"
+
+
+# ----------------------------------------------------------------------------- one image everywhere
+
+
+def all_images(aws: dict, raycluster: dict, rayjob: dict, mlflow_docs: dict, stage: dict) -> dict[str, str]:
+    out = {"aws-gpu.yaml docker.image": aws["docker"]["image"]}
+    for doc_name, doc in (("raycluster.yaml", raycluster), ("rayjob.yaml", rayjob)):
+        for group, g in _groups(_cluster_spec(doc)):
+            for c in _containers(g["template"]["spec"]):
+                out[f"{doc_name} {group}/{c['name']}"] = c["image"]
+    for c in mlflow_docs["Deployment"]["spec"]["template"]["spec"]["containers"]:
+        out[f"mlflow.yaml {c['name']}"] = c["image"]
+    for c in stage["spec"]["template"]["spec"]["containers"]:
+        out[f"stage.yaml {c['name']}"] = c["image"]
+    return out
+
+
+def test_every_node_and_pod_runs_the_pinned_image(aws, raycluster, rayjob, mlflow_docs, stage):
+    images = all_images(aws, raycluster, rayjob, mlflow_docs, stage)
+    assert {where: i for where, i in images.items() if i != pinned_image()} == {}
+    assert re.fullmatch(r"[a-z0-9.-]+(/[a-z0-9._-]+)+:[0-9]+\.[0-9]+\.[0-9]+", pinned_image()), pinned_image()
 
 
 # ----------------------------------------------------------------------------- docs/cluster.md
 
 
+def documented_train_problems(command: str, aws: dict, raycluster: dict) -> list[str]:
+    try:
+        args, cfg = resolve_command(command)
+    except (AssertionError, ConfigError, SystemExit) as exc:
+        return [f"{command}: does not resolve: {exc}"]
+    if args.resume:  # a resumed run reloads its saved config; its output_dir must be where that config lives
+        out = [o.split("=", 1)[1] for o in args.overrides if o.startswith("output_dir=")]
+        return [] if out and _under_shared(out[-1]) else [f"{command}: --resume without output_dir under {SHARED}"]
+    problems = output_problems(cfg, what=command)
+    problems += [f"{command}: {p}" for p in aws_capacity_problems(aws, cfg.ray)]
+    problems += [f"{command}: {p}" for p in gpu_capacity_problems(raycluster["spec"], cfg.ray)]
+    return problems
+
+
 def test_every_documented_train_command_resolves_and_fits_both_clusters(aws, raycluster):
     commands = doc_commands(DOCS.read_text(), "train")
     assert len(commands) >= 3, commands
+    assert any(parse_cli_command(c).resume for c in commands), "the docs show how to resume"
     for command in commands:
-        args, cfg = resolve_command(command)
-        if args.resume:  # a resumed run reloads its saved config; only its overrides must load
-            assert "output_dir=/mnt/shared/byol-ray/outputs" in args.overrides, command
-            continue
-        assert aws_capacity_problems(aws, cfg.ray) == [], command
-        assert gpu_capacity_problems(raycluster["spec"], cfg.ray) == [], command
-        assert cfg.ray.storage_path.startswith(SHARED + "/") and cfg.data.train.startswith(SHARED + "/"), command
+        assert documented_train_problems(command, aws, raycluster) == [], command
+
+
+@pytest.mark.parametrize("command", [
+    "byol-ray train --config imagenet_resnet50_300ep ray.num_workers=16 output_dir=runs "
+    "data.train=/mnt/shared/imagenet-train.beton mlflow.tracking_uri=http://mlflow:5000",           # relative outputs
+    "byol-ray train --config imagenet_resnet50_300ep ray.num_workers=16 output_dir=/mnt/shared/byol-ray "
+    "data.train=/mnt/shared/imagenet-train.beton",                                                  # local sqlite store
+    "byol-ray train --config imagenet_resnet50_300ep ray.num_workers=16 output_dir=/mnt/shared/byol-ray "
+    "data.train=/mnt/shared/imagenet-train.beton mlflow.tracking_uri=sqlite:////mnt/shared/mlflow.db",
+    "byol-ray train --config imagenet_resnet50_300ep ray.num_workers=16 output_dir=/mnt/shared/byol-ray "
+    "data.train=/data/imagenet-train.beton mlflow.tracking_uri=http://mlflow:5000",                 # node-local data
+    "byol-ray train --config imagenet_resnet50_300ep ray.num_workers=16 output_dir=/mnt/shared/byol-ray "
+    "ray.storage_path=ckpt data.train=/mnt/shared/imagenet-train.beton mlflow.tracking_uri=http://mlflow:5000",
+    "byol-ray train --config imagenet_resnet50_300ep ray.num_workers=32 output_dir=/mnt/shared/byol-ray "
+    "data.train=/mnt/shared/imagenet-train.beton mlflow.tracking_uri=http://mlflow:5000",           # 32 GPUs: too few
+    "byol-ray train --resume imagenet-r50-300ep output_dir=runs",
+])
+def test_documented_train_checks_catch_breakage(aws, raycluster, command):
+    assert documented_train_problems(command, aws, raycluster), command
+
+
+def test_documented_job_submissions_ship_no_code():
+    """byol-ray is in the image: a --working-dir or a pip runtime env would shadow or rebuild it per job."""
+    lines = [line for line in doc_shell_lines(DOCS.read_text()) if "ray job submit" in line]
+    assert lines
+    for line in lines:
+        assert "--working-dir" not in line and "--runtime-env" not in line, line
 
 
 def test_every_documented_prepare_command_parses():
@@ -560,16 +1330,25 @@ def test_every_documented_prepare_command_parses():
 
 def test_docs_name_files_that_exist():
     text = DOCS.read_text()
-    for path in re.findall(r"cluster/[\w/.-]+\.yaml", text):
-        assert (REPO / path).is_file(), path
+    paths = re.findall(r"(?<![\w/.-])((?:cluster|scripts|tests|docs|byol_ray)/[\w/.-]*\w)", text)
+    paths += re.findall(r"\]\(([^)#\s]+)\)", text)  # markdown links, relative to docs/
+    paths += [name for name in ("Dockerfile", ".dockerignore", "requirements.lock", "Makefile") if name in text]
+    assert len(paths) > 5
+    for path in paths:
+        if "://" in path:
+            continue
+        in_repo, in_docs = REPO / path, DOCS.parent / path
+        assert in_repo.exists() or in_docs.exists(), path
+
+
+def test_kuberay_version_is_stated_as_1_5_1_everywhere():
+    texts = {p: p.read_text() for p in [DOCS, *CLUSTER.rglob("*.yaml"), *SCHEMAS.rglob("SOURCE.md")]}
+    for path, text in texts.items():
+        for match in re.finditer(r">= ?1\.5(\.\d+)?", text):
+            assert match.group(1) == ".1", f"{path.relative_to(REPO)}: {match.group(0)!r} (authOptions needs 1.5.1)"
+    assert ">= 1.5.1" in texts[DOCS]
 
 
 def test_aws_capacity_check_catches_too_few_nodes(aws):
     _, cfg = resolve_command("byol-ray train --config imagenet_resnet50_300ep ray.num_workers=32")
     assert aws_capacity_problems(aws, cfg.ray), "32 GPU workers cannot start on 2 x 8 GPUs"
-
-
-def _pyproject() -> dict:
-    import tomllib
-
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
