@@ -64,8 +64,8 @@ def _wait_job(dashboard: str, job_id: str, timeout_s: float = 600) -> str:
 
 
 def _submit_no_wait(dashboard: str, job_id: str, *entrypoint: str) -> None:
-    out = _ray("job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait",
-               "--working-dir", ".", "--", *entrypoint, timeout=120)
+    out = _ray("job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait", "--",
+               *entrypoint, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

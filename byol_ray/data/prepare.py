@@ -84,6 +84,10 @@ def _ignore_sigint() -> None:
     # A terminal's Ctrl-C reaches the whole process group: the main process alone handles it (it
     # terminates the workers); a worker dying of it mid-task would leave pools waiting on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Pool.terminate() ends workers with SIGTERM; a forked worker inherits the parent's Python handler for
+    # it (a Ray driver installs one), which cannot run while the worker blocks on the task queue's lock:
+    # the pool's exit would then wait forever. Workers die of SIGTERM, as a pool expects.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextmanager
