@@ -342,7 +342,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"\n## Stored resolution for ImageNet: crop statistics and loader cost per stored side "
         f"({time.strftime('%Y-%m-%d')})\n",
-        f"Command: `{result['command']}`",
+        f"Command: `{result['command']}`" + ("" if "throughput" in result else "\n"),
     ]
     if "throughput" in result:
         m, d = result["machine"], result["data"]
@@ -380,6 +380,12 @@ def to_markdown(result: dict) -> str:
             f"{s['share_any_axis_upsampled']:.1%} | {s['eval_crop_side']} | {'yes' if s['eval_upsampled'] else 'no'} | "
             f"{t.get('pairs_per_s', '')} | {t.get('pairs_per_cpu_s', '')} | {f'{cost:.2f}x' if cost else ''} | "
             f"{t.get('bytes_per_image', '')} |")
+    other = [name for name in CROP_LAWS if name != law and name in stats]
+    for name in other:
+        rows = [(side, r) for side, r in stats[name].items() if side != "mix"]
+        lines.append(f"\nUnder the `{name}` law, the same image: mean crop side "
+                     + ", ".join(f"{r['mean_crop_side']} ({side})" for side, r in rows) + "; training crops upsampled "
+                     + ", ".join(f"{r['share_upsampled']:.1%} ({side})" for side, r in rows) + ".")
     if "mix" in stats[law]:
         lines += ["", f"Pooled over the {stats[law]['mix']['full']['images']} synthetic images' shapes:", "",
                   "| stored long side | mean stored size | mean crop side | training crops upsampled "

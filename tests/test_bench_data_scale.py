@@ -56,6 +56,17 @@ def test_crop_statistics_of_the_reference_law_per_stored_side():
     assert rec["side"] == 384 and rec["share_not_upsampled"] > 0.5
 
 
+def test_bench_resolution_stats_only_appends_a_section(tmp_path, monkeypatch):
+    br = _script("bench_resolution")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n")
+    monkeypatch.setattr(br, "REPO", tmp_path)  # --write appends to REPO/docs/benchmarks.md
+    out = br.main(["--stats-only", "--draws", "5000", "--write"])
+    assert "throughput" not in out and out["recommendation"]["side"] == 384
+    text = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert text.startswith("# Benchmarks\n") and "| 256 | 256x192 |" in text and "`torchvision` law" in text
+
+
 def test_bench_resolution_measures_every_side_on_real_images(cifar_archive, work):
     br = _script("bench_resolution")
     workers = str(min(2, len(os.sched_getaffinity(0))))
@@ -83,10 +94,12 @@ def test_bench_resolution_measures_every_side_on_real_images(cifar_archive, work
     assert "| 384 | 384x288 |" in text and "Recommendation" in text
 
 
-def test_bench_prepare_runs_the_cli_and_extrapolates(cifar_archive, work):
+def test_bench_prepare_runs_the_cli_and_extrapolates(cifar_archive, work, tmp_path, monkeypatch):
     bp = _script("bench_prepare")
+    (tmp_path / "docs").mkdir()
+    monkeypatch.setattr(bp, "REPO", tmp_path)  # --write appends to REPO/docs/benchmarks.md
     out = bp.main(["--cifar", str(cifar_archive), "--work-dir", str(work), *TINY, "--workers", "1", "2",
-                   "--cores", "32", "--machines", "1", "4"])
+                   "--cores", "32", "--machines", "1", "4", "--write"])
     assert set(out["summary"]) == {"1", "2"} and out["side"] == 384
     for n, s in out["summary"].items():
         assert s["images_per_s"] > 0 and s["prepare_images_per_s"] > 0 and s["images_per_cpu_s"] > 0
@@ -100,4 +113,4 @@ def test_bench_prepare_runs_the_cli_and_extrapolates(cifar_archive, work):
     assert set(hours) == {(1, 1), (32, 1), (32, 4)}
     assert hours[(1, 1)] > 0 and hours[(1, 1)] >= hours[(32, 1)] >= hours[(32, 4)] >= 0
     assert out["scaling_efficiency"] > 0
-    assert "Extrapolation, not a measurement" in bp.to_markdown(out)
+    assert "Extrapolation, not a measurement" in (tmp_path / "docs" / "benchmarks.md").read_text()
