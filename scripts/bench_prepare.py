@@ -7,8 +7,8 @@ interleaved rounds (1, 2, 1, 2, ...). Measured per run: wall time of the whole c
 imports included) and prepare's own time (the report's ``seconds``: check pass + write, after the folder is
 listed), images/s by each, images/s per writer process, CPU
 seconds of the process tree (``RUSAGE_CHILDREN``), and the peak memory of the process tree, polled every 0.2 s
-with psutil: the sum of RSS (counts pages shared by the forked writers once per process) and the sum of PSS
-(shares them out; the better figure for "how much RAM does it need").
+with psutil: the sum of RSS (counts pages shared by the forked writers once per process) and, every fifth poll
+(it costs more to read), the sum of PSS (shares them out; the better figure for "how much RAM does it need").
 
 The extrapolation to 1.28 M images is exactly that -- an extrapolation from this measurement, assuming the
 per-process rate of the largest N measured holds for C writer processes on a C-core machine; it is not a
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_resolution as br  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167  # images in the ImageNet-1k train split
+PSS_EVERY = 5  # polls between PSS reads (RSS is read at every poll)
 
 
 def byol_ray_exe() -> str:
@@ -52,27 +53,30 @@ def byol_ray_exe() -> str:
     return found
 
 
-def tree_memory(proc) -> tuple[int, int, int, int]:
-    """(sum RSS, sum PSS, largest single RSS, process count) of ``proc`` and all its descendants, in bytes."""
+def tree_memory(proc, pss: bool) -> tuple[int, int, int, int]:
+    """(sum RSS, sum PSS or 0, largest single RSS, process count) of ``proc`` and its descendants, in bytes.
+
+    PSS reads /proc/PID/smaps_rollup, which costs far more than RSS: ask for it every few polls only.
+    """
     import psutil
 
-    rss = pss = biggest = count = 0
+    rss_sum = pss_sum = biggest = count = 0
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0, 0, 0
     for p in procs:
         try:
-            info = p.memory_full_info()
+            info = p.memory_full_info() if pss else p.memory_info()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         except psutil.AccessDenied:
             info = p.memory_info()
-        rss += info.rss
-        pss += getattr(info, "pss", info.rss)
+        rss_sum += info.rss
+        pss_sum += getattr(info, "pss", info.rss) if pss else 0
         biggest = max(biggest, info.rss)
         count += 1
-    return rss, pss, biggest, count
+    return rss_sum, pss_sum, biggest, count
 
 
 def run_once(source: Path, out: Path, workers: int, side: int, poll_s: float = 0.2) -> dict:
@@ -88,8 +92,10 @@ def run_once(source: Path, out: Path, workers: int, side: int, poll_s: float = 0
     with open(stdout, "w") as so, open(stderr, "w") as se:
         child = subprocess.Popen(cmd, stdout=so, stderr=se)
         proc = psutil.Process(child.pid)
+        polls = 0
         while child.poll() is None:
-            rss, pss, biggest, count = tree_memory(proc)
+            rss, pss, biggest, count = tree_memory(proc, pss=polls % PSS_EVERY == 0)
+            polls += 1
             peak = {"rss": max(peak["rss"], rss), "pss": max(peak["pss"], pss),
                     "max_process_rss": max(peak["max_process_rss"], biggest),
                     "processes": max(peak["processes"], count)}
