@@ -1325,7 +1325,7 @@ def test_every_documented_prepare_command_parses():
     assert commands
     for command in commands:
         args = parse_cli_command(command)
-        assert args.command == "prepare" and args.output.endswith(".beton") and args.max_resolution == 256
+        assert args.command == "prepare" and args.output.endswith(".beton") and args.max_resolution == 384
 
 
 def test_docs_name_files_that_exist():
