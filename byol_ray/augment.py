@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -356,17 +357,24 @@ def _saturation_jitter(x: Tensor, saturation: Tensor) -> Tensor:
 JITTER_STAGES = ("affine", "hsv", "affine", "affine", "hsv", "affine")
 
 
-def _next_stage_table(kind: str) -> list[int]:
-    """table[c + 1] = first stage of `kind` after stage c (c = -1: before the first stage)."""
-    stages = range(len(JITTER_STAGES))
-    return [
-        next((i for i in stages if i > c and JITTER_STAGES[i] == kind), len(JITTER_STAGES))
-        for c in range(-1, len(JITTER_STAGES))
-    ]
+def _schedule(order: tuple[int, ...]) -> tuple[int, ...]:
+    """stage[op] for one order: each op at the first stage of its kind after the previous op's
+    stage, except that saturation and hue share one HSV stage when adjacent in the order.
+    len(JITTER_STAGES) (never run) where nothing fits, which no permutation needs."""
+    stage, cursor, previous_hsv = [len(JITTER_STAGES)] * NUM_JITTER_OPS, -1, False
+    for op in order:
+        is_hsv = op >= SATURATION
+        kind = "hsv" if is_hsv else "affine"
+        if not (is_hsv and previous_hsv):
+            later = range(cursor + 1, len(JITTER_STAGES))
+            cursor = next((i for i in later if JITTER_STAGES[i] == kind), len(JITTER_STAGES))
+        stage[op], previous_hsv = cursor, is_hsv
+    return tuple(stage)
 
 
-_NEXT_AFFINE = tuple(_next_stage_table("affine"))
-_NEXT_HSV = tuple(_next_stage_table("hsv"))
+# _schedule of every order, indexed by its base-4 code order[0] * 64 + ... + order[3].
+_STAGE_TABLE = tuple(_schedule(order) for order in itertools.product(range(NUM_JITTER_OPS), repeat=4))
+_CODE_WEIGHTS = tuple(NUM_JITTER_OPS ** (NUM_JITTER_OPS - 1 - p) for p in range(NUM_JITTER_OPS))
 
 
 def jitter_stages(order: Tensor) -> Tensor:
@@ -378,20 +386,8 @@ def jitter_stages(order: Tensor) -> Tensor:
     Returns:
         int64 [B, 4], stage[b, op] = index into the stage template where sample b runs op.
     """
-    batch = order.shape[0]
-    next_affine = _constant(_NEXT_AFFINE, order.device, order.dtype)
-    next_hsv = _constant(_NEXT_HSV, order.device, order.dtype)
-    stage = torch.empty_like(order)
-    cursor = torch.full((batch,), -1, dtype=order.dtype, device=order.device)
-    previous_hsv = torch.zeros(batch, dtype=torch.bool, device=order.device)
-    for position in range(NUM_JITTER_OPS):
-        op = order[:, position]
-        is_hsv = op >= SATURATION
-        slot = torch.where(is_hsv, next_hsv[cursor + 1], next_affine[cursor + 1])
-        slot = torch.where(is_hsv & previous_hsv, cursor, slot)  # share the HSV round trip
-        stage.scatter_(1, op.unsqueeze(1), slot.unsqueeze(1))
-        cursor, previous_hsv = slot, is_hsv
-    return stage
+    code = (order * _constant(_CODE_WEIGHTS, order.device, order.dtype)).sum(dim=1)
+    return _constant(_STAGE_TABLE, order.device, order.dtype).index_select(0, code)
 
 
 def _color_jitter(x: Tensor, params: AugmentParams) -> Tensor:
