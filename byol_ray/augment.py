@@ -322,8 +322,10 @@ def _hsv_jitter(x: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
     # k / 6 - 1/3 in turns for R, G, B (x is free now); u = its distance to the nearest integer
     # is in [-1/2, 1/2], and clamp(min(k, 4 - k), 0, 1) = clamp(2 - 6 |u|, 0, 1).
     turns = sixths.mul_(1.0 / 6.0).add_(hue.view(-1, 1, 1))
-    shifted = torch.add(turns.unsqueeze(1), _channel_constant((0.5, 1.0 / 6.0, -1.0 / 6.0), x), out=x)
-    weight = shifted.sub_(torch.round(shifted, out=work)).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0)
+    offsets = _channel_constant((0.5, 1.0 / 6.0, -1.0 / 6.0), x)
+    shifted = torch.add(turns.unsqueeze(1), offsets, out=x)
+    shifted.sub_(torch.round(shifted, out=work))
+    weight = shifted.abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0)
     # New chroma v * clip(s * f, 0, 1) with s = chroma / v, written without the division.
     new_chroma = chroma.mul_(saturation.clamp(min=0.0).view(-1, 1, 1))
     torch.minimum(new_chroma, value, out=new_chroma)
@@ -373,7 +375,9 @@ def _schedule(order: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # _schedule of every order, indexed by its base-4 code order[0] * 64 + ... + order[3].
-_STAGE_TABLE = tuple(_schedule(order) for order in itertools.product(range(NUM_JITTER_OPS), repeat=4))
+_STAGE_TABLE = tuple(
+    _schedule(order) for order in itertools.product(range(NUM_JITTER_OPS), repeat=NUM_JITTER_OPS)
+)
 _CODE_WEIGHTS = tuple(NUM_JITTER_OPS ** (NUM_JITTER_OPS - 1 - p) for p in range(NUM_JITTER_OPS))
 
 

@@ -495,12 +495,13 @@ def test_blur_sigma_is_per_sample():
 
 
 def test_saturation_alone_matches_colorsys():
-    # Saturation and hue apart in the order (S, B, H, C): saturation runs alone, in its closed form.
+    # Saturation and hue apart in the order (S, B, H, C): saturation runs alone (closed form).
     images = torch.rand(3, 3, 5, 5, generator=generator(29), dtype=torch.float64)
     images[:, :, 0, 0] = 0.5  # gray
     images[:, :, 0, 1] = 0.0  # black
     for factor in (0.0, 0.5, 1.2, 3.0):
-        params = dataclasses.replace(jitter_only(3, saturation=factor), order=torch.tensor([[2, 0, 3, 1]] * 3))
+        params = jitter_only(3, saturation=factor)
+        params = dataclasses.replace(params, order=torch.tensor([[2, 0, 3, 1]] * 3))
         out = unit(images, params).double().numpy()
         expected = np.stack([ref_saturation(x, factor) for x in images.numpy()])
         np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -512,12 +513,13 @@ def test_wide_blur_kernel_matches_the_reference():
     images = random_images(2, 48, 48, seed=30)
     out = unit(images, blur_params(2, 1.7), view)
     x = images[0].double().numpy() / 255
-    np.testing.assert_allclose(out[0].double().numpy(), ref_blur(x, 1.7, view.blur_kernel_size(48)), atol=1e-6)
+    expected = ref_blur(x, 1.7, view.blur_kernel_size(48))
+    np.testing.assert_allclose(out[0].double().numpy(), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 9, 23])
 def test_blur_as_shifted_sums_equals_the_grouped_convolution(kernel_size):
-    # The CPU path (shifted sums) and the accelerator path (grouped conv2d) are the same correlation.
+    # The CPU path (shifted sums) and the accelerator path (grouped conv2d): the same correlation.
     x = torch.rand(4, 3, 20, 30, generator=generator(31))
     kernel = augment._blur_taps(torch.tensor([0.3, 0.9, 1.6, 2.0]), kernel_size, torch.float32)
     shifted = augment._blur_shifted(x.clone(), kernel)
@@ -527,7 +529,7 @@ def test_blur_as_shifted_sums_equals_the_grouped_convolution(kernel_size):
 
 @pytest.mark.parametrize("view", [VIEW1, VIEW2], ids=["view1", "view2"])
 def test_masked_path_of_accelerators_equals_the_subset_path_of_cpus(view, monkeypatch):
-    # On CPUs each op runs on the gathered samples that use it; elsewhere on the whole batch, masked.
+    # CPUs run each op on the gathered samples that use it; accelerators on the batch, masked.
     images = random_images(96, 12, 12, seed=32)
     params = sample_params(96, view, generator(33))
     subset = apply_params(images, params, view)
@@ -538,7 +540,8 @@ def test_masked_path_of_accelerators_equals_the_subset_path_of_cpus(view, monkey
 
 def test_results_survive_later_calls():
     # Temporaries live in buffers reused between calls; no result may share them.
-    first_images, second_images = random_images(32, 16, 16, seed=34), random_images(32, 16, 16, seed=35)
+    first_images = random_images(32, 16, 16, seed=34)
+    second_images = random_images(32, 16, 16, seed=35)
     first = augment_view(first_images, VIEW2, generator(36))
     kept = first.clone()
     augment_view(second_images, VIEW2, generator(37))
@@ -565,8 +568,8 @@ def test_channels_last_input_gives_the_same_output():
     images = random_images(8, 16, 16, seed=41)
     params = sample_params(8, VIEW1, generator(42))
     expected = apply_params(images, params, VIEW1)
-    torch.testing.assert_close(apply_params(images.contiguous(memory_format=torch.channels_last), params, VIEW1),
-                               expected, atol=0, rtol=0)
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(apply_params(channels_last, params, VIEW1), expected, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
