@@ -1,18 +1,27 @@
-"""Benchmark: batched byol_ray.augment vs per-image torchvision/PIL loops of the same recipe; prints JSON."""
+"""Benchmark: batched byol_ray.augment vs per-image torchvision/PIL loops of the same recipe, its time per op, and A/B against another revision; prints JSON."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import v2
 
+from byol_ray import augment
 from byol_ray.augment import VIEW1, VIEW2, ViewAugment, augment_view
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def torchvision_view(view: ViewAugment, side: int) -> v2.Compose:
@@ -64,10 +73,28 @@ def pil_view(view: ViewAugment) -> v2.Compose:
     )
 
 
+def interleaved(methods: dict, trials: int) -> dict[str, list[float]]:
+    """Seconds per call of each method, methods alternating within every trial (after one warm-up
+    call each), so that background load hits them alike."""
+    for fn in methods.values():
+        fn()
+    times = {name: [] for name in methods}
+    for _ in range(trials):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def random_batch(batch: int, side: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
 def measure(side: int, batch: int, trials: int, seed: int) -> dict:
-    """Images (augmented views) per second of each method; trials interleave the methods so
-    that background load hits them alike, and the median trial is reported."""
-    images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
+    """Images (augmented views) per second of each method, median trial."""
+    images = random_batch(batch, side, seed)
     pil_images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
     generator = torch.Generator().manual_seed(seed)
     tv = {"view1": torchvision_view(VIEW1, side), "view2": torchvision_view(VIEW2, side)}
@@ -85,15 +112,8 @@ def measure(side: int, batch: int, trials: int, seed: int) -> dict:
         for name in ("view1", "view2"):
             torch.stack([pil[name](im) for im in pil_images])
 
-    methods = {"batched": batched, "torchvision_per_image": torchvision_loop, "pil_per_image": pil_loop}
-    times = {name: [] for name in methods}
-    for name, fn in methods.items():
-        fn()  # warm-up
-    for _ in range(trials):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved({"batched": batched, "torchvision_per_image": torchvision_loop, "pil_per_image": pil_loop},
+                        trials)
     result = {"side": side, "batch": batch, "trials": trials}
     for name, ts in times.items():
         result[f"{name}_images_per_s"] = round(2 * batch / statistics.median(ts), 1)
@@ -104,25 +124,134 @@ def measure(side: int, batch: int, trials: int, seed: int) -> dict:
     return result
 
 
-def main() -> None:
+def op_times(side: int, batch: int, trials: int, seed: int) -> dict:
+    """Median ms of each step of apply_params per view, and of the jitter's ops on the whole batch.
+
+    Each step gets a fresh copy of the same input (made outside the timer), so the figures add up
+    to about one apply_params call.
+    """
+    images = random_batch(batch, side, seed)
+    out = {"side": side, "batch": batch, "trials": trials}
+    for name, view in (("view1", VIEW1), ("view2", VIEW2)):
+        params = augment.sample_params(batch, view, torch.Generator().manual_seed(seed))
+        x = augment._to_unit_float(images)
+        mean, std = augment._channel_constant(view.mean, x), augment._channel_constant(view.std, x)
+        kernel = view.blur_kernel_size(side)
+        solarized = functools.partial(augment._solarized, threshold=view.solarize_threshold)
+        use_all = torch.ones(batch, dtype=torch.bool)
+        steps = {
+            "sample_params": lambda _: augment.sample_params(batch, view, torch.Generator().manual_seed(seed)),
+            "uint8_to_float": lambda _: augment._to_unit_float(images),
+            "color_jitter": lambda y: augment._color_jitter(y, params),
+            "grayscale": lambda y: augment._apply_selected(y, params.grayscale, augment._gray),
+            "blur": lambda y: augment._gaussian_blur(y, params.blur_sigma, params.blur_applied, kernel),
+            "solarize": lambda y: augment._apply_selected(y, params.solarize, solarized),
+            "clip_normalize": lambda y: y.clamp_(0.0, 1.0).sub_(mean).div_(std),
+            # The jitter's ops, each on the whole batch (color_jitter runs them on the samples that use them):
+            "op_affine_all": lambda y: augment._affine_jitter(y, params.brightness, params.contrast, use_all,
+                                                              ~use_all),
+            "op_hsv_round_trip_all": lambda y: augment._hsv_jitter(y, params.saturation, params.hue),
+            "op_saturation_alone_all": lambda y: augment._saturation_jitter(y, params.saturation),
+        }
+        samples = {step: [] for step in steps}
+        for trial in range(trials + 1):  # the first is a warm-up
+            for step, fn in steps.items():
+                y = x.clone()
+                start = time.perf_counter()
+                fn(y)
+                if trial:
+                    samples[step].append(time.perf_counter() - start)
+        ms = {step: round(1e3 * statistics.median(ts), 3) for step, ts in samples.items()}
+        pipeline = sum(v for k, v in ms.items() if not k.startswith("op_"))
+        out[name] = {"ms": ms, "pipeline_ms": round(pipeline, 3),
+                     "share": {k: round(v / pipeline, 3) for k, v in ms.items() if not k.startswith("op_")}}
+    return out
+
+
+def profile(side: int, batch: int, rows: int, seed: int) -> str:
+    """torch.profiler's table of the aten ops of ten two-view calls, by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    images = random_batch(batch, side, seed)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        augment_view(images, VIEW1, generator), augment_view(images, VIEW2, generator)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            augment_view(images, VIEW1, generator), augment_view(images, VIEW2, generator)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def module_at(revision: str):
+    """byol_ray/augment.py as it was at a git revision, imported as a separate module."""
+    source = subprocess.run(["git", "show", f"{revision}:byol_ray/augment.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-augment-")) / "augment_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("augment_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def against(revision: str, side: int, batch: int, trials: int, seed: int) -> dict:
+    """Paired A/B of the two views' augmentation: `revision`'s augment.py (A) vs the working tree's (B),
+    alternating call by call in this process; the median of the per-trial ratios A/B."""
+    old = module_at(revision)
+    images = random_batch(batch, side, seed)
+
+    def two_views(module):
+        generator = torch.Generator().manual_seed(seed)
+        return lambda: (module.augment_view(images, module.VIEW1, generator),
+                        module.augment_view(images, module.VIEW2, generator))
+
+    times = interleaved({"revision": two_views(old), "working_tree": two_views(augment)}, trials)
+    ratios = [a / b for a, b in zip(times["revision"], times["working_tree"])]
+    return {"revision": revision, "side": side, "batch": batch, "trials": trials,
+            "revision_ms": round(1e3 * statistics.median(times["revision"]), 2),
+            "working_tree_ms": round(1e3 * statistics.median(times["working_tree"]), 2),
+            "median_speedup": round(statistics.median(ratios), 2),
+            "speedup_range": [round(min(ratios), 2), round(max(ratios), 2)]}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     # One thread by default: per-core throughput, as a per-image loop scales by adding workers.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--sizes", nargs="+", default=["32:256", "224:32"], metavar="SIDE:BATCH",
+                        help="image side and batch of each comparison with the per-image pipelines")
+    parser.add_argument("--no-compare", action="store_true", help="skip the per-image pipelines")
+    parser.add_argument("--ops", action="store_true", help="median ms of each step and op at the first size")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="print torch.profiler's top ROWS aten ops (stderr) at the first size")
+    parser.add_argument("--against", metavar="REV",
+                        help="paired A/B at the first size: augment.py at git revision REV vs the working tree")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    runs = [measure(32, 256, args.trials, args.seed), measure(224, 32, args.trials, args.seed)]
+    sizes = [tuple(int(v) for v in size.split(":")) for size in args.sizes]
+    side, batch = sizes[0]
     report = {
         "unit": "augmented views per second (each batch is augmented as view1 and as view2)",
         "device": "cpu",
         "torch_threads": args.threads,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "results": runs,
     }
+    if not args.no_compare:
+        report["results"] = [measure(s, b, args.trials, args.seed) for s, b in sizes]
+    if args.ops:
+        report["ops"] = op_times(side, batch, max(args.trials, 5), args.seed)
+    if args.against:
+        report["against"] = against(args.against, side, batch, max(args.trials, 5), args.seed)
+    if args.profile:
+        print(profile(side, batch, args.profile, args.seed), file=sys.stderr)
     print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

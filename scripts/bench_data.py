@@ -1,12 +1,14 @@
-"""Benchmark: FFCV two-view loader + batched augmentation vs a torchvision DataLoader with per-image PIL transforms; prints JSON."""
+"""Benchmark: two views per image, torchvision's per-image DataLoader vs the FFCV loader + batched augmentation, in paired interleaved rounds; prints JSON."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -14,17 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byol_ray.augment import VIEW1, VIEW2, ViewAugment, augment_view
+from byol_ray.augment import ViewAugment, augment_view
+from byol_ray.config import AugmentConfig, TrainConfig
 from byol_ray.data.check import validate_beton
 from byol_ray.data.loaders import TwoViewEpochLoader, build_train_loader
 from byol_ray.data.prepare import prepare
 from byol_ray.data.sources import ImageFolderSource, Source
 
+# A 1-minute load average above (cores - QUIET_MARGIN) at start means other jobs share the cores:
+# such a run prints its figures marked as not a result and refuses --write.
+QUIET_MARGIN = 0.5
 
-def cpu_seconds() -> float:
+
+def cpu_seconds() -> float | None:
     """CPU time used so far by this process (all threads) and its live children (DataLoader workers)."""
-    import psutil  # comes with ray
-
+    try:
+        import psutil
+    except ImportError:
+        return None
     me = psutil.Process()
     total = 0.0
     for proc in [me, *me.children(recursive=True)]:
@@ -36,38 +45,117 @@ def cpu_seconds() -> float:
     return total
 
 
-def measure(loader, consume, batch_size: int, seconds: float, warmup_batches: int = 2) -> dict:
-    """Throughput of `consume(batch)` over `loader` for `seconds`, after warm-up batches.
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
-    The warm-up covers FFCV's pipeline compilation and DataLoader worker start-up; both are
-    reported separately. Epochs restart as needed. Pairs per CPU-second (this process and its
-    worker processes) barely moves when other jobs share the cores; pairs/s does.
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    import torchvision
+
+    return {"cpu": model, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def quiet_machine(load_at_start: list[float], cores: int) -> tuple[bool, str]:
+    """(quiet, why not): the 1-minute load average at start must not exceed cores - QUIET_MARGIN."""
+    limit = cores - QUIET_MARGIN
+    if load_at_start[0] > limit:
+        return False, (f"1-minute load average {load_at_start[0]} at start > {limit} ({cores} cores - "
+                       f"{QUIET_MARGIN}): other jobs share the cores, so these figures are not a result")
+    return True, ""
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Sends file descriptor 1 to stderr meanwhile: stdout is for the JSON, and numba prints a warning on
+    it (from C) each time a DataLoader worker is forked after FFCV started its threads."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def endless(loader):
+    """Batches across epochs; closing this generator closes the epoch's iterator: FFCV's producer thread
+    stops, a DataLoader's worker processes are joined."""
+    while True:
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:
+            # A DataLoader iterator has no close(); dropping it may wait for the garbage collector.
+            close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
+            if close is not None:
+                close()
+
+
+def time_round(loader, consume, batch_size: int, batches: int, warmup_batches: int) -> dict:
+    """Times `consume` over `batches` batches of a fresh iterator, after `warmup_batches` untimed ones.
+
+    The iterator is closed before returning, so nothing of this pipeline (prefetching threads or
+    worker processes) runs during the other pipeline's round.
     """
     started = time.perf_counter()
-    batches = iter(loader)
-    for _ in range(warmup_batches):
-        consume(next(batches))
-    warmup_s = time.perf_counter() - started
-    count, start, cpu_start = 0, time.perf_counter(), cpu_seconds()
-    while time.perf_counter() - start < seconds:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        consume(batch)
-        count += 1
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    return {"batches_per_s": round(count / elapsed, 2), "pairs_per_s": round(count * batch_size / elapsed, 1),
-            "pairs_per_cpu_s": round(count * batch_size / cpu, 1), "batches": count, "seconds": round(elapsed, 1),
-            "cpu_s": round(cpu, 1), "warmup_s": round(warmup_s, 1)}
+    stream = endless(loader)
+    try:
+        for _ in range(warmup_batches):
+            consume(next(stream))
+        warmup_s = time.perf_counter() - started
+        cpu_start, start = cpu_seconds(), time.perf_counter()
+        for _ in range(batches):
+            consume(next(stream))
+        elapsed, cpu_end = time.perf_counter() - start, cpu_seconds()
+    finally:
+        stream.close()
+    pairs = batches * batch_size
+    out = {"pairs_per_s": round(pairs / elapsed, 1), "seconds": round(elapsed, 2), "warmup_s": round(warmup_s, 2)}
+    if cpu_start is not None:
+        out["pairs_per_cpu_s"] = round(pairs / max(cpu_end - cpu_start, 1e-9), 1)
+    return out
 
 
-def best_of(rounds: list[dict]) -> dict:
-    """The least disturbed round (other jobs only ever slow one down), with every round's figures."""
-    best = max(rounds, key=lambda r: r["pairs_per_s"])
-    return {**best, "warmup_s": rounds[0]["warmup_s"], "rounds_pairs_per_s": [r["pairs_per_s"] for r in rounds],
-            "rounds_pairs_per_cpu_s": [r["pairs_per_cpu_s"] for r in rounds]}
+def paired_rounds(pipelines: dict, rounds: int, batch_size: int, batches: int, warmup_batches: int,
+                  log=None) -> dict:
+    """Rounds of A, B, A, B, ...: each round times the same number of pairs for each pipeline in turn.
+
+    Args:
+        pipelines: {"name": (loader, consume)}, in round order; the first is the baseline A, the second B.
+        rounds: number of rounds.
+
+    Returns:
+        Per-round figures, the paired ratios B/A of pairs/s (one per round) and their median.
+    """
+    (name_a, name_b) = list(pipelines)[:2]
+    per_round = []
+    for index in range(rounds):
+        row = {"round": index + 1}
+        for name, (loader, consume) in pipelines.items():
+            row[name] = time_round(loader, consume, batch_size, batches, warmup_batches)
+        row["ratio"] = round(row[name_b]["pairs_per_s"] / row[name_a]["pairs_per_s"], 3)
+        per_round.append(row)
+        if log:
+            log(f"round {index + 1}/{rounds}: " + ", ".join(f"{n} {row[n]['pairs_per_s']} pairs/s" for n in pipelines)
+                + f", ratio {row['ratio']}")
+    ratios = [r["ratio"] for r in per_round]
+    out = {"baseline": name_a, "candidate": name_b, "pairs_per_round": batches * batch_size, "rounds": per_round,
+           "ratios": ratios, "median_ratio": round(statistics.median(ratios), 2),
+           "ratio_range": [min(ratios), max(ratios)]}
+    for name in pipelines:
+        out[f"{name}_median_pairs_per_s"] = round(statistics.median(r[name]["pairs_per_s"] for r in per_round), 1)
+    if all("pairs_per_cpu_s" in r[name] for r in per_round for name in pipelines):
+        cpu_ratios = [r[name_b]["pairs_per_cpu_s"] / r[name_a]["pairs_per_cpu_s"] for r in per_round]
+        out["median_ratio_per_cpu_s"] = round(statistics.median(cpu_ratios), 2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
 
 
 def torchvision_view(view: ViewAugment, resolution: int):
@@ -94,6 +182,29 @@ class TwoViews:
 
     def __call__(self, image):
         return self.view1(image), self.view2(image)
+
+
+def torchvision_loader(train_dir: str, *, batch_size: int, workers: int, augment: AugmentConfig):
+    """(A) torchvision's per-image two-view pipeline: ImageFolder + PIL transforms in DataLoader worker
+    processes. Workers start with each round's iterator and are joined at its end."""
+    from torchvision.datasets import ImageFolder
+
+    views = TwoViews(torchvision_view(augment.view1, 32), torchvision_view(augment.view2, 32))
+    return torch.utils.data.DataLoader(ImageFolder(train_dir, transform=views), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True)
+
+
+def training_consumer(augment: AugmentConfig, memory_format: torch.memory_format, seed: int = 0):
+    """(B)'s per-batch work, as byol_ray.engine's train_step does it: augment each view on the batch's
+    device with one seeded generator, then lay it out in the model's memory format."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def consume(batch):
+        view1_u8, view2_u8, _ = batch
+        augment_view(view1_u8, augment.view1, generator).contiguous(memory_format=memory_format)
+        augment_view(view2_u8, augment.view2, generator).contiguous(memory_format=memory_format)
+
+    return consume
 
 
 class Upscaled(Source):
@@ -162,165 +273,155 @@ def _two_pipeline_loader(path, *, batch_size: int, resolution: int, num_workers:
                               num_samples=num_samples)
 
 
-def measure_large(path: Path, args, workers: int, device: torch.device) -> dict:
-    """ImageNet-like loading, crop + flip + transfer only: the two-pipeline baseline and the decode-once
-    loader (build_train_loader), measured in alternating rounds so both see the same machine load."""
-    batch, resolution = args.large_batch_size, args.large_resolution
-    loaders = {
-        "two_pipeline": _two_pipeline_loader(path, batch_size=batch, resolution=resolution, num_workers=workers,
-                                             device=device),
-        "decode_once": build_train_loader(path, batch_size=batch, resolution=resolution, num_workers=workers,
-                                          device=device),
-    }
-    rounds = {name: [] for name in loaders}
-    for _ in range(args.rounds):
-        for name, loader in loaders.items():
-            rounds[name].append(measure(loader, lambda b: None, batch, args.seconds))
-    out = {}
-    for name, r in rounds.items():
-        best = best_of(r)
-        out[name] = {**best, "pairs_per_s_per_core": round(best["pairs_per_s"] / workers, 1)}
-    old, new = out["two_pipeline"], out["decode_once"]
-    return {**out, "ratio": round(new["pairs_per_s"] / old["pairs_per_s"], 2),
-            "ratio_per_cpu_s": round(new["pairs_per_cpu_s"] / old["pairs_per_cpu_s"], 2),
-            "images": args.large_images, "stored_side": args.large_side,
-            "stored_as": "JPEG quality 90 (upscaled CIFAR-10, bicubic)", "resolution": resolution,
-            "batch_size": batch, "device": str(device)}
+# ------------------------------------------------------------------------------------------------ report
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+def _round_table(result: dict, names: dict) -> list[str]:
+    a, b = result["baseline"], result["candidate"]
+    lines = [f"| round | {names[a]} pairs/s | {names[b]} pairs/s | ratio |", "| ---: | ---: | ---: | ---: |"]
+    for r in result["rounds"]:
+        lines.append(f"| {r['round']} | {r[a]['pairs_per_s']} | {r[b]['pairs_per_s']} | {r['ratio']:.2f}x |")
+    lines.append(f"| **median** | {result[f'{a}_median_pairs_per_s']} | {result[f'{b}_median_pairs_per_s']} | "
+                 f"**{result['median_ratio']}x** |")
+    return lines
 
 
-def large_markdown(result: dict) -> list[str]:
-    c, m = result["large"], result["machine"]
-    old, new = c["two_pipeline"], c["decode_once"]
-
-    def row(name, r):
-        return (f"| {name} | {r['pairs_per_s']} | {r['pairs_per_s_per_core']} | {r['pairs_per_cpu_s']} | "
-                f"{r['warmup_s']} |")
-
-    return [
-        f"ImageNet-like: {c['images']} CIFAR-10 images upscaled (bicubic) to {c['stored_side']} px and stored as "
-        f"JPEG (quality 90), {c['resolution']}-px crops (OpenCV INTER_AREA resize, FFCV's `resize_crop`), batch "
-        f"{c['batch_size']}, {result['workers']} loader threads, crop + flip + transfer only (device {c['device']}); "
-        f"the two loaders alternate rounds (best of {len(new['rounds_pairs_per_s'])} rounds of ~{new['seconds']} s "
-        "each):\n",
-        "| loader | pairs/s | pairs/s per core | pairs per CPU-second | warm-up s |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        row("before: two FFCV pipelines (each image decoded twice, unseeded crops)", old),
-        row("now: `TwoViewDecoder` (decoded once, crops seeded per sample)", new),
-        f"| ratio | **{c['ratio']}x** | | **{c['ratio_per_cpu_s']}x** | |\n",
-        f"All rounds, pairs/s: before {old['rounds_pairs_per_s']}, now {new['rounds_pairs_per_s']}; pairs per "
-        f"CPU-second: before {old['rounds_pairs_per_cpu_s']}, now {new['rounds_pairs_per_cpu_s']}. With "
-        f"{m['cores']} cores shared by other jobs (load average above), pairs/s per core understates the "
-        "loader; pairs per CPU-second approximates the per-core rate with a core to itself.\n",
-    ]
-
-
-def to_markdown(result: dict, command: str) -> str:
+def to_markdown(result: dict) -> str:
     m = result["machine"]
     head = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; load average "
-        f"{m['load_average_at_start']} at start, {m['load_average_at_end']} at end (above {m['cores']}, other jobs "
-        "shared the cores: pairs/s then understates, pairs per CPU-second much less so).",
-        f"Command: `{command}`\n",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, torchvision "
+        f"{m['torchvision']}. Load average {result['load_average_at_start']} at start (a quiet machine: the 1-minute "
+        f"figure at most {m['cores'] - QUIET_MARGIN}), {result['load_average_at_end']} at end (this benchmark's own "
+        "load).",
+        f"Command: `{result['command']}`\n",
     ]
-    if "ffcv_augment" not in result:  # --large-only
-        return "\n".join([f"\n## Data loading, ImageNet-like, one decode per image ({time.strftime('%Y-%m-%d')})\n",
-                          *head, *large_markdown(result)])
-    a, a0, b = (result[k] for k in ("ffcv_augment", "ffcv_crop_flip", "torchvision"))
+    sections = []
+    if "cifar" in result:
+        c = result["cifar"]
+        cpu = (f" Median paired ratio of pairs per CPU-second (this process and its worker processes): "
+               f"{c['median_ratio_per_cpu_s']}x." if "median_ratio_per_cpu_s" in c else "")
+        sections += [
+            f"\n## Data loading, two views per image, paired rounds ({result['date']})\n", *head,
+            f"CIFAR-10 train ({c['images']} real 32-px JPEGs), batch {c['batch_size']}, {result['workers']} loader "
+            f"workers, {result['threads']} torch threads, the paper's two views (blur and solarise included) on CPU. "
+            f"Each round times {c['pairs_per_round']} pairs of (A) torchvision's per-image two-view pipeline "
+            "(ImageFolder + PIL transforms in DataLoader worker processes), then the same number of (B) the "
+            "training path: the FFCV two-view loader (`build_train_loader`) + `byol_ray.augment` as the engine "
+            f"applies it ({c['memory_format']} output); each after {c['warmup_batches']} untimed batches, its "
+            "workers stopped before the other's turn.\n",
+            *_round_table(c, {"torchvision": "(A) torchvision", "ours": "(B) FFCV + batched augment"}),
+            f"\n**B is {c['median_ratio']}x A** (median of {len(c['ratios'])} paired ratios, range "
+            f"{c['ratio_range'][0]}-{c['ratio_range'][1]}).{cpu}\n",
+        ]
+    if "large" in result:
+        c = result["large"]
+        sections += [
+            f"\n## Data loading, ImageNet-like, one decode per image, paired rounds ({result['date']})\n", *head,
+            f"ImageNet-like: {c['images']} CIFAR-10 images upscaled (bicubic) to {c['stored_side']} px and stored as "
+            f"JPEG (quality 90), {c['resolution']}-px crops (OpenCV INTER_AREA resize, FFCV's `resize_crop`), batch "
+            f"{c['batch_size']}, {result['workers']} loader threads, crop + flip + transfer only (device "
+            f"{c['device']}). Each round times {c['pairs_per_round']} pairs of the two-pipeline loader (each image "
+            "decoded twice, unseeded crops), then of `TwoViewDecoder` (decoded once, crops seeded per sample).\n",
+            *_round_table(c, {"two_pipeline": "two FFCV pipelines", "decode_once": "`TwoViewDecoder`"}),
+            f"\n**decode-once is {c['median_ratio']}x the two-pipeline loader** (median of {len(c['ratios'])} "
+            "paired ratios).\n",
+        ]
+    return "\n".join(sections)
 
-    def row(name, r):
-        return f"| {name} | {r['batches_per_s']} | {r['pairs_per_s']} | {r['pairs_per_cpu_s']} |"
 
-    return "\n".join([
-        f"\n## Data loading, two views per image ({time.strftime('%Y-%m-%d')})\n",
-        *head,
-        f"CIFAR-10 train ({result['cifar_images']} real 32-px JPEGs), batch {result['batch_size']}, "
-        f"{result['workers']} loader workers, full BYOL augmentation on CPU (best of "
-        f"{len(a['rounds_pairs_per_s'])} rounds of ~{a['seconds']} s):\n",
-        "| pipeline | batches/s | pairs/s | pairs per CPU-second |",
-        "| --- | ---: | ---: | ---: |",
-        row("FFCV two-view loader + `byol_ray.augment` (batched, CPU)", a),
-        row("torchvision DataLoader, per-image PIL transforms", b),
-        f"| ratio | | **{result['ratio']}x** | **{result['ratio_per_cpu_s']}x** |",
-        row("(FFCV loader alone: crop + flip)", a0) + "\n",
-        f"All rounds, pairs/s: FFCV + augment {a['rounds_pairs_per_s']}, torchvision {b['rounds_pairs_per_s']}, "
-        f"FFCV alone {a0['rounds_pairs_per_s']}.\n",
-        *large_markdown(result),
-        f"Warm-up (FFCV compiles each loader's pipeline with numba on first use): {a0['warmup_s']} s (CIFAR).\n",
-    ])
+def measure(args, result: dict, augment: AugmentConfig, memory_format: torch.memory_format, work: Path,
+            log) -> None:
+    """Prepares the .beton files (first run only) and runs the paired rounds into `result`."""
+    workers, batch = args.workers, args.batch_size
+    source = ImageFolderSource(args.train_dir)
+    if not args.large_only:
+        beton, prepare_s = prepared(source, work / "cifar10-train.beton", workers)
+        pipelines = {
+            "torchvision": (torchvision_loader(args.train_dir, batch_size=batch, workers=workers, augment=augment),
+                            lambda b: None),
+            "ours": (build_train_loader(beton, batch_size=batch, resolution=32, num_workers=workers, seed=0),
+                     training_consumer(augment, memory_format)),
+        }
+        result["cifar"] = {**paired_rounds(pipelines, args.rounds, batch, max(1, args.pairs // batch),
+                                           args.warmup_batches, log),
+                           "images": len(source), "batch_size": batch, "warmup_batches": args.warmup_batches,
+                           "memory_format": "channels_last" if memory_format == torch.channels_last else "contiguous",
+                           "prepare_s": prepare_s}
+    if args.large or args.large_only:
+        large, prepare_s = prepared(Upscaled(source, args.large_images, args.large_side),
+                                    work / f"cifar10-upscaled{args.large_side}.beton", workers,
+                                    compress_probability=1.0, jpeg_quality=90)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        lb, resolution = args.large_batch_size, args.large_resolution
+        pipelines = {
+            "two_pipeline": (_two_pipeline_loader(large, batch_size=lb, resolution=resolution, num_workers=workers,
+                                                  device=device), lambda b: None),
+            "decode_once": (build_train_loader(large, batch_size=lb, resolution=resolution, num_workers=workers,
+                                               device=device), lambda b: None),
+        }
+        result["large"] = {**paired_rounds(pipelines, args.rounds, lb, max(1, args.pairs // lb), args.warmup_batches,
+                                           log),
+                           "images": args.large_images, "stored_side": args.large_side, "resolution": resolution,
+                           "batch_size": lb, "device": str(device), "prepare_s": prepare_s}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("train_dir", help="the unpacked CIFAR-10 train split (ImageFolder: train/<class>/*.jpg)")
     parser.add_argument("--work-dir", default="/tmp/byol-bench-data", help="where the .beton files go")
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement round")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per measurement; the best is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds (A then B in each)")
+    parser.add_argument("--pairs", type=int, default=16384, help="pairs timed per pipeline per round")
+    parser.add_argument("--warmup-batches", type=int, default=2, help="untimed batches before each timed stretch")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="DataLoader worker processes (A) and FFCV threads (B)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads of this process (B's augmentation runs here)")
+    parser.add_argument("--large", action="store_true",
+                        help="also the ImageNet-like pair: two-pipeline FFCV loader vs the decode-once loader")
+    parser.add_argument("--large-only", action="store_true", help="only the ImageNet-like pair")
     parser.add_argument("--large-images", type=int, default=3000)
     parser.add_argument("--large-side", type=int, default=320)
     parser.add_argument("--large-resolution", type=int, default=224)
     parser.add_argument("--large-batch-size", type=int, default=64)
-    parser.add_argument("--large-only", action="store_true",
-                        help="only the ImageNet-like measurement (two-pipeline baseline vs decode-once loader)")
-    parser.add_argument("--markdown", default="docs/benchmarks.md", help="append a section here ('' to skip)")
-    args = parser.parse_args()
-    command = shlex.join(["python", "scripts/bench_data.py", *sys.argv[1:]])
+    parser.add_argument("--write", action="store_true",
+                        help="append a dated section to --markdown (refused when other jobs load the machine)")
+    parser.add_argument("--markdown", default="docs/benchmarks.md", help="the file --write appends to")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "scripts/bench_data.py", *(sys.argv[1:] if argv is None else argv)])
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 - stdout is the JSON
+
+    info = machine()
+    load_at_start = load_average()
+    quiet, why_not = quiet_machine(load_at_start, info["cores"])
+    if args.write and not quiet:
+        log(f"bench_data: refusing --write: {why_not}. Run it again on a quiet machine, or without --write.")
+        raise SystemExit(2)
+
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    workers, batch = args.workers, args.batch_size
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(workers)
-    result = {"machine": machine(), "workers": workers, "batch_size": batch}
+    torch.set_num_threads(args.threads)
+    augment, memory_format = AugmentConfig(), (torch.channels_last if TrainConfig().channels_last
+                                                else torch.contiguous_format)
+    result = {"machine": info, "load_average_at_start": load_at_start, "quiet": quiet, "workers": args.workers,
+              "threads": args.threads}
+    if not quiet:
+        result["not_a_result"] = why_not
 
-    # Every process is forked (writers, DataLoader workers) before FFCV starts numba's thread pool,
-    # which warns (on stdout) at each later fork.
-    source = ImageFolderSource(args.train_dir)
-    result["cifar_images"] = len(source)
-    if not args.large_only:
-        beton, result["prepare_cifar_s"] = prepared(source, work / "cifar10-train.beton", workers)
-    large, large_prepare_s = prepared(Upscaled(source, args.large_images, args.large_side),
-                                      work / f"cifar10-upscaled{args.large_side}.beton", workers,
-                                      compress_probability=1.0, jpeg_quality=90)
-
-    if not args.large_only:
-        from torchvision.datasets import ImageFolder
-
-        views = TwoViews(torchvision_view(VIEW1, 32), torchvision_view(VIEW2, 32))
-        dataloader = torch.utils.data.DataLoader(ImageFolder(args.train_dir, transform=views), batch_size=batch,
-                                                 shuffle=True, num_workers=workers, drop_last=True,
-                                                 persistent_workers=True)
-        result["torchvision"] = best_of([measure(dataloader, lambda b: None, batch, args.seconds)
-                                         for _ in range(args.rounds)])
-        del dataloader  # stops its worker processes before the next measurement
-
-        loader = build_train_loader(beton, batch_size=batch, resolution=32, num_workers=workers, seed=0)
-        generator = torch.Generator().manual_seed(0)
-
-        def augment(b):
-            augment_view(b[0], VIEW1, generator), augment_view(b[1], VIEW2, generator)
-
-        for name, consume in (("ffcv_crop_flip", lambda b: None), ("ffcv_augment", augment)):
-            result[name] = best_of([measure(loader, consume, batch, args.seconds) for _ in range(args.rounds)])
-        a, b = result["ffcv_augment"], result["torchvision"]
-        result["ratio"] = round(a["pairs_per_s"] / b["pairs_per_s"], 2)
-        result["ratio_per_cpu_s"] = round(a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"], 2)
-
-    result["large"] = {**measure_large(large, args, workers, device), "prepare_s": large_prepare_s}
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    with stdout_to_stderr():
+        measure(args, result, augment, memory_format, work, log)
+    result["load_average_at_end"] = load_average()
+    result["date"] = time.strftime("%Y-%m-%d")
     result["command"] = command
     print(json.dumps(result, indent=1))
-    if args.markdown:
+    if args.write:
         new = not Path(args.markdown).exists()
         with open(args.markdown, "a") as f:
-            f.write(("# Benchmarks\n" if new else "") + to_markdown(result, command))
+            f.write(("# Benchmarks\n" if new else "") + to_markdown(result))
+        log(f"bench_data: appended a section to {args.markdown}")
+    elif not quiet:
+        log(f"bench_data: {why_not}")
+    return result
 
 
 if __name__ == "__main__":

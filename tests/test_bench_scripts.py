@@ -51,6 +51,54 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure():
     assert out["flops_per_image"] > 1e6 and out["mfu"] is None  # no known peak for a CPU
 
 
+def test_data_benchmark_pairs_rounds_and_reports_the_median_ratio_and_load(cifar_root, tmp_path, capsys,
+                                                                           monkeypatch):
+    pytest.importorskip("ffcv", reason="FFCV is not installed")
+    import os
+    import statistics
+
+    bench = _script("bench_data")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.25, 0.5, 0.75))  # a quiet machine, so --write is allowed
+    markdown = tmp_path / "benchmarks.md"
+    out = bench.main([str(cifar_root / "train"), "--work-dir", str(tmp_path / "work"), "--rounds", "2",
+                      "--pairs", "16", "--batch-size", "8", "--warmup-batches", "1", "--workers", "1",
+                      "--threads", "1", "--write", "--markdown", str(markdown)])
+    cifar = out["cifar"]
+    assert [r["round"] for r in cifar["rounds"]] == [1, 2] and cifar["pairs_per_round"] == 16
+    for r in cifar["rounds"]:
+        assert r["torchvision"]["pairs_per_s"] > 0 and r["ours"]["pairs_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"]["pairs_per_s"] / r["torchvision"]["pairs_per_s"], rel=1e-2)
+    assert cifar["median_ratio"] == pytest.approx(statistics.median(cifar["ratios"]), abs=0.01)
+    assert out["load_average_at_start"] == [0.25, 0.5, 0.75] and len(out["load_average_at_end"]) == 3
+    assert out["quiet"] and "not_a_result" not in out
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["cifar"]["median_ratio"] == cifar["median_ratio"]  # stdout is the JSON alone
+    assert "round 1/2" in captured.err and "round 2/2" in captured.err
+    section = markdown.read_text()
+    assert "paired rounds" in section and f"**B is {cifar['median_ratio']}x A**" in section
+    assert "--pairs 16" in section and "[0.25, 0.5, 0.75]" in section
+
+    # Other jobs on the cores: the figures are marked, and --write is refused before any work.
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert not bench.quiet_machine([9.0, 9.0, 9.0], cores=2)[0]
+    with pytest.raises(SystemExit) as refused:
+        bench.main([str(cifar_root / "train"), "--work-dir", str(tmp_path / "work"), "--write",
+                    "--markdown", str(tmp_path / "refused.md")])
+    assert refused.value.code == 2 and not (tmp_path / "refused.md").exists()
+    assert "refusing --write" in capsys.readouterr().err
+
+
+def test_augment_benchmark_compares_and_times_each_op(capsys):
+    out = _script("bench_augment").main(["--sizes", "8:4", "--trials", "1", "--ops"])
+    (result,) = out["results"]
+    assert result["batched_images_per_s"] > 0 and result["speedup_vs_torchvision_per_image"] > 0
+    for view in ("view1", "view2"):
+        ops = out["ops"][view]
+        assert {"color_jitter", "blur", "op_hsv_round_trip_all"} <= set(ops["ms"])
+        assert sum(ops["share"].values()) == pytest.approx(1.0, abs=0.01)
+    assert json.loads(capsys.readouterr().out)["ops"]["side"] == 8
+
+
 def test_peer_benchmark_trains_both_and_scores_them_with_one_knn(cifar_root):
     out = _script("bench_peer").main(["--data", str(cifar_root), "--steps", "3", "--batch", "40",
                                       "--train-fraction", "1.0", "--threads", "1", "--seeds", "0", "1"])
