@@ -48,9 +48,9 @@ def _client(uri: str):
 
 
 def _job_status(dashboard: str, job_id: str) -> str:
-    out = _ray("job", "status", "--address", dashboard, job_id, timeout=60)
-    match = re.search(r"Status for job '[^']+': (\w+)", out.stdout + out.stderr)
-    return match.group(1) if match else "UNKNOWN"
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(dashboard).get_job_status(job_id).value)
 
 
 def _wait_job(dashboard: str, job_id: str, timeout_s: float = 600) -> str:
@@ -70,8 +70,9 @@ def _submit_no_wait(dashboard: str, job_id: str, *entrypoint: str) -> None:
 
 
 def _logs(dashboard: str, job_id: str) -> str:
-    out = _ray("job", "logs", "--address", dashboard, job_id, timeout=60)
-    return out.stdout + out.stderr
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(dashboard).get_job_logs(job_id)
 
 
 def test_readme_cluster_command_keeps_every_output(ray_cluster, mlflow_server, tmp_path):
@@ -82,7 +83,7 @@ def test_readme_cluster_command_keeps_every_output(ray_cluster, mlflow_server, t
     assert command[:2] == ["ray", "job"]
     out = subprocess.run([str(BIN / "ray"), *command[1:]], capture_output=True, text=True, timeout=900, cwd=REPO)
     log = out.stdout + out.stderr
-    assert out.returncode == 0 and "SUCCEEDED" in log, log[-4000:]
+    assert out.returncode == 0 and "succeeded" in log, log[-4000:]
     # What the user looks for afterwards, after Ray has cleaned up the job's working-dir copy
     folder = re.search(r"run folder: (\S+)", log)
     assert folder, log[-3000:]
@@ -142,6 +143,7 @@ def test_job_stop_marks_the_run_killed_and_a_resumed_job_continues_it(ray_cluste
     assert run.data.tags["ray.submission_ids"].split(",") == [first, second]
     experiment_runs = client.search_runs([run.info.experiment_id], filter_string=f"attributes.run_name = '{name}'")
     assert [r.info.run_id for r in experiment_runs] == [run_id]  # no second MLflow run
-    steps = [m.step for m in client.get_metric_history(run_id, "epoch_loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == json.loads(
-        (shared / name / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    # the curve continues on the global-step axis (an epoch the stop cut short is trained, and logged, again)
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "epoch_loss")})
+    final = json.loads((shared / name / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["epoch"] == 3 and steps == [final["step"] // 3 * k for k in (1, 2, 3)]

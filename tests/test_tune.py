@@ -118,8 +118,8 @@ def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, m
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and driver.poll() is None:
         trials = sorted((tmp_path / "ray").glob("restore-*"), key=lambda p: p.stat().st_ctime)
-        if len(trials) >= 2 and (trials[-1] / "epoch_0001" / "state.pt").exists():
-            finished = {p.name for p in trials[:-1] if (p / "epoch_0002" / "state.pt").exists()}
+        if len(trials) >= 2 and (trials[-1] / "checkpoints" / "epoch_0001" / "state.pt").exists():
+            finished = {p.name for p in trials[:-1] if (p / "checkpoints" / "epoch_0002" / "state.pt").exists()}
             break
         time.sleep(0.5)
     assert finished and driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
