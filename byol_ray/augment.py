@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -210,6 +211,29 @@ def _per_sample(values: Tensor) -> Tensor:
 # those samples (nonzero) waits for the device, so elsewhere an op runs on the whole batch and a
 # mask selects its result: no host-device sync in a training step.
 SUBSET_DEVICES = ("cpu",)
+
+# torch intra-op threads for the CPU path (None: whatever torch is set to). Its ops are short (tens
+# of microseconds at 32 px) and the loader's threads (FFCV) decode on the same cores meanwhile:
+# with 2 OpenMP threads an op waits at its barrier for a core the loader holds. Measured with 2
+# cores already loaded by other jobs (paired rounds, FFCV loader + both views): 1 thread gave
+# 5-14k pairs/s, 2 threads 0.2-6.5k (median ratio 5.8x); `scripts/bench_data.py --augment-threads`
+# compares the two. One thread also makes the output independent of the caller's thread count.
+CPU_THREADS: int | None = 1
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device):
+    """torch's thread count set to CPU_THREADS meanwhile on a CPU, then restored."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or CPU_THREADS is None or CPU_THREADS == threads:
+        yield
+        return
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 _scratch_buffers = threading.local()
 
@@ -590,9 +614,16 @@ def apply_params(
     Returns:
         float32 [B, 3, H, W].
     """
-    x = _to_unit_float(images_uint8)
-    if params.batch_size != x.shape[0]:
-        raise ValueError(f"params are for {params.batch_size} samples, images have {x.shape[0]}")
+    with _cpu_threads(images_uint8.device):
+        x = _to_unit_float(images_uint8)
+        if params.batch_size != x.shape[0]:
+            raise ValueError(
+                f"params are for {params.batch_size} samples, images have {x.shape[0]}"
+            )
+        return _augment(x, params, view, normalize)
+
+
+def _augment(x: Tensor, params: AugmentParams, view: ViewAugment, normalize: bool) -> Tensor:
     # x is the pipeline's own tensor: each op updates its samples in place (on a CPU, every
     # new full-size tensor costs page faults).
     x = _color_jitter(x, params)

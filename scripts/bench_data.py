@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from byol_ray import augment as augment_module
 from byol_ray.augment import ViewAugment, augment_view
 from byol_ray.config import AugmentConfig, TrainConfig
 from byol_ray.data.check import validate_beton
@@ -303,7 +304,8 @@ def to_markdown(result: dict) -> str:
         sections += [
             f"\n## Data loading, two views per image, paired rounds ({result['date']})\n", *head,
             f"CIFAR-10 train ({c['images']} real 32-px JPEGs), batch {c['batch_size']}, {result['workers']} loader "
-            f"workers, {result['threads']} torch threads, the paper's two views (blur and solarise included) on CPU. "
+            f"workers, {result['threads']} torch threads ({result['augment_threads']} inside `byol_ray.augment`), the "
+            "paper's two views (blur and solarise included) on CPU. "
             f"Each round times {c['pairs_per_round']} pairs of (A) torchvision's per-image two-view pipeline "
             "(ImageFolder + PIL transforms in DataLoader worker processes), then the same number of (B) the "
             "training path: the FFCV two-view loader (`build_train_loader`) + `byol_ray.augment` as the engine "
@@ -377,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="DataLoader worker processes (A) and FFCV threads (B)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of this process (B's augmentation runs here)")
+    parser.add_argument("--augment-threads", type=int, default=None,
+                        help="torch threads inside byol_ray.augment on CPU (default: its CPU_THREADS, as in "
+                             "training; 0: the process's --threads)")
     parser.add_argument("--large", action="store_true",
                         help="also the ImageNet-like pair: two-pipeline FFCV loader vs the decode-once loader")
     parser.add_argument("--large-only", action="store_true", help="only the ImageNet-like pair")
@@ -401,15 +406,21 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    default_augment_threads = augment_module.CPU_THREADS
+    if args.augment_threads is not None:
+        augment_module.CPU_THREADS = args.augment_threads or None
     augment, memory_format = AugmentConfig(), (torch.channels_last if TrainConfig().channels_last
                                                 else torch.contiguous_format)
     result = {"machine": info, "load_average_at_start": load_at_start, "quiet": quiet, "workers": args.workers,
-              "threads": args.threads}
+              "threads": args.threads, "augment_threads": augment_module.CPU_THREADS or args.threads}
     if not quiet:
         result["not_a_result"] = why_not
 
-    with stdout_to_stderr():
-        measure(args, result, augment, memory_format, work, log)
+    try:
+        with stdout_to_stderr():
+            measure(args, result, augment, memory_format, work, log)
+    finally:
+        augment_module.CPU_THREADS = default_augment_threads
     result["load_average_at_end"] = load_average()
     result["date"] = time.strftime("%Y-%m-%d")
     result["command"] = command

@@ -572,6 +572,23 @@ def test_channels_last_input_gives_the_same_output():
     torch.testing.assert_close(apply_params(channels_last, params, VIEW1), expected, atol=0, rtol=0)
 
 
+def test_cpu_path_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatch):
+    seen = []
+    gray = augment._gray
+    monkeypatch.setattr(augment, "_gray", lambda x: (seen.append(torch.get_num_threads()), gray(x))[1])
+    params = dataclasses.replace(no_op_params(4), grayscale=torch.ones(4, dtype=torch.bool))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = apply_params(random_images(4, 8, 8), params, VIEW1)
+        assert seen == [augment.CPU_THREADS] and torch.get_num_threads() == 2
+        monkeypatch.setattr(augment, "CPU_THREADS", None)  # follow the caller's count
+        assert torch.equal(apply_params(random_images(4, 8, 8), params, VIEW1), out)
+        assert seen[-1] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # torchvision agrees where its semantics are the same
 
