@@ -10,6 +10,7 @@ import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,11 +98,21 @@ def endless(loader):
                 close()
 
 
+def join_ffcv_threads(timeout_s: float = 60.0) -> None:
+    """Waits for FFCV's producer threads: EpochIterator.close() asks its thread to stop (it polls every
+    0.5 s) but does not wait. A thread still decoding would take CPU from the next round, and one still
+    inside numba's TBB pool when the process exits aborts it ("terminate called without an active
+    exception")."""
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "EpochIterator" and thread is not threading.current_thread():
+            thread.join(timeout_s)
+
+
 def time_round(loader, consume, batch_size: int, batches: int, warmup_batches: int) -> dict:
     """Times `consume` over `batches` batches of a fresh iterator, after `warmup_batches` untimed ones.
 
-    The iterator is closed before returning, so nothing of this pipeline (prefetching threads or
-    worker processes) runs during the other pipeline's round.
+    The iterator is closed and its threads or worker processes joined before returning, so nothing of
+    this pipeline runs during the other pipeline's round.
     """
     started = time.perf_counter()
     stream = endless(loader)
@@ -115,6 +126,7 @@ def time_round(loader, consume, batch_size: int, batches: int, warmup_batches: i
         elapsed, cpu_end = time.perf_counter() - start, cpu_seconds()
     finally:
         stream.close()
+        join_ffcv_threads()
     pairs = batches * batch_size
     out = {"pairs_per_s": round(pairs / elapsed, 1), "seconds": round(elapsed, 2), "warmup_s": round(warmup_s, 2)}
     if cpu_start is not None:
