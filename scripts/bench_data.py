@@ -129,8 +129,8 @@ def time_round(loader, consume, batch_size: int, batches: int, warmup_batches: i
         join_ffcv_threads()
     pairs = batches * batch_size
     out = {"pairs_per_s": round(pairs / elapsed, 1), "seconds": round(elapsed, 2), "warmup_s": round(warmup_s, 2)}
-    if cpu_start is not None:
-        out["pairs_per_cpu_s"] = round(pairs / max(cpu_end - cpu_start, 1e-9), 1)
+    if cpu_start is not None and cpu_end - cpu_start >= 0.1:  # psutil counts in 10-ms ticks
+        out["pairs_per_cpu_s"] = round(pairs / (cpu_end - cpu_start), 1)
     return out
 
 
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="DataLoader worker processes (A) and FFCV threads (B)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads of this process (B's augmentation runs here)")
+                        help="torch threads of this process, as training leaves them (torch's default: the cores)")
     parser.add_argument("--augment-threads", type=int, default=None,
                         help="torch threads inside byol_ray.augment on CPU (default: its CPU_THREADS, as in "
                              "training; 0: the process's --threads)")
