@@ -24,6 +24,8 @@ loader dispatcher does, after ``require_ffcv``).
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -355,6 +357,10 @@ class FFCVBatches:
             # An epoch left early (a break, an exception) would otherwise keep FFCV's producer
             # thread alive, polling forever: it is a running Thread, so never garbage-collected.
             batches.close()
+            # close() only asks the thread to stop (it polls every 0.5 s); one still inside numba's TBB pool
+            # when the process exits aborts it ("terminate called without an active exception").
+            if isinstance(batches, threading.Thread) and batches is not threading.current_thread():
+                batches.join(timeout=60)
 
 
 def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pipelines: dict, shard: dict):
