@@ -16,7 +16,7 @@ from byol_ray.preprocess import to_model_input
 from byol_ray.encoders import build_encoder
 from byol_ray.engine import BYOLEngine
 from byol_ray.registry import RegistryError, load_encoder, promote, register_encoder, register_from_checkpoint
-from byol_ray.tracking import MlflowTracker
+from byol_ray.tracker import MlflowTracker
 
 # Runs in a fresh interpreter: pulls each reference, writes its features and a trainability check.
 PULL = textwrap.dedent("""
