@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from byol_ray.config import Config, ConfigError, Derived, derive, from_dict, save_resolved, to_dict, with_values
-from byol_ray.engine import FitResult, Reporter, fit
-from byol_ray.history import append_history, read_history
+from byol_ray.engine import Reporter, fit
+from byol_ray.history import read_history
 from byol_ray.mlflow_store import is_local_store, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
 from byol_ray.tracker import RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, unfinished_run_id
