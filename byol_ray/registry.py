@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import re
 import shutil
 import sys
@@ -61,7 +62,10 @@ def _uris(tracking_uri: str):
     """Point MLflow's fluent API (which log_model/load_model use) at ``tracking_uri`` for one block."""
     import mlflow
 
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # set_tracking_uri also exports $MLFLOW_TRACKING_URI (for subprocesses): restoring MLflow's resolved
+    # default with it would leave that default in the environment, where it then overrides byol-ray's own
+    # default store. Restore what was set (None unsets the variable), not what get_tracking_uri() reports.
+    previous_tracking, previous_registry = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
