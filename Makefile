@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/byol-ray train
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -228,25 +228,6 @@ def test_bad_input_fails_fast(ray_cluster, workdir, override, pattern):
     assert time.monotonic() - start < 10
 
 
-def test_ray_job_submit_runs_byol_ray_train(ray_cluster, workdir, tmp_path):
-    _, dashboard = ray_cluster
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    (job_dir / "job.yaml").write_text("train:\n  epochs: 1\n  batch_size: 64\n")
-    bin_dir = Path(sys.executable).parent
-    cmd = [
-        str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(job_dir), "--",
-        str(bin_dir / "byol-ray"), "train", "--config", "demo", "--config", "job.yaml", *TINY,
-        "run_name=submitted", f"output_dir={workdir}/runs", f"ray.storage_path={workdir}/ray",
-        f"data.cache_dir={workdir}/cache",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-3000:]
-    assert "succeeded" in log.lower() and "run submitted finished" in log
-    assert (workdir / "ray" / "submitted" / "checkpoints" / "epoch_0001" / "state.pt").exists()
-
-
 def test_embedded_default_starts_a_lean_in_process_ray(tmp_path):
     """`byol-ray train` with no cluster starts its own Ray (without metrics export or pre-started idle
     workers, whose CPU is the training's on a small machine), and the run completes with its summary."""

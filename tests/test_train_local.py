@@ -52,21 +52,21 @@ def test_resume_refuses_overrides_that_change_the_recipe(finished):
 
 
 def test_resume_of_an_interrupted_run_prunes_old_checkpoints_to_num_to_keep(tmp_path):
-    # an interrupted 4-epoch run that kept 3 checkpoints (num_to_keep was 3 then): resuming keeps 2
-    cfg = _cfg(tmp_path, "train.epochs=4", "ray.num_to_keep=3")
+    # an interrupted 3-epoch run that kept 3 checkpoints (num_to_keep was 3 then): resuming keeps 2
+    cfg = _cfg(tmp_path, "train.epochs=3", "ray.num_to_keep=3")
     train_local(cfg)
     checkpoints = Path(tmp_path / "runs" / "local" / "checkpoints")
-    assert sorted(p.name for p in checkpoints.glob("epoch_*")) == ["epoch_0002", "epoch_0003", "epoch_0004"]
-    # pretend the run stopped after epoch 3: drop the last checkpoint and its history row
+    assert sorted(p.name for p in checkpoints.glob("epoch_*")) == ["epoch_0001", "epoch_0002", "epoch_0003"]
+    # pretend the run stopped after epoch 2: drop the last checkpoint and its history row
     import shutil
 
-    shutil.rmtree(checkpoints / "epoch_0004")
+    shutil.rmtree(checkpoints / "epoch_0003")
     history = tmp_path / "runs" / "local" / "metrics.jsonl"
-    history.write_text("\n".join(history.read_text().splitlines()[:3]) + "\n")
+    history.write_text("\n".join(history.read_text().splitlines()[:2]) + "\n")
     resumed = resume_config(str(tmp_path / "runs"), "local", ["ray.num_to_keep=2"])
     outcome = train_local(resumed, resume=True)
-    assert outcome.metrics["epoch"] == 4
-    assert sorted(p.name for p in checkpoints.glob("epoch_*")) == ["epoch_0003", "epoch_0004"]
+    assert outcome.metrics["epoch"] == 3
+    assert sorted(p.name for p in checkpoints.glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
 
 
 def test_a_failed_start_leaves_no_run_folder(tmp_path):
