@@ -298,7 +298,6 @@ class TrackingReporter:
         # same name (images_per_s); `epoch` itself is a metric on the step scale, like every other.
         values = {k if k.startswith("epoch") else f"epoch_{k}": v for k, v in metrics.items() if k != "step"}
         self.tracker.log_metrics(values, int(metrics["step"]))
-        self.tracker.flush()  # once an epoch: what the checkpoint claims is logged, is logged
         if state is not None and self.tracker.run_id is not None:
             state["mlflow_run_id"] = self.tracker.run_id  # a restarted worker logs into the same run
         self.inner.epoch_end(metrics, epoch, state)
