@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -128,6 +129,10 @@ class AugmentParams:
     @property
     def batch_size(self) -> int:
         return self.order.shape[0]
+
+    def rows(self, index: slice) -> "AugmentParams":
+        """The parameters of some samples (e.g. one rank's every world_size-th of a global batch)."""
+        return AugmentParams(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
 
 def sample_params(
@@ -638,7 +643,8 @@ def _augment(x: Tensor, params: AugmentParams, view: ViewAugment, normalize: boo
 
 
 def augment_view(
-    images_uint8: Tensor, view: ViewAugment, generator: torch.Generator, normalize: bool = True
+    images_uint8: Tensor, view: ViewAugment, generator: torch.Generator, normalize: bool = True,
+    share: tuple[int, int] = (0, 1),
 ) -> Tensor:
     """Augments one BYOL view of a batch: sample_params followed by apply_params.
 
@@ -647,9 +653,16 @@ def augment_view(
         view: VIEW1 or VIEW2 (or any ViewAugment).
         generator: seeded torch.Generator on the images' device.
         normalize: False returns the augmented image in [0, 1] before normalisation.
+        share: (rank, world_size) when the batch is one rank's share of a global batch dealt every
+            world_size-th sample (byol_ray.data.order.shard_order): the parameters are drawn for all
+            B * world_size samples and this rank keeps its rows, so a sample's augmentation does not
+            depend on how many ranks share the batch.
 
     Returns:
         float32 [B, 3, H, W], normalised with the view's mean/std.
     """
-    params = sample_params(images_uint8.shape[0], view, generator, images_uint8.device)
+    rank, world_size = share
+    params = sample_params(images_uint8.shape[0] * world_size, view, generator, images_uint8.device)
+    if world_size > 1:
+        params = params.rows(slice(rank, None, world_size))
     return apply_params(images_uint8, params, view, normalize=normalize)

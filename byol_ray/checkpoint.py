@@ -63,12 +63,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+CHECKPOINT_DIR_RE = re.compile(r"epoch_(\d+)(?:-step_(\d+))?")
+
+
+def checkpoint_dir_name(epoch: int, step: int | None = None) -> str:
+    """``epoch_NNNN`` at the end of epoch NNNN, ``epoch_NNNN-step_SSSSSSSS`` inside the next epoch (NNNN epochs
+    done, at global step SSSSSSSS): names sort in training order."""
+    return f"epoch_{epoch:04d}" if step is None else f"epoch_{epoch:04d}-step_{step:08d}"
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The ``epoch_NNNN/state.pt`` with the highest epoch under ``folder``, or None."""
+    """The newest ``epoch_NNNN[-step_SSSSSSSS]/state.pt`` under ``folder`` (epoch-end or mid-epoch), or None."""
     folder = Path(folder)
     found = []
     for candidate in folder.glob(f"epoch_*/{CHECKPOINT_NAME}"):
-        match = re.fullmatch(r"epoch_(\d+)", candidate.parent.name)
+        match = CHECKPOINT_DIR_RE.fullmatch(candidate.parent.name)
         if match:
-            found.append((int(match.group(1)), candidate))
-    return max(found)[1] if found else None
+            found.append((int(match.group(1)), int(match.group(2) or -1), candidate))
+    return max(found)[2] if found else None

@@ -54,6 +54,9 @@ class DataConfig:
     # 'torchvision': RandomResizedCrop's ten tries with a centred fallback (byol_ray/data/order.py)
     crop_law: Literal["reference", "torchvision"] = "reference"
     flip_prob: float = 0.5
+    # a labelled held-out split for validation ('' = none): an image folder, a CIFAR folder, or a .beton
+    # (`byol-ray prepare --val-fraction` writes one beside the training file)
+    val: str = ""
 
 
 @dataclass
@@ -88,6 +91,22 @@ class TrainConfig:
     seed: int = 0
     log_every_steps: int = 50
     checkpoint_every_epochs: int = 1
+    # mid-epoch checkpoints every this many global steps (0 = epoch ends only); a resume continues
+    # inside the epoch with the same batches, crops and augmentations as an uninterrupted run
+    checkpoint_every_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Held-out validation during training: kNN top-1 of the online encoder on ``data.val``, computed by a
+    Ray task on its own CPUs from each validated checkpoint, while training goes on."""
+
+    every_epochs: int = 1  # validate the epoch-end checkpoint every this many epochs (and the last); 0 = never
+    cpus: int = 1  # CPUs of the validation task, apart from the training workers'
+    knn_k: int = 20
+    knn_temperature: float = 0.1
+    bank_size: int = 10000  # training images in the kNN memory bank (a seeded class-stratified subset); 0 = all
+    batch_size: int = 256
 
 
 @dataclass
@@ -96,6 +115,17 @@ class RayConfig:
 
     address: str = ""  # '' = in-process local Ray (or the cluster the job was submitted to)
     num_workers: int = 1
+    # elastic: 0 (= num_workers) is a fixed group; 1 <= min_workers < num_workers lets Ray Train run with
+    # any size in between, shrinking when a node is lost and growing when capacity returns. The recipe
+    # does not change with the size: every allowed size must divide train.batch_size (checked at start).
+    min_workers: int = 0
+    # how often (in steps) the workers ask Ray Train whether a node is being preempted (a collective call)
+    preemption_poll_steps: int = 10
+    # checkpoint upload: 'auto' = async when storage_path is an object-store URI, else sync; 'async' copies
+    # in the background while training continues (docs/benchmarks.md "Checkpoint upload")
+    checkpoint_upload: Literal["auto", "sync", "async"] = "auto"
+    # seconds between Ray Train's checks for returned capacity in an elastic run (its default is 60)
+    resize_check_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: int = 1
     # checkpoints go to <storage_path>/<run_name>/checkpoints; '' = output_dir (one rule for every launcher);
@@ -130,6 +160,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
@@ -348,15 +379,37 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs", t.checkpoint_every_epochs, ">= 1")
     _check(m.sync_bn != "on" or r.use_gpu, "model.sync_bn", m.sync_bn,
            "'auto' or 'off' when ray.use_gpu=false (torch SyncBatchNorm is CUDA-only)")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, ">= 0 (0 = off)")
+    e = cfg.eval
+    _check(e.every_epochs >= 0, "eval.every_epochs", e.every_epochs, ">= 0 (0 = never)")
+    _check(e.cpus >= 1, "eval.cpus", e.cpus, ">= 1")
+    _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
+    _check(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "> 0")
+    _check(e.bank_size >= 0, "eval.bank_size", e.bank_size, ">= 0 (0 = the whole training set)")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
     _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, ">= 1")
+    _check(0 <= r.min_workers <= r.num_workers, "ray.min_workers", r.min_workers,
+           f"0 (a fixed group) or 1..ray.num_workers={r.num_workers}")
+    _check(r.preemption_poll_steps >= 1, "ray.preemption_poll_steps", r.preemption_poll_steps, ">= 1")
+    _check(r.resize_check_s >= 0, "ray.resize_check_s", r.resize_check_s, ">= 0")
     _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, ">= 0, or -1 for unlimited")
     _check(r.num_to_keep >= 1, "ray.num_to_keep", r.num_to_keep, ">= 1")
-    _check(
-        t.batch_size % r.num_workers == 0 and t.batch_size // r.num_workers >= 2,
-        "train.batch_size", t.batch_size,
-        f"a multiple of ray.num_workers={r.num_workers} with >= 2 samples per worker",
-    )
+    sizes = world_sizes(cfg)
+    bad = [w for w in sizes if t.batch_size % w or t.batch_size // w < 2]
+    if bad:
+        what = (f"ray.num_workers={r.num_workers}" if len(sizes) == 1 else
+                f"every group size the elastic run may take (ray.min_workers={r.min_workers} .. "
+                f"ray.num_workers={r.num_workers}; {', '.join(map(str, bad))} do not)")
+        raise ConfigError(f"config key 'train.batch_size' = {t.batch_size} must be a multiple of {what}, with >= 2 "
+                          "samples per worker: the global batch stays train.batch_size whatever the group size. "
+                          "Choose a batch size that they all divide, or narrow ray.min_workers..ray.num_workers")
+
+
+def world_sizes(cfg: Config) -> list[int]:
+    """The group sizes a run may take: ``ray.num_workers``, or every size from ``ray.min_workers`` up when elastic."""
+    low = cfg.ray.min_workers or cfg.ray.num_workers
+    return list(range(low, cfg.ray.num_workers + 1))
 
 
 def derive(cfg: Config, num_samples: int, world_size: int | None = None) -> Derived:

@@ -33,10 +33,18 @@ class TwoViewLoader(Protocol):
 
 
 class Reporter(Protocol):
-    """Where the loop sends metrics and checkpoint state: a local printer, Ray Train, or nothing."""
+    """Where the loop sends metrics and checkpoint state: a local printer, Ray Train, or nothing.
+
+    ``epoch_end`` gets the state when a checkpoint is due at an epoch end; ``checkpoint`` a mid-epoch one
+    (``train.checkpoint_every_steps``, or a notice from ``poll``). ``poll(step)`` is called after every step
+    on every rank and returns a notice (a dict, e.g. an imminent preemption) when a checkpoint must be
+    written at once; it must return the same on every rank.
+    """
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None: ...
+    def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None: ...
+    def poll(self, step: int) -> dict[str, Any] | None: ...
 
 
 class NullReporter:
@@ -47,6 +55,12 @@ class NullReporter:
 
     def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
         pass
+
+    def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
+        pass
+
+    def poll(self, step: int) -> dict[str, Any] | None:
+        return None
 
 
 def pick_device(requested: str) -> torch.device:
@@ -93,15 +107,15 @@ class BYOLEngine:
             self.autocast_dtype = None  # CPU runs fp32: CPU autocast is slower, not faster, here
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.generator = torch.Generator(device=device)
-        self.reseed_augment(0)
         self.memory_format = memory_format
         self.step = 0
         self.epoch = 0
 
-    def reseed_augment(self, epoch: int) -> None:
-        """Seed the augmentation draws from (seed, rank, epoch): a worker restarted from an epoch-end
-        checkpoint repeats exactly what an uninterrupted run draws, whatever its rank."""
-        self.generator.manual_seed((self.cfg.train.seed * 1_000_003 + dist.rank()) * 1_000_033 + epoch)
+    def reseed_augment(self) -> None:
+        """Seed this step's augmentation draws from (seed, global step) alone. The draws are made for the whole
+        global batch and each rank keeps its samples' rows (``augment_view(share=...)``), so a run resumed
+        at any step, mid-epoch or with another number of workers, draws what an uninterrupted run draws."""
+        self.generator.manual_seed(self.cfg.train.seed * 1_000_000_007 + self.step)
 
     @property
     def sync_bn(self) -> bool:
@@ -139,9 +153,13 @@ class BYOLEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+        self.reseed_augment()
+        share = (dist.rank(), dist.world_size())
         with torch.no_grad(), self._phase("augment"):
-            view1 = augment_view(view1_u8, aug.view1, self.generator).contiguous(memory_format=self.memory_format)
-            view2 = augment_view(view2_u8, aug.view2, self.generator).contiguous(memory_format=self.memory_format)
+            view1 = augment_view(view1_u8, aug.view1, self.generator, share=share)
+            view2 = augment_view(view2_u8, aug.view2, self.generator, share=share)
+            view1 = view1.contiguous(memory_format=self.memory_format)
+            view2 = view2.contiguous(memory_format=self.memory_format)
         with self._phase("forward"), self._autocast():
             online = self.online_ddp(view1, view2)
             target_projection1, target_projection2 = self.target(view1), self.target(view2)
@@ -223,13 +241,13 @@ def _host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _epoch_means(sums: dict[str, torch.Tensor], steps: int, batch: int) -> dict[str, float]:
     """Epoch means over the WHOLE group, weighted by each rank's samples (not rank 0's shard alone); with
-    several ranks, also the spread of the loss over ranks (``epoch_loss_rank_min/max``)."""
+    several ranks, also the spread of the loss over ranks (``epoch_loss_rank_min/max``). A collective call."""
     keys = sorted(sums)
-    local = torch.stack([sums[k].detach().float() / steps for k in keys]
+    local = torch.stack([sums[k].detach().float() / max(steps, 1) for k in keys]
                         + [torch.tensor(float(steps * batch), device=sums[keys[0]].device)])
     table = dist.gather(local)  # [world, keys + 1]
     weights = table[:, -1]
-    means = (table[:, :-1] * weights[:, None]).sum(0) / weights.sum()
+    means = (table[:, :-1] * weights[:, None]).sum(0) / weights.sum().clamp_min(1.0)
     out = {f"epoch_{k}": float(v) for k, v in zip(keys, means)}
     if table.shape[0] > 1 and "loss" in sums:
         losses = table[:, keys.index("loss")]
@@ -237,60 +255,105 @@ def _epoch_means(sums: dict[str, torch.Tensor], steps: int, batch: int) -> dict[
     return out
 
 
+def _with_prefix(prefix: dict[str, Any] | None, means: dict[str, float], steps: int) -> dict[str, float]:
+    """The epoch's means when its first ``prefix['steps']`` steps ran before a mid-epoch resume (step-weighted;
+    the loss spread over ranks is that of the steps run since)."""
+    if not prefix or not prefix.get("steps"):
+        return means
+    before, total = int(prefix["steps"]), int(prefix["steps"]) + steps
+    out = dict(means)
+    for key, value in prefix["means"].items():
+        if key.startswith("epoch_loss_rank_"):
+            continue
+        out[key] = (value * before + means.get(key, value) * steps) / total if steps else value
+    return out
+
+
 def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.device, *,
         reporter: Reporter | None = None, state: dict[str, Any] | None = None) -> FitResult:
-    """Train from ``state`` (or from scratch) to ``cfg.train.epochs``; checkpoints at epoch ends.
+    """Train from ``state`` (or from scratch) to ``cfg.train.epochs``; checkpoints at epoch ends and, with
+    ``train.checkpoint_every_steps`` or a notice from ``reporter.poll``, inside epochs.
 
     Args:
         cfg, derived: the config and its derived values (``derived.world_size`` must match the group).
         loader: a two-view loader yielding uint8 views on ``device``.
         device: where the networks live.
         reporter: receives step logs and epoch-end metrics with checkpoint state.
-        state: an :meth:`BYOLEngine.state_dict` to resume from.
+        state: an :meth:`BYOLEngine.state_dict` to resume from, taken at an epoch end or inside an epoch
+            (then the epoch continues at the next global batch; the world size may differ from the one
+            that wrote it: the global batches, crops and augmentations do not depend on it).
 
     Returns:
         A :class:`FitResult`; ``history`` holds one row per epoch.
     """
     reporter = reporter or NullReporter()
-    if len(loader) < derived.steps_per_epoch:
+    steps_per_epoch = derived.steps_per_epoch
+    if len(loader) < steps_per_epoch:
         raise RuntimeError(
-            f"loader yields {len(loader)} batches per epoch but the schedule expects {derived.steps_per_epoch}; "
+            f"loader yields {len(loader)} batches per epoch but the schedule expects {steps_per_epoch}; "
             "the data set or the world size changed since the run was configured"
         )
     engine = BYOLEngine(cfg, derived, device)
+    prefix: dict[str, Any] | None = None
     if state is not None:
         engine.load_state_dict(state)
+        prefix = state.get("epoch_prefix")
+    every_steps = cfg.train.checkpoint_every_steps
+    # optional on a reporter (the Protocol's two older methods are all a simple one needs)
+    poll = getattr(reporter, "poll", None) or (lambda step: None)
+    checkpoint = getattr(reporter, "checkpoint", None)
     history: list[dict[str, float]] = []
     epoch_metrics: dict[str, float] = {}
+    global_batch = derived.per_worker_batch * derived.world_size
     for epoch in range(engine.epoch, cfg.train.epochs):
-        loader.set_epoch(epoch)
-        engine.reseed_augment(epoch)
+        skip = engine.step - epoch * steps_per_epoch  # > 0: resumed inside this epoch
+        if not 0 <= skip < steps_per_epoch:
+            raise RuntimeError(f"checkpoint at step {engine.step} does not lie in epoch {epoch} of "
+                               f"{steps_per_epoch} steps: it was written with another data set or batch size")
+        loader.set_epoch(epoch, skip_batches=skip)
         sums: dict[str, torch.Tensor] = {}
-        start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        for i, (view1, view2, labels) in enumerate(loader):
-            if i == derived.steps_per_epoch:
+        start, window_start, window_steps, done = time.perf_counter(), time.perf_counter(), 0, 0
+        notice: dict[str, Any] | None = None
+        for i, (view1, view2, labels) in enumerate(loader, start=skip):
+            if i == steps_per_epoch:
                 break
             metrics = engine.train_step(view1, view2, labels)
+            done += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             window_steps += 1
             if engine.step % cfg.train.log_every_steps == 0:
                 now = time.perf_counter()
                 row = _host(metrics)
-                row["images_per_s"] = window_steps * derived.per_worker_batch * derived.world_size / (now - window_start)
+                row["images_per_s"] = window_steps * global_batch / (now - window_start)
                 row["step_time_s"] = (now - window_start) / window_steps
-                row["epoch"] = epoch + (i + 1) / derived.steps_per_epoch
+                row["epoch"] = epoch + (i + 1) / steps_per_epoch
+                row["world_size"] = derived.world_size
                 if device.type == "cuda":
                     row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 reporter.log(row, engine.step)
                 window_start, window_steps = now, 0
+            notice = poll(engine.step) or notice
+            if i + 1 == steps_per_epoch:
+                break  # the epoch-end checkpoint below serves a step or notice that falls here
+            if checkpoint is not None and (notice is not None or (every_steps and engine.step % every_steps == 0)):
+                # a mid-epoch checkpoint: the epoch's metrics so far travel with it (a collective call)
+                state_now = engine.state_dict()
+                state_now["epoch_prefix"] = {"steps": skip + done, "means": _with_prefix(
+                    prefix, _epoch_means(sums, done, derived.per_worker_batch), done)}
+                partial = {**state_now["epoch_prefix"]["means"], "epoch": epoch + (i + 1) / steps_per_epoch,
+                           "step": engine.step, "world_size": derived.world_size}
+                checkpoint(partial, state_now, notice)
+                notice = None
         engine.epoch = epoch + 1
         elapsed = time.perf_counter() - start
-        epoch_metrics = _epoch_means(sums, derived.steps_per_epoch, derived.per_worker_batch)
+        epoch_metrics = _with_prefix(prefix, _epoch_means(sums, done, derived.per_worker_batch), done)
+        prefix = None
         epoch_metrics.update(epoch=engine.epoch, step=engine.step, epoch_time_s=elapsed,
-                             images_per_s=derived.steps_per_epoch * derived.per_worker_batch * derived.world_size / elapsed)
+                             images_per_s=done * global_batch / elapsed, world_size=derived.world_size)
         history.append(epoch_metrics)
         last = engine.epoch == cfg.train.epochs
-        due = last or engine.epoch % cfg.train.checkpoint_every_epochs == 0
+        due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or notice is not None
+               or bool(every_steps and engine.step % every_steps == 0))
         reporter.epoch_end(epoch_metrics, engine.epoch, engine.state_dict() if due else None)
     return FitResult(steps=engine.step, epochs=engine.epoch, metrics=epoch_metrics, history=history, engine=engine)

@@ -1,6 +1,7 @@
 """The tracker a training run logs into (MLflow on rank 0, nothing elsewhere) and the reporter that feeds it."""
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -301,3 +302,21 @@ class TrackingReporter:
         if state is not None and self.tracker.run_id is not None:
             state["mlflow_run_id"] = self.tracker.run_id  # a restarted worker logs into the same run
         self.inner.epoch_end(metrics, epoch, state)
+
+    def poll(self, step: int) -> dict[str, Any] | None:
+        poll = getattr(self.inner, "poll", None)
+        notice = poll(step) if poll is not None else None
+        if notice is not None:  # the event itself, at the step it was seen (rank 0's tracker; others are null)
+            self.tracker.log_metrics({f"{notice['event']}_notice": 1.0,
+                                      **{f"{notice['event']}_{k}": float(v) for k, v in notice.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}}, step)
+            self.tracker.set_tags({f"{notice['event']}.last_notice_step": str(step),
+                                   f"{notice['event']}.last_notice": json.dumps(notice, default=str)[:4000]})
+        return notice
+
+    def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
+        if self.tracker.run_id is not None:
+            state["mlflow_run_id"] = self.tracker.run_id
+        inner = getattr(self.inner, "checkpoint", None)
+        if inner is not None:
+            inner(metrics, state, notice)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from byol_ray import session
-from byol_ray.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from byol_ray.checkpoint import (CHECKPOINT_DIR_RE, checkpoint_dir_name, latest_checkpoint, load_checkpoint,
+                                 save_checkpoint)
 from byol_ray.config import Config, ConfigError
 from byol_ray.engine import pick_device
 from byol_ray.history import append_history
@@ -29,12 +29,18 @@ class LocalReporter:
 
     def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
         append_history(self.folder, metrics)
-        if state is None:
-            return
-        folder = self.checkpoints / f"epoch_{epoch:04d}"
+        if state is not None:
+            self._save(checkpoint_dir_name(epoch), metrics, state)
+
+    def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
+        """A mid-epoch checkpoint (``train.checkpoint_every_steps``)."""
+        self._save(checkpoint_dir_name(state["epoch"], state["step"]), metrics, state)
+
+    def _save(self, name: str, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        folder = self.checkpoints / name
         save_checkpoint(state, folder / "state.pt")
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        saved = sorted(p for p in self.checkpoints.glob("epoch_*") if re.fullmatch(r"epoch_\d+", p.name))
+        saved = sorted(p for p in self.checkpoints.glob("epoch_*") if CHECKPOINT_DIR_RE.fullmatch(p.name))
         for old in saved[:-self.num_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -72,6 +72,85 @@ def test_resume_continues_bit_identically(tmp_path):
         assert torch.equal(a, b)
 
 
+class Interrupt(Exception):
+    pass
+
+
+class StepCheckpoints(Recorder):
+    """Keeps mid-epoch checkpoints (through the real file) and dies right after the one at ``stop_at``."""
+
+    def __init__(self, folder, stop_at=None):
+        super().__init__()
+        self.folder, self.stop_at, self.epoch_rows = folder, stop_at, []
+
+    def checkpoint(self, metrics, state, notice):
+        path = save_checkpoint(state, self.folder / f"step_{state['step']}" / "state.pt")
+        if state["step"] == self.stop_at:
+            raise Interrupt(path)
+
+    def epoch_end(self, metrics, epoch, state):
+        self.epoch_rows.append(metrics)
+        super().epoch_end(metrics, epoch, state)
+
+
+@pytest.mark.parametrize("backend", ["torch", "memory"])
+def test_mid_epoch_resume_gives_the_same_loss_sequence(tmp_path, backend):
+    """train.checkpoint_every_steps: a run killed right after a mid-epoch checkpoint and resumed from it
+    continues with exactly the losses (and epoch means) of an uninterrupted run, on CPU."""
+    cfg, loader, derived = _setup(tmp_path, "train.epochs=2", "train.checkpoint_every_steps=5",
+                                  f"data.loader={backend}")
+    assert derived.steps_per_epoch > 7  # the checkpoint at step 10 lies inside epoch 1
+    straight = StepCheckpoints(tmp_path / "a")
+    fit(cfg, derived, loader, torch.device("cpu"), reporter=straight)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir())[:2] == ["step_10", "step_15"]
+
+    first = StepCheckpoints(tmp_path / "b", stop_at=10)
+    with pytest.raises(Interrupt) as stopped:
+        fit(cfg, derived, loader, torch.device("cpu"), reporter=first)
+    state = load_checkpoint(stopped.value.args[0])
+    assert state["step"] == 10 and state["epoch"] == 0 and state["epoch_prefix"]["steps"] == 10
+    resumed = StepCheckpoints(tmp_path / "c")
+    fit(cfg, derived, loader, torch.device("cpu"), reporter=resumed, state=state)
+
+    assert len(first.losses) == 10
+    assert first.losses + resumed.losses == straight.losses  # bit-identical, step by step
+    # the first epoch's means cover all its steps, those before the interruption included
+    for key in ("epoch_loss", "epoch_classifier_acc"):
+        assert resumed.epoch_rows[0][key] == pytest.approx(straight.epoch_rows[0][key], rel=1e-5)
+
+
+def test_augmentation_of_a_sample_does_not_depend_on_the_world_size():
+    """Each rank keeps its rows of parameters drawn for the whole global batch (share=(rank, world))."""
+    from byol_ray.augment import ViewAugment, augment_view
+
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    whole = augment_view(images, ViewAugment(), torch.Generator().manual_seed(3))
+    for rank in range(2):
+        part = augment_view(images[rank::2], ViewAugment(), torch.Generator().manual_seed(3), share=(rank, 2))
+        assert torch.allclose(part, whole[rank::2], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "memory"])
+def test_global_batches_do_not_depend_on_the_world_size(backend):
+    """An elastic run continues the same sequence of global batches: at every step, the union of the ranks'
+    batches (and each sample's crops) is the single worker's batch, whether or not the epoch starts mid-way."""
+    from byol_ray.data.loaders import build_train_loader
+
+    def batches(rank, world, skip):
+        loader = build_train_loader("demo", backend=backend, batch_size=32 // world, resolution=16, num_workers=0,
+                                    seed=5, distributed=world > 1, rank=rank, world_size=world)
+        loader.set_epoch(1, skip_batches=skip)
+        return [(v1, lab) for (v1, _, lab), _ in zip(loader, range(3))]
+
+    one = batches(0, 1, 2)
+    two = [batches(r, 2, 2) for r in range(2)]
+    for step in range(3):
+        v1, labels = one[step]
+        for rank in range(2):
+            assert torch.equal(two[rank][step][1], labels[rank::2])
+            assert torch.equal(two[rank][step][0], v1[rank::2])
+
+
 def test_resume_restores_target_as_saved_not_from_online(tmp_path):
     cfg, loader, derived = _setup(tmp_path, "train.epochs=1")
     engine = BYOLEngine(cfg, derived, torch.device("cpu"))

@@ -53,18 +53,29 @@ class EpochLoader:
     def __init__(self, batches, *, backend: str, batch_size: int, num_samples: int) -> None:
         self._batches, self.backend, self.batch_size, self.num_samples = batches, backend, batch_size, num_samples
         self.epoch = 0
+        self.skip_batches = 0
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return len(self._batches)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch the next iteration serves (its order is fixed by seed and epoch)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch the next iteration serves (its order is fixed by seed and epoch).
+
+        Args:
+            epoch: the epoch.
+            skip_batches: start the next iteration at this batch of the epoch (a mid-epoch resume): the
+                batches served are those an uninterrupted epoch serves from there, whatever the world size
+                was when the earlier ones were served. Later iterations start at 0 again.
+        """
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches={skip_batches} must be >= 0")
+        self.epoch, self.skip_batches = int(epoch), int(skip_batches)
 
     def __iter__(self):
-        self._batches.set_epoch(self.epoch)
+        self._batches.set_epoch(self.epoch, self.skip_batches)
         self.epoch += 1  # iterating again without set_epoch moves on, as FFCV's loader does
+        self.skip_batches = 0
         return iter(self._batches)
 
 

@@ -5,10 +5,12 @@ into one uint8 tensor on the device; every batch is then an index, a random-resi
 done for the whole batch at once (``grid_sample``), so the GPU never waits for the host. The colour
 work is the engine's batched augmentation, as with the other loaders.
 
-Crops follow :func:`byol_ray.data.order.crop_boxes` (the batched crop law), drawn per batch on the
-device from a generator seeded by (seed, epoch, rank): a run resumed at an epoch boundary repeats an
-uninterrupted one (with the same batch size and world size; unlike the FFCV and torch loaders, the
-draws are not keyed on the sample index). Resampling is bilinear without antialias, which matters
+Crops follow :func:`byol_ray.data.order.crop_boxes` (the batched crop law), drawn on the device for the
+whole GLOBAL batch from a generator seeded by (seed, epoch, batch index); each rank keeps the rows of its
+own samples (every world_size-th, as :func:`shard_order` deals them). So a given sample at a given step
+gets the same crop whatever the world size, and a run resumed anywhere, even mid-epoch or on a different
+number of workers, repeats an uninterrupted one (unlike the FFCV and torch loaders, the draws are keyed on
+the position in the global batch, not on the sample index). Resampling is bilinear without antialias, which matters
 only when a crop is shrunk by more than about 2x (not for 32-px images at 32 px).
 """
 from __future__ import annotations
@@ -99,33 +101,34 @@ class MemoryTwoViewBatches:
         self.images, self.labels, self.batch_size, self.resolution = images, labels, batch_size, resolution
         self.law, self.flip_prob, self.seed = CropLaw(law, scale, ratio), flip_prob, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self.generator = torch.Generator(device=images.device)
 
     def __len__(self) -> int:
         n = len(self.labels) // self.world_size  # this rank's equal share (shard_order drops the remainder)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
 
     def __iter__(self):
         device = self.images.device
         order = shard_order(len(self.labels), self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
                             world_size=self.world_size, drop_last=True)
         order = torch.from_numpy(order).to(device)
-        # its own stream: salted so it never equals the engine's augmentation generator on the same device
-        words = np.random.SeedSequence([self.seed, self.epoch, self.rank, _STREAM]).generate_state(2)
-        self.generator.manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
         _, _, height, width = self.images.shape
-        for b in range(len(self)):
+        for b in range(self.skip, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             batch = self.images.index_select(0, idx)
+            # its own stream: salted so it never equals the engine's augmentation generator on the same device
+            words = np.random.SeedSequence([self.seed, self.epoch, b, _STREAM]).generate_state(2)
+            self.generator.manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
             views = []
             for _ in range(2):
-                # the crops' uniforms, then the flips' (as the FFCV and torch backends lay them out)
-                u = torch.rand((len(idx), CROP_DRAWS + 1), generator=self.generator, device=device,
-                               dtype=torch.float64)
+                # the crops' uniforms, then the flips' (as the FFCV and torch backends lay them out), drawn
+                # for the global batch; this rank's samples are its every world_size-th rows
+                u = torch.rand((len(idx) * self.world_size, CROP_DRAWS + 1), generator=self.generator,
+                               device=device, dtype=torch.float64)[self.rank::self.world_size]
                 boxes = crop_boxes(u, height, width, self.law).float()
                 views.append(resized_crops(batch, boxes, u[:, CROP_DRAWS] < self.flip_prob, self.resolution))
             yield views[0], views[1], self.labels.index_select(0, idx)

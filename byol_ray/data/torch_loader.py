@@ -97,6 +97,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_samples: int, **shard) -> None:
         self.num_samples, self.shard, self.epoch = num_samples, shard, 0
+        self.skip = 0  # samples of this rank's share to leave out at the start (a mid-epoch resume)
 
     def __len__(self) -> int:
         kw = self.shard
@@ -104,7 +105,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(range(kw["rank"], kept, kw["world_size"]))
 
     def __iter__(self):
-        return ((int(i), self.epoch) for i in shard_order(self.num_samples, self.epoch, **self.shard))
+        order = shard_order(self.num_samples, self.epoch, **self.shard)[self.skip:]
+        return ((int(i), self.epoch) for i in order)
 
 
 def _single_thread(_worker_id: int) -> None:
@@ -116,7 +118,7 @@ class TorchBatches:
 
     def __init__(self, dataset: SourceDataset, sampler: EpochSampler, *, batch_size: int, num_workers: int,
                  drop_last: bool, device: torch.device) -> None:
-        self.sampler, self.device = sampler, device
+        self.sampler, self.device, self.batch_size = sampler, device, batch_size
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
             persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
@@ -125,8 +127,8 @@ class TorchBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.sampler.epoch, self.sampler.skip = epoch, skip_batches * self.batch_size
 
     def __iter__(self):
         for batch in self.loader:

@@ -303,8 +303,8 @@ class TwoViewBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.batches.set_epoch(epoch, skip_batches)
         self.decoder.set_epoch(epoch)
 
     def __iter__(self):
@@ -330,9 +330,10 @@ class ShardOrder:
 
     def __init__(self, num_samples: int, **shard) -> None:
         self.num_samples, self.shard = num_samples, shard
+        self.skip = 0  # samples of this rank's share to leave out at the start (a mid-epoch resume)
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return shard_order(self.num_samples, epoch, **self.shard).astype(np.uint64)
+        return shard_order(self.num_samples, epoch, **self.shard)[self.skip:].astype(np.uint64)
 
 
 class FFCVBatches:
@@ -344,8 +345,9 @@ class FFCVBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.loader.next_epoch = epoch
+        self.loader.traversal_order.skip = skip_batches * self.loader.batch_size
 
     def __iter__(self):
         threads = torch.get_num_threads()
