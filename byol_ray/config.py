@@ -406,6 +406,13 @@ def validate(cfg: Config) -> None:
                           "Choose a batch size that they all divide, or narrow ray.min_workers..ray.num_workers")
 
 
+def validation_due(cfg: Config, epoch: int) -> bool:
+    """Whether the checkpoint at the end of ``epoch`` (1-based) is validated (``data.val``, ``eval.every_epochs``);
+    such an epoch end always writes a checkpoint."""
+    every = cfg.eval.every_epochs
+    return bool(cfg.data.val) and every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs)
+
+
 def world_sizes(cfg: Config) -> list[int]:
     """The group sizes a run may take: ``ray.num_workers``, or every size from ``ray.min_workers`` up when elastic."""
     low = cfg.ray.min_workers or cfg.ray.num_workers

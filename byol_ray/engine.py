@@ -15,7 +15,7 @@ from torch import nn
 from byol_ray import dist
 from byol_ray.augment import augment_view
 from byol_ray.byol import build_byol, update_target
-from byol_ray.config import Config, Derived, to_dict
+from byol_ray.config import Config, Derived, to_dict, validation_due
 from byol_ray.encoders import build_encoder
 from byol_ray.lars import LARS, param_groups
 from byol_ray.loss import byol_loss
@@ -354,6 +354,6 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
         history.append(epoch_metrics)
         last = engine.epoch == cfg.train.epochs
         due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or notice is not None
-               or bool(every_steps and engine.step % every_steps == 0))
+               or bool(every_steps and engine.step % every_steps == 0) or validation_due(cfg, engine.epoch))
         reporter.epoch_end(epoch_metrics, engine.epoch, engine.state_dict() if due else None)
     return FitResult(steps=engine.step, epochs=engine.epoch, metrics=epoch_metrics, history=history, engine=engine)

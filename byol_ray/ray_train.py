@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,8 @@ import torch
 import yaml
 
 from byol_ray import session
-from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from byol_ray.config import Config, ConfigError, from_dict, to_dict
+from byol_ray.checkpoint import CHECKPOINT_NAME, checkpoint_dir_name, load_checkpoint, save_checkpoint
+from byol_ray.config import Config, ConfigError, from_dict, to_dict, validation_due
 from byol_ray.history import append_history, read_history
 from byol_ray.mlflow_store import check_tracking, probe_writable, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
@@ -31,32 +33,84 @@ def verbose() -> bool:
 
 class RayReporter:
     """Rank 0 prints progress and appends the history; every rank calls ``ray.train.report`` at epoch ends
-    (a report is a barrier), rank 0 with the checkpoint."""
+    and mid-epoch checkpoints (a report is a barrier), rank 0 with the checkpoint.
 
-    def __init__(self, rank: int, printer: ProgressPrinter, folder: Path) -> None:
-        self.rank, self.printer, self.folder = rank, printer, folder
+    It also polls Ray Train for an imminent preemption every ``ray.preemption_poll_steps`` steps (a
+    collective call, so every rank polls at the same steps) and turns a new notice into a checkpoint at
+    once; Ray then restarts the group from it on the nodes that remain.
+    """
+
+    def __init__(self, rank: int, printer: ProgressPrinter, folder: Path, cfg: Config) -> None:
+        self.rank, self.printer, self.folder, self.cfg = rank, printer, folder, cfg
+        self.seen_preemptions: set[tuple[str, ...]] = set()
+        self.poll_time_s, self.polls = 0.0, 0
+        upload = cfg.ray.checkpoint_upload
+        self.upload_async = upload == "async" or (upload == "auto" and "://" in session.storage_root(cfg))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.rank == 0:
             self.printer(metrics, step)
 
     def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
-        import ray.train
-
         if self.rank == 0:
             append_history(self.folder, metrics)
+        self._report(metrics, state, checkpoint_dir_name(epoch), validate=validation_due(self.cfg, epoch))
+
+    def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
+        if self.rank == 0 and notice is not None:
+            session.say(f"{notice['event']} notice at step {state['step']}: checkpoint written now "
+                        f"({notice.get('deadline_s', float('nan')):.0f} s before the deadline)")
+        self._report(metrics, state, checkpoint_dir_name(state["epoch"], state["step"]), validate=False)
+
+    def poll(self, step: int) -> dict[str, Any] | None:
+        """A new preemption notice (identical on every rank), or None. Cheap: one call every N steps."""
+        import ray.train
+
+        if step % self.cfg.ray.preemption_poll_steps:
+            return None
+        start = time.perf_counter()
+        info = ray.train.get_preemption_info()
+        self.poll_time_s, self.polls = self.poll_time_s + time.perf_counter() - start, self.polls + 1
+        if info is None or tuple(info.preempted_node_ids) in self.seen_preemptions:
+            return None
+        self.seen_preemptions.add(tuple(info.preempted_node_ids))
+        deadline_s = info.deadline_ms / 1000 - time.time() if info.deadline_ms else float("nan")
+        return {"event": "preemption", "deadline_s": deadline_s, "ranks": len(info.preempted_ranks),
+                "nodes": ",".join(n[:12] for n in info.preempted_node_ids), "step": step}
+
+    def _report(self, metrics: dict[str, float], state: dict[str, Any] | None, name: str, *, validate: bool) -> None:
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
         if state is None or self.rank != 0:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as tmp:
+        # ASYNC: Ray copies the folder in the background and deletes it afterwards, so it must outlive this call
+        tmp = tempfile.mkdtemp(prefix="byol-ckpt-")
+        try:
             save_checkpoint(state, Path(tmp) / CHECKPOINT_NAME)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC if self.upload_async
+                             else CheckpointUploadMode.SYNC, validation=validate)
+        finally:
+            if not self.upload_async:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def replay(self, metrics: dict[str, float]) -> None:
         import ray.train
 
         ray.train.report(metrics if self.rank == 0 else {})
+
+
+def validate_checkpoint(checkpoint, **_: Any) -> dict[str, float]:
+    """Ray Train's validation function (``ValidationConfig``): runs in its own task while training goes on."""
+    from byol_ray import validation
+
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder, map_location="cpu")
+    metrics = validation.validate_state(state, device=validation.device_for_task())
+    validation.record(from_dict(state["config"]), metrics, state.get("mlflow_run_id"))
+    return metrics
 
 
 def quiet_train_reports() -> None:
@@ -89,7 +143,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if where.rank == 0:
             session.say(f"resuming from epoch {state['epoch']}, step {state['step']}")
     folder = session.run_dir(cfg)
-    session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder))
+    session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder, cfg))
 
 
 def check_storage(storage_path: str) -> None:
@@ -107,7 +161,8 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     total = ray.cluster_resources()
-    workers, cpus = cfg.ray.num_workers, cfg.ray.cpus_per_worker
+    # an elastic run starts with what fits, down to ray.min_workers
+    workers, cpus = cfg.ray.min_workers or cfg.ray.num_workers, cfg.ray.cpus_per_worker
     if cfg.ray.use_gpu and total.get("GPU", 0) < workers:
         raise ConfigError(
             f"ray.use_gpu=true asks for {workers} GPU worker(s) but the cluster has {int(total.get('GPU', 0))} GPU(s); "
@@ -153,20 +208,32 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.validation_config import ValidationConfig
 
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, ""),
            SUBMISSION_ID_ENV: ray_job_submission_id()}
+    r = cfg.ray
+    # elastic between ray.min_workers and ray.num_workers; the recipe does not depend on the size (engine.fit)
+    elastic = 0 < r.min_workers < r.num_workers
+    validation = None
+    if cfg.data.val and cfg.eval.every_epochs > 0:
+        validation = ValidationConfig(fn=validate_checkpoint, ray_remote_kwargs={
+            "num_cpus": cfg.eval.cpus, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.eval.cpus)}}})
     return TorchTrainer(
         train_worker,
         train_loop_config=to_dict(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=(r.min_workers, r.num_workers) if elastic else r.num_workers,
+                                     use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=r.resize_check_s),
+        validation_config=validation,
         run_config=RunConfig(
             name="checkpoints", storage_path=f"{session.storage_root(cfg).rstrip('/')}/{cfg.run_name}",
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
+            # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3,
+                                         max_preemption_failures=-1),
             # Train V2 re-routes print() through its logger, which shows every progress line twice.
             worker_runtime_env={"env_vars": env},
         ),
@@ -206,6 +273,7 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
             result = build_trainer(cfg).fit()
         if result.error:
             raise result.error
+        validated = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val_")}
     except BaseException as exc:
         # `ray job stop` and Ctrl-C end the driver; its workers die with it, before they can close the run
         _close_mlflow_run(cfg, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -213,6 +281,7 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
             session.discard_failed_start(cfg)
         raise
     outcome = outcome_of(cfg)
+    outcome.metrics.update(validated)  # the final checkpoint's validation, as Ray Train's result carries it
     session.print_summary(cfg, outcome)
     return outcome
 

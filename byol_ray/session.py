@@ -55,15 +55,17 @@ def resolve_paths(cfg: Config) -> Config:
         A new config; ``cfg`` is not modified.
     """
     run_name = cfg.run_name or time.strftime("byol-%Y%m%d-%H%M%S")
-    train = cfg.data.train
+    train, val = cfg.data.train, cfg.data.val
     if train != "demo" and "://" not in train:
         train = str(Path(train).expanduser().resolve())
+    if val and val != "demo" and "://" not in val:
+        val = str(Path(val).expanduser().resolve())
     storage = cfg.ray.storage_path
     if storage and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     return dataclasses.replace(
         cfg, run_name=run_name, output_dir=str(Path(cfg.output_dir).expanduser().resolve()),
-        data=dataclasses.replace(cfg.data, train=train, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve())),
+        data=dataclasses.replace(cfg.data, train=train, val=val, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve())),
         ray=dataclasses.replace(cfg.ray, storage_path=storage),
     )
 
@@ -197,8 +199,10 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_data(cfg: Config) -> None:
     """Fail in the driver, before any worker starts, when the training data cannot be used."""
     from byol_ray.data import check_training_data
+    from byol_ray.validation import check_val
 
     check_training_data(cfg.data.train, cfg.data.loader)
+    check_val(cfg)
 
 
 def training_file(cfg: Config, *, stall_s: float = 600.0, poll_s: float = 2.0) -> str:
@@ -396,6 +400,8 @@ def print_summary(cfg: Config, outcome: RunOutcome) -> None:
     m = outcome.metrics
     say(f"run {cfg.run_name} finished: epoch {m.get('epoch')}, step {m.get('step')}, "
         f"loss {m.get('epoch_loss', float('nan')):.4f}, probe acc {m.get('epoch_classifier_acc', float('nan')):.3f}")
+    if "val_knn_top1" in m:
+        say(f"held-out kNN top-1 {m['val_knn_top1']:.3f} (checkpoint of step {m.get('val_step')}, data.val)")
     say(f"run folder: {outcome.folder}")
     say(f"checkpoints: {outcome.checkpoints}")
     if outcome.run_id is None:

@@ -9,7 +9,7 @@ from typing import Any
 from byol_ray import session
 from byol_ray.checkpoint import (CHECKPOINT_DIR_RE, checkpoint_dir_name, latest_checkpoint, load_checkpoint,
                                  save_checkpoint)
-from byol_ray.config import Config, ConfigError
+from byol_ray.config import Config, ConfigError, validation_due
 from byol_ray.engine import pick_device
 from byol_ray.history import append_history
 from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
@@ -21,8 +21,10 @@ class LocalReporter:
     """Prints progress, appends the history, keeps the newest ``num_to_keep`` checkpoints (older ones of a
     resumed run included)."""
 
-    def __init__(self, folder: Path, checkpoints: Path, printer: ProgressPrinter, num_to_keep: int = 2) -> None:
+    def __init__(self, folder: Path, checkpoints: Path, printer: ProgressPrinter, num_to_keep: int = 2,
+                 cfg: Config | None = None) -> None:
         self.folder, self.checkpoints, self.printer, self.num_to_keep = Path(folder), Path(checkpoints), printer, num_to_keep
+        self.cfg = cfg
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.printer(metrics, step)
@@ -31,6 +33,13 @@ class LocalReporter:
         append_history(self.folder, metrics)
         if state is not None:
             self._save(checkpoint_dir_name(epoch), metrics, state)
+        if state is not None and self.cfg is not None and validation_due(self.cfg, epoch):
+            # no Ray here to run it beside training: a --no-ray run validates in line (it pauses training)
+            from byol_ray import validation
+
+            result = validation.validate_state(state, device=validation.device_for_task())
+            validation.record(self.cfg, result, state.get("mlflow_run_id"))
+            session.say(f"epoch {epoch}: held-out kNN top-1 {result[validation.METRIC]:.3f}")
 
     def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
         """A mid-epoch checkpoint (``train.checkpoint_every_steps``)."""
@@ -78,7 +87,7 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     folder = session.run_dir(cfg)
     try:
         outcome = session.run(cfg, session.Placement(device), state=state, make_reporter=lambda printer: LocalReporter(
-            folder, checkpoints, printer, num_to_keep=cfg.ray.num_to_keep))
+            folder, checkpoints, printer, num_to_keep=cfg.ray.num_to_keep, cfg=cfg))
     except BaseException:
         if not resume:
             session.discard_failed_start(cfg)

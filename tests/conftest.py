@@ -31,3 +31,26 @@ def cifar_archive() -> Path:
     if not CIFAR_ARCHIVE.exists():
         pytest.skip(f"real CIFAR-10 archive not found at {CIFAR_ARCHIVE} (shared/datasets beside the repo)")
     return CIFAR_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def cifar_small(cifar_archive, tmp_path_factory) -> tuple[Path, Path]:
+    """(train, val) ImageFolders of real CIFAR-10 JPEGs: 60 train and 20 test images of each of the 10 classes."""
+    import tarfile
+
+    out = tmp_path_factory.mktemp("cifar-small")
+    quota = {"train": 60, "test": 20}
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(cifar_archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not (member.isfile() and len(parts) == 3 and parts[0] in quota):
+                continue
+            key = (parts[0], parts[1])
+            if counts.get(key, 0) >= quota[parts[0]]:
+                continue
+            target = out / ("val" if parts[0] == "test" else "train") / parts[1] / parts[2]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+            counts[key] = counts.get(key, 0) + 1
+    return out / "train", out / "val"

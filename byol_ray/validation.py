@@ -1,0 +1,100 @@
+"""Held-out validation of a checkpoint: kNN top-1 of its online encoder on ``data.val``, off the training path.
+
+Ray Train runs :func:`validate_state` in a task of its own (``ValidationConfig``, ``eval.cpus`` CPUs) on the
+checkpoint of every ``eval.every_epochs``-th epoch end while the workers train on. The memory bank is a
+seeded class-stratified subset of the training images (``eval.bank_size``), both splits under the
+evaluation transform every registered encoder documents (:mod:`byol_ray.preprocess`). The result goes to
+three places: the Ray result (the checkpoint's metrics), the run's MLflow run at the checkpoint's global
+step, and ``<run folder>/validation.jsonl`` (which Tune trials read to report it).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from byol_ray.config import Config, ConfigError, from_dict, validation_due  # noqa: F401 - re-exported
+from byol_ray.preprocess import EVAL_CROP_RATIO
+
+VALIDATION_FILE = "validation.jsonl"
+METRIC = "val_knn_top1"
+
+
+def check_val(cfg: Config) -> None:
+    """Fail before training when ``data.val`` is set but cannot be read (or has no labels to score)."""
+    if not cfg.data.val:
+        return
+    from byol_ray.downstream.data import open_split
+
+    split = open_split(cfg.data.val, "test")
+    if split.backend != "ffcv" and len(split.source) == 0:
+        raise ConfigError(f"data.val={cfg.data.val!r} holds no images; point it at a labelled held-out split")
+
+
+def _bank(cfg: Config):
+    from byol_ray.downstream.data import label_subset, open_split
+
+    train = open_split(cfg.data.train, "train")
+    size = cfg.eval.bank_size
+    if train.backend == "ffcv" or not size or len(train.source) <= size:
+        return train
+    positions = label_subset(np.asarray(train.source.labels), size / len(train.source), cfg.train.seed)
+    return train.subset(positions, f"{len(positions)}-image kNN bank, seed {cfg.train.seed}")
+
+
+def validate_state(state: dict[str, Any], *, device: str = "cpu") -> dict[str, float]:
+    """kNN top-1 of ``state``'s online encoder on the held-out split (the config travels in the state).
+
+    Returns:
+        ``val_knn_top1`` with the checkpoint's ``val_step``/``val_epoch`` and the task's ``val_time_s``.
+    """
+    from byol_ray.downstream.data import LoaderSettings, open_split
+    from byol_ray.downstream.knn import knn_eval
+    from byol_ray.registry import encoder_from_checkpoint
+
+    start = time.perf_counter()
+    cfg = from_dict(state["config"])
+    settings = LoaderSettings(resolution=cfg.data.resolution, batch_size=cfg.eval.batch_size, num_workers=0,
+                              device=device, center_crop_ratio=EVAL_CROP_RATIO)
+    encoder = encoder_from_checkpoint(state)
+    result = knn_eval(encoder, _bank(cfg), open_split(cfg.data.val, "test"), settings, k=cfg.eval.knn_k,
+                      temperature=cfg.eval.knn_temperature)
+    return {METRIC: result["knn_top1"], "val_step": int(state["step"]), "val_epoch": int(state["epoch"]),
+            "val_time_s": time.perf_counter() - start, "val_bank_size": int(result["num_train"]),
+            "val_size": int(result["num_test"])}
+
+
+def record(cfg: Config, metrics: dict[str, float], run_id: str | None) -> None:
+    """Append ``metrics`` to the run's validation.jsonl and log them into its MLflow run at their step."""
+    folder = Path(cfg.output_dir) / cfg.run_name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / VALIDATION_FILE, "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    if not (cfg.mlflow.enabled and run_id):
+        return
+    from byol_ray.mlflow_store import client, resolve_tracking_uri
+
+    mlflow = client(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+    step = int(metrics["val_step"])
+    timestamp = int(time.time() * 1000)
+    from mlflow.entities import Metric
+
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()
+                                      if k not in ("val_step",)])
+
+
+def latest(run_folder: str | Path) -> dict[str, float] | None:
+    """The newest validation recorded for a run (by step), or None."""
+    path = Path(run_folder) / VALIDATION_FILE
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max(rows, key=lambda r: r.get("val_step", 0)) if rows else None
+
+
+def device_for_task() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
