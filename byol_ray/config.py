@@ -390,6 +390,11 @@ def validate(cfg: Config) -> None:
     _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, ">= 1")
     _check(0 <= r.min_workers <= r.num_workers, "ray.min_workers", r.min_workers,
            f"0 (a fixed group) or 1..ray.num_workers={r.num_workers}")
+    if 0 < r.min_workers < r.num_workers and r.max_failures == 0:
+        raise ConfigError(f"ray.min_workers={r.min_workers} < ray.num_workers={r.num_workers} makes the run elastic, but "
+                          "ray.max_failures=0 ends it at the first lost node (Ray Train counts a node that vanishes "
+                          "without a drain notice as a worker failure; noticed preemptions have their own unlimited "
+                          "budget). Set ray.max_failures=N (e.g. 10) or -1 for no limit")
     _check(r.preemption_poll_steps >= 1, "ray.preemption_poll_steps", r.preemption_poll_steps, ">= 1")
     _check(r.resize_check_s >= 0, "ray.resize_check_s", r.resize_check_s, ">= 0")
     _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")

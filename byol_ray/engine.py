@@ -350,7 +350,8 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
         epoch_metrics = _with_prefix(prefix, _epoch_means(sums, done, derived.per_worker_batch), done)
         prefix = None
         epoch_metrics.update(epoch=engine.epoch, step=engine.step, epoch_time_s=elapsed,
-                             images_per_s=done * global_batch / elapsed, world_size=derived.world_size)
+                             images_per_s=done * global_batch / elapsed, world_size=derived.world_size,
+                             global_batch=global_batch)
         history.append(epoch_metrics)
         last = engine.epoch == cfg.train.epochs
         due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or notice is not None

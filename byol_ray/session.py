@@ -27,7 +27,8 @@ from byol_ray.engine import Reporter, fit
 from byol_ray.history import read_history
 from byol_ray.mlflow_store import is_local_store, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
-from byol_ray.tracker import RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, unfinished_run_id
+from byol_ray.tracker import (RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, logged_through,
+                              unfinished_run_id)
 
 STORED_SIDE_RATIO = 384 / 224  # long side stored by an automatic conversion, per pixel of training resolution
 # Settings that --resume may change: how the run is executed, never what it computes.
@@ -352,7 +353,9 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
         # nothing is retrained; the final metrics are reported again so that Ray Train and Tune see them.
         reporter.replay((read_history(folder) or [{"epoch": state["epoch"], "step": state["step"]}])[-1])
     try:
-        result = fit(cfg, derived, loader, where.device, reporter=TrackingReporter(reporter, tracker), state=state)
+        through = logged_through(tracker) if run_id else -1
+        result = fit(cfg, derived, loader, where.device, reporter=TrackingReporter(reporter, tracker, through),
+                     state=state)
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise

@@ -283,22 +283,44 @@ def build_tracker(cfg: Config, *, is_main: bool = True) -> Tracker:
     return MlflowTracker(uri, cfg.mlflow.experiment)
 
 
+def logged_through(tracker: Tracker) -> int:
+    """The highest global step the tracker's run already holds training metrics for (-1: none).
+
+    A restarted worker group resumes from its latest checkpoint, which may lie a few steps before what the
+    lost group had already logged; those steps are trained again but not logged again, so the run never
+    holds a step twice.
+    """
+    client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
+    if client is None or run_id is None:
+        return -1
+    steps = [-1]
+    for key in ("loss", "epoch_loss"):
+        try:
+            steps += [m.step for m in client.get_metric_history(run_id, key)]
+        except Exception:  # noqa: BLE001 - no history: nothing to skip
+            pass
+    return max(steps)
+
+
 class TrackingReporter:
     """Wraps a :class:`Reporter`: every log and epoch end also goes to the tracker, all on one step scale
-    (the global step), so the curves of a restarted run continue where they left off."""
+    (the global step), so the curves of a restarted run continue where they left off. Steps up to
+    ``logged_through`` (what a lost attempt had logged) are not sent again."""
 
-    def __init__(self, inner: Reporter, tracker: Tracker) -> None:
-        self.inner, self.tracker = inner, tracker
+    def __init__(self, inner: Reporter, tracker: Tracker, logged_through: int = -1) -> None:
+        self.inner, self.tracker, self.logged_through = inner, tracker, logged_through
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.tracker.log_metrics(metrics, step)
+        if step > self.logged_through:
+            self.tracker.log_metrics(metrics, step)
         self.inner.log(metrics, step)
 
     def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
         # Epoch values get an epoch_ prefix so they never share a series with the per-step value of the
         # same name (images_per_s); `epoch` itself is a metric on the step scale, like every other.
         values = {k if k.startswith("epoch") else f"epoch_{k}": v for k, v in metrics.items() if k != "step"}
-        self.tracker.log_metrics(values, int(metrics["step"]))
+        if int(metrics["step"]) > self.logged_through:
+            self.tracker.log_metrics(values, int(metrics["step"]))
         if state is not None and self.tracker.run_id is not None:
             state["mlflow_run_id"] = self.tracker.run_id  # a restarted worker logs into the same run
         self.inner.epoch_end(metrics, epoch, state)
