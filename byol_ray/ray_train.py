@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from byol_ray import session
+from byol_ray import session, validation
 from byol_ray.checkpoint import CHECKPOINT_NAME, checkpoint_dir_name, load_checkpoint, save_checkpoint
 from byol_ray.config import Config, ConfigError, from_dict, to_dict, validation_due
 from byol_ray.history import append_history, read_history
@@ -82,6 +82,12 @@ class RayReporter:
         import ray.train
         from ray.train import CheckpointUploadMode
 
+        if self.rank == 0 and self.cfg.data.val and self.cfg.eval.every_epochs:
+            # the newest held-out result so far (validation runs beside training, so it lags by a checkpoint or
+            # so); NaN until the first one: Tune needs its metric in every report
+            latest = validation.latest(self.folder) or {}
+            metrics = {**metrics, validation.METRIC: latest.get(validation.METRIC, float("nan")),
+                       "val_step": latest.get("val_step", -1)}
         if state is None or self.rank != 0:
             ray.train.report(metrics)
             return
@@ -104,10 +110,9 @@ class RayReporter:
 
 def validate_checkpoint(checkpoint, **_: Any) -> dict[str, float]:
     """Ray Train's validation function (``ValidationConfig``): runs in its own task while training goes on."""
-    from byol_ray import validation
-
     with checkpoint.as_directory() as folder:
         state = load_checkpoint(folder, map_location="cpu")
+    torch.set_num_threads(from_dict(state["config"]).eval.cpus)  # the task's own CPUs, not the host's
     metrics = validation.validate_state(state, device=validation.device_for_task())
     validation.record(from_dict(state["config"]), metrics, state.get("mlflow_run_id"))
     return metrics
@@ -217,8 +222,9 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     elastic = 0 < r.min_workers < r.num_workers
     validation = None
     if cfg.data.val and cfg.eval.every_epochs > 0:
+        # its own CPUs, outside any placement group it would otherwise inherit (a Tune trial's holds no CPU)
         validation = ValidationConfig(fn=validate_checkpoint, ray_remote_kwargs={
-            "num_cpus": cfg.eval.cpus, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.eval.cpus)}}})
+            "num_cpus": cfg.eval.cpus, "scheduling_strategy": "DEFAULT"})
     return TorchTrainer(
         train_worker,
         train_loop_config=to_dict(cfg),

@@ -332,7 +332,8 @@ def encoder_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     return online.encoder.eval()
 
 
-def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tracking_uri: str = ""):
+def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tracking_uri: str = "",
+                             metrics: dict[str, float] | None = None):
     """Register the online encoder of any checkpoint (on demand, after or during training).
 
     The version is logged into the training run when the checkpoint names one that this store holds
@@ -342,6 +343,7 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
         checkpoint_path: a ``state.pt`` file or a checkpoint folder.
         name: registered model name ('' = the checkpoint config's ``mlflow.register_name``).
         tracking_uri: store URI ('' = the checkpoint config's, resolved against its output_dir).
+        metrics: the final metrics for the model card (default: the checkpoint folder's metrics.json, if any).
 
     Returns:
         The READY ``ModelVersion``.
@@ -365,7 +367,9 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
     folder = path if path.is_dir() else path.parent
     metrics_file = folder / "metrics.json"
     metadata: dict[str, Any] = {"epochs": state["epoch"], "step": state["step"], "checkpoint": str(path)}
-    if metrics_file.is_file():
+    if metrics is not None:
+        metadata["metrics"] = dict(metrics)
+    elif metrics_file.is_file():
         metadata["metrics"] = {k: v for k, v in json.loads(metrics_file.read_text()).items()
                                if isinstance(v, (int, float))}
 

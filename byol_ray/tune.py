@@ -16,9 +16,13 @@ from ray.tune.stopper import Stopper  # this module is the Tune edge: Ray is its
 
 from byol_ray.config import Config, ConfigError, from_dict, load_config, to_dict, with_values
 
-# metrics every trial reports at each epoch end (engine.fit's epoch metrics)
-REPORTED_METRICS = ("epoch_loss", "epoch_projection_std", "epoch_classifier_acc", "epoch_classifier_loss",
+# metrics every trial reports at each epoch end (engine.fit's epoch metrics; val_knn_top1 with data.val)
+REPORTED_METRICS = ("val_knn_top1", "epoch_classifier_acc", "epoch_classifier_loss", "epoch_projection_std",
                     "images_per_s")
+# Never a selection metric: the BYOL loss measures how well the online network predicts a target that the
+# trial's own τ and learning rate shape (a slower-moving target is easier to predict), so its value is not
+# comparable across trials; selecting on it favoured the lowest τ, not the best encoder.
+NOT_COMPARABLE = ("epoch_loss", "loss")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 STOP_REASONS_FILE = "stop_reasons.json"
 
@@ -47,14 +51,16 @@ class SearchSpec:
     base_config: list[str] = field(default_factory=lambda: ["demo"])
     overrides: list[str] = field(default_factory=list)
     space: dict[str, dict[str, list]] = field(default_factory=dict)
-    metric: str = "epoch_classifier_acc"
+    # '' = val_knn_top1 when the trials have data.val (held-out kNN), else the online probe's epoch_classifier_acc
+    metric: str = ""
     mode: Literal["min", "max"] = "max"
     num_samples: int = 4
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
     search_alg: Literal["random", "optuna"] = "random"
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     stop: StopSpec = field(default_factory=StopSpec)
-    register_best: bool = True  # register the best trial's online encoder as mlflow.register_name
+    register_best: bool = True  # register the best trial's online encoder (same model card as a training run)
+    register_name: str = ""  # '' = "<search name>-encoder" (an explicit mlflow.register_name=... override wins)
 
 
 def load_search(path: str, extra_overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchSpec, Config]:
@@ -76,8 +82,18 @@ def load_search(path: str, extra_overrides: list[str] | tuple[str, ...] = ()) ->
     spec = _build_spec(raw, path)
     spec.overrides = [*spec.overrides, *extra_overrides]
     base = load_config(spec.base_config, spec.overrides)
+    if spec.metric in NOT_COMPARABLE:
+        raise ConfigError(f"{path}: metric {spec.metric!r} cannot select trials: the BYOL loss depends on each "
+                          "trial's own τ and learning rate (a slower target is easier to predict), so it is not "
+                          "comparable across trials and would pick the lowest τ, not the best encoder. Use "
+                          "val_knn_top1 (set data.val to a labelled held-out split) or epoch_classifier_acc, or "
+                          "leave metric unset to get the first of those that the trials report")
+    if not spec.metric:
+        spec.metric, spec.mode = ("val_knn_top1" if base.data.val else "epoch_classifier_acc"), "max"
     if spec.metric not in REPORTED_METRICS:
         raise ConfigError(f"{path}: metric {spec.metric!r} is not reported by training; choose one of {list(REPORTED_METRICS)}")
+    if spec.metric == "val_knn_top1" and not (base.data.val and base.eval.every_epochs):
+        raise ConfigError(f"{path}: metric val_knn_top1 needs a held-out split: set data.val=... (and eval.every_epochs >= 1)")
     if spec.metric.startswith("epoch_classifier") and not base.model.online_classifier:
         raise ConfigError(f"{path}: metric {spec.metric!r} needs model.online_classifier=true")
     if spec.num_samples < 1 or spec.max_concurrent_trials < 0:
@@ -211,6 +227,9 @@ def _trial(params: dict[str, Any]) -> None:
     result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()  # resumes its own checkpoint if any
     if result.error:
         raise result.error
+    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if "val_knn_top1" in final:  # the last checkpoint's validation finishes after its report: tell Tune too
+        tune.report(final)
 
 
 def check_search_resources(spec: SearchSpec, base: Config) -> int:
@@ -218,7 +237,7 @@ def check_search_resources(spec: SearchSpec, base: Config) -> int:
     import ray
 
     total = ray.cluster_resources()
-    cpus = base.ray.num_workers * base.ray.cpus_per_worker
+    cpus = base.ray.num_workers * base.ray.cpus_per_worker + (base.eval.cpus if base.data.val else 0)
     fits = int(total.get("CPU", 0) // cpus)
     if base.ray.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // base.ray.num_workers))
@@ -267,7 +286,10 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
                                mlflow=dataclasses.replace(base.mlflow, parent_run_id=parent.run_id or ""))
     results = _fit(spec, base, name, storage, concurrency, resume, experiment_dir)
     summary = _summarise(spec, results, BYOLStopper(spec.stop, experiment_dir / STOP_REASONS_FILE).reasons)
-    summary["registered"] = _register_best(spec, base, summary) if spec.register_best else None
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("mlflow.register_name=")]
+    register_name = (explicit[-1] if explicit else "") or spec.register_name or f"{name}-encoder"
+    summary["registered"] = (_register_best(spec, base, summary, register_name, parent.run_id)
+                             if spec.register_best else None)
     _log_summary(parent, summary, experiment_dir)
     return summary
 
@@ -287,7 +309,10 @@ def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: i
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
         return tuner.fit()
     if spec.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.train.epochs,
+        # rungs in epochs (reports also come from mid-epoch checkpoints, so not training_iteration)
+        # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once, which would cancel the
+        # validation of its final checkpoint; this way the trial ends by itself, after that validation
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs + 1,
                                   grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)
     else:
@@ -333,6 +358,8 @@ def _summarise(spec: SearchSpec, results, reasons: dict[str, str]) -> dict[str, 
         else:
             stopped_by = "completed" if epochs >= max_epochs else "asha"
         rows.append({"trial_id": trial_id, "params": params, spec.metric: value, "epochs": epochs,
+                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                                 and (k.startswith(("epoch", "val_")) or k == "step")},
                      "state": "ERROR" if result.error is not None else "TERMINATED", "stopped_by": stopped_by,
                      "error": str(result.error)[:300] if result.error is not None else ""})
     candidates = [r for r in rows if r["stopped_by"] in ("completed", "asha") and isinstance(r[spec.metric], float)
@@ -345,20 +372,28 @@ def _summarise(spec: SearchSpec, results, reasons: dict[str, str]) -> dict[str, 
     return {"metric": spec.metric, "mode": spec.mode, "rows": rows, "best": best}
 
 
-def _register_best(spec: SearchSpec, base: Config, summary: dict[str, Any]):
+def _register_best(spec: SearchSpec, base: Config, summary: dict[str, Any], name: str, parent_run_id: str | None):
+    """Register the best trial's online encoder as ``name``: the model card of a training run (from the trial's
+    checkpoint and final metrics) plus the search's tags."""
     from byol_ray.checkpoint import latest_checkpoint
-    from byol_ray.mlflow_store import resolve_tracking_uri
+    from byol_ray.mlflow_store import client, resolve_tracking_uri
     from byol_ray.registry import register_from_checkpoint
     from byol_ray.session import checkpoint_dir
 
     best = summary["best"]
-    if best is None or not base.mlflow.enabled or not base.mlflow.register_name:
+    if best is None or not base.mlflow.enabled or not name:
         return None
     ckpt = latest_checkpoint(checkpoint_dir(dataclasses.replace(base, run_name=f"{base.run_name}-{best['trial_id']}")))
     if ckpt is None:
         return None
-    version = register_from_checkpoint(ckpt, name=base.mlflow.register_name,
-                                       tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri, base.output_dir))
+    uri = resolve_tracking_uri(base.mlflow.tracking_uri, base.output_dir)
+    version = register_from_checkpoint(ckpt, name=name, tracking_uri=uri, metrics=best.get("metrics"))
+    tags = {"search.name": base.run_name, "search.metric": spec.metric, "search.mode": spec.mode,
+            f"search.{spec.metric}": str(best[spec.metric]), "search.trial_id": best["trial_id"],
+            "search.params": json.dumps(best["params"], default=str), "search.parent_run_id": parent_run_id or ""}
+    registry = client(uri)
+    for key, value in tags.items():
+        registry.set_model_version_tag(version.name, version.version, key, value)
     return {"name": version.name, "version": str(version.version), "checkpoint": str(ckpt)}
 
 

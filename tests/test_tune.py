@@ -20,8 +20,8 @@ TINY = ["train.batch_size=64", "train.checkpoint_every_epochs=1", "model.project
 
 
 def _search(tmp: Path, name: str, **fields) -> Path:
-    spec = {"base_config": ["demo"], "overrides": TINY, "metric": "epoch_loss", "mode": "min",
-            "space": {"optim.base_lr": {"loguniform": [0.1, 2.0]}}, **fields}
+    spec = {"base_config": ["demo"], "overrides": TINY, "space": {"optim.base_lr": {"loguniform": [0.1, 2.0]}},
+            **fields}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -35,6 +35,8 @@ def _search(tmp: Path, name: str, **fields) -> Path:
     ({"space": {"train.tau_base": {"uniform": [0.9, 1.5]}}}, r"'train.tau_base' = 1.5 is out of range"),
     ({"space": {"optim.base_lr": {"normal": [0, 1]}}}, r"must be one of"),
     ({"metric": "val_accuracy"}, r"metric 'val_accuracy' is not reported by training"),
+    ({"metric": "epoch_loss", "mode": "min"}, r"not comparable across trials and would pick the lowest τ"),
+    ({"metric": "val_knn_top1"}, r"val_knn_top1 needs a held-out split: set data.val"),
     ({"scheduler": {"type": "hyperband"}}, r"hyperband"),
 ])
 def test_bad_search_files_fail_before_any_trial(tmp_path, fields, pattern):
@@ -46,11 +48,20 @@ def test_shipped_search_spaces_load():
     for name in ("cpu_smoke", "cifar10_resnet18", "imagenet_resnet50"):
         spec, base = load_search(f"{Path(__file__).parents[1]}/tune_configs/{name}.yaml")
         assert {"optim.base_lr", "optim.weight_decay", "train.tau_base"} <= set(spec.space)
+        assert spec.metric not in ("epoch_loss", "loss")
+
+
+def test_selection_metric_defaults_to_held_out_knn_when_data_val_is_set(tmp_path, cifar_small):
+    train, val = cifar_small
+    spec, _ = load_search(str(_search(tmp_path, "auto", overrides=[*TINY, f"data.train={train}", f"data.val={val}"])))
+    assert (spec.metric, spec.mode) == ("val_knn_top1", "max")
+    spec, _ = load_search(str(_search(tmp_path, "probe")))
+    assert (spec.metric, spec.mode) == ("epoch_classifier_acc", "max")
 
 
 def _common(tmp: Path, uri: str) -> list[str]:
     return [f"output_dir={tmp}/runs", f"ray.storage_path={tmp}/ray", f"data.cache_dir={tmp}/cache",
-            f"mlflow.tracking_uri={uri}", "mlflow.register_name=tuned-encoder"]
+            f"mlflow.tracking_uri={uri}"]
 
 
 @pytest.mark.slow
@@ -64,25 +75,31 @@ def test_trial_larger_than_cluster_fails_fast(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_smoke_search_prunes_stops_nan_and_registers_best(ray_cluster, mlflow_server, tmp_path):
+def test_cpu_smoke_search_selects_on_held_out_knn_stops_nan_and_registers_best(ray_cluster, mlflow_server, tmp_path,
+                                                                               cifar_small):
     from mlflow import MlflowClient
 
     from byol_ray.tune import run_search
 
-    # 4 trials, 2 at a time: two sane learning rates, one so large the loss turns NaN at once, and one so
-    # small that its epoch-1 loss is the worst of all (measured on this data: 4.12 vs 3.17 at lr 1.0 and
-    # 2.75 at lr 3.0). It starts last, after the others have reached rung 1, so ASHA must cut it there
-    # whatever order the concurrent trials reach their rungs in.
-    path = _search(tmp_path, "smoke", overrides=[*TINY, "train.epochs=4"],
-                   space={"optim.base_lr": {"grid": [1.0, 1.0e5, 3.0, 0.01]}}, num_samples=1,
-                   max_concurrent_trials=2, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    # 4 trials on real CIFAR-10 images with a held-out split, 2 at a time: three sane learning rates and one so
+    # large that the loss turns NaN at once. No metric in the file: held-out kNN top-1 (val_knn_top1) is used.
+    train, val = cifar_small
+    path = _search(tmp_path, "smoke", overrides=[*TINY, "train.epochs=3", f"data.train={train}", f"data.val={val}"],
+                   space={"optim.base_lr": {"grid": [1.0, 1.0e5, 3.0, 0.3]}}, num_samples=1,
+                   max_concurrent_trials=2, scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})
     summary = run_search(str(path), name="smoke", overrides=_common(tmp_path, mlflow_server))
+    assert summary["metric"] == "val_knn_top1"
     rows = {r["params"]["optim.base_lr"]: r for r in summary["rows"]}
     assert len(rows) == 4
-    assert rows[1.0e5]["stopped_by"] == "nan_loss" and rows[1.0e5]["epochs"] < 4
-    assert rows[0.01]["stopped_by"] == "asha" and rows[0.01]["epochs"] == 1, summary["rows"]
-    assert summary["best"]["params"]["optim.base_lr"] != 1.0e5
-    assert summary["registered"]["name"] == "tuned-encoder"
+    assert rows[1.0e5]["stopped_by"] == "nan_loss" and rows[1.0e5]["epochs"] < 3
+    finished = [r for r in summary["rows"] if r["stopped_by"] == "completed"]
+    assert finished and all(0.0 <= r["val_knn_top1"] <= 1.0 for r in finished)
+    best = summary["best"]
+    assert best["params"]["optim.base_lr"] != 1.0e5
+    assert best["val_knn_top1"] == max(r["val_knn_top1"] for r in summary["rows"] if r["stopped_by"] in ("completed", "asha")
+                                       and r["val_knn_top1"] == r["val_knn_top1"])
+    # registered under the search's own name (not the demo preset's), with a training run's card + search tags
+    assert summary["registered"]["name"] == "smoke-encoder"
     assert (tmp_path / "ray" / "smoke" / "summary.md").read_text().count("| ") >= 4
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
@@ -94,8 +111,16 @@ def test_cpu_smoke_search_prunes_stops_nan_and_registers_best(ray_cluster, mlflo
     by_lr = {float(c.data.params["optim.base_lr"]): c for c in children}
     assert by_lr[1.0e5].data.tags["stop_reason"] == "nan_loss"
     assert all(c.info.status != "RUNNING" for c in children)
-    versions = client.search_model_versions("name = 'tuned-encoder'")
+    assert client.get_metric_history(by_lr[best["params"]["optim.base_lr"]].info.run_id, "val_knn_top1")
+    versions = client.search_model_versions("name = 'smoke-encoder'")
     assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["search.name"] == "smoke" and tags["search.trial_id"] == best["trial_id"]
+    assert tags["search.metric"] == "val_knn_top1" and float(tags["search.val_knn_top1"]) == best["val_knn_top1"]
+    assert tags["search.parent_run_id"] == parents[0].info.run_id
+    for key in ("architecture", "eval_transform", "training", "final_metrics"):
+        assert key in tags, sorted(tags)
+    assert json.loads(tags["final_metrics"])["val_knn_top1"] == pytest.approx(best["val_knn_top1"], rel=1e-5)
 
 
 @pytest.mark.slow
