@@ -178,6 +178,13 @@ def check_resources(cfg: Config) -> None:
             f"ray.num_workers={workers} x ray.cpus_per_worker={cpus} needs {workers * cpus} CPUs but the cluster "
             f"has {total.get('CPU', 0):g}; lower ray.num_workers or ray.cpus_per_worker"
         )
+    if cfg.data.val and cfg.eval.every_epochs and total.get("CPU", 0) < workers * cpus + cfg.eval.cpus:
+        # the validation task would wait forever for its CPUs, and the run's end waits for the validation
+        raise ConfigError(
+            f"validation (data.val) needs eval.cpus={cfg.eval.cpus} CPU(s) beside the {workers * cpus} of the "
+            f"workers, but the cluster has {total.get('CPU', 0):g}; lower eval.cpus, ray.cpus_per_worker or "
+            f"ray.num_workers, or set eval.every_epochs=0 (no validation)"
+        )
 
 
 # Options of the in-process local Ray (the embedded default), set only when this process starts it.

@@ -1,0 +1,104 @@
+"""Does held-out validation slow training down? Epoch time with validation on and off, paired rounds.
+
+Each round trains the same config twice under Ray Train (one in-process local Ray, 1 worker of 1 CPU):
+once without validation, once with ``data.val`` set and ``eval.every_epochs=1`` (a Ray task of
+``eval.cpus=1`` computes kNN top-1 of every epoch's checkpoint on the held-out split while the worker
+trains on). Rounds alternate A (off), B (on), A, B, ...; reported: the mean epoch time of each run
+(epoch 1 excluded: it pays the loader's and the first validation worker's start), the median of the
+paired ratios on/off, and the load average. The machine's CPUs must cover the worker and the task
+(2 here); with fewer the two share a core and the figure is not what validation "on its own CPU" costs.
+
+    .venv/bin/python scripts/bench_validation.py --train /tmp/cifar-5k/train --val /tmp/cifar-5k/val [--write]
+
+(``--train``/``--val``: ImageFolders, e.g. 500 and 100 real CIFAR-10 JPEGs per class.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_run(args, tmp: Path, name: str, validate: bool) -> dict:
+    from byol_ray.config import load_config
+    from byol_ray.history import read_history
+    from byol_ray.ray_train import launch
+
+    overrides = [f"data.train={args.train}", "data.loader=torch", "data.num_workers=1",
+                 f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.log_every_steps=1000",
+                 "train.checkpoint_every_epochs=1", "ray.num_workers=1", "ray.cpus_per_worker=1", "eval.cpus=1",
+                 "mlflow.enabled=false", f"output_dir={tmp}/runs", f"data.cache_dir={tmp}/cache", f"run_name={name}"]
+    if validate:
+        overrides += [f"data.val={args.val}", "eval.every_epochs=1"]
+    launch(load_config(["demo"], overrides))
+    history = read_history(tmp / "runs" / name)
+    times = [r["epoch_time_s"] for r in history[1:]]
+    val_path = tmp / "runs" / name / "validation.jsonl"
+    vals = [json.loads(x) for x in val_path.read_text().splitlines()] if val_path.exists() else []
+    return {"epoch_time_s": statistics.mean(times), "epochs": len(history), "validations": len(vals),
+            "val_time_s": statistics.mean(v["val_time_s"] for v in vals) if vals else None,
+            "val_knn_top1": vals[-1]["val_knn_top1"] if vals else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--val", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    load_start = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-validation-"))
+    import ray
+
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    rows = []
+    for r in range(args.rounds):
+        off = one_run(args, tmp, f"off-{r}", validate=False)
+        on = one_run(args, tmp, f"on-{r}", validate=True)
+        rows.append({"round": r, "off": off, "on": on, "ratio": on["epoch_time_s"] / off["epoch_time_s"]})
+        print(json.dumps(rows[-1]), flush=True)
+    ray.shutdown()
+    load = os.getloadavg()
+    ratio = statistics.median(r["ratio"] for r in rows)
+    summary = {"rounds": args.rounds, "ratio_on_over_off_median": ratio,
+               "ratios": [round(r["ratio"], 4) for r in rows],
+               "off_epoch_s_median": statistics.median(r["off"]["epoch_time_s"] for r in rows),
+               "on_epoch_s_median": statistics.median(r["on"]["epoch_time_s"] for r in rows),
+               "val_task_s_median": statistics.median(r["on"]["val_time_s"] for r in rows),
+               "loadavg_start": load_start, "loadavg_end": load, "cores": os.cpu_count()}
+    print(json.dumps(summary, indent=2))
+    if args.write:
+        n_train = sum(1 for _ in Path(args.train).rglob("*.jpg"))
+        n_val = sum(1 for _ in Path(args.val).rglob("*.jpg"))
+        with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
+            fh.write(
+                f"\n## Held-out validation beside training: epoch time on vs off ({time.strftime('%Y-%m-%d')})\n\n"
+                f"`.venv/bin/python scripts/bench_validation.py --train TRAIN --val VAL --rounds {args.rounds} "
+                f"--epochs {args.epochs} --write` with {n_train} real CIFAR-10 training JPEGs and {n_val} held-out "
+                f"ones (the `demo` preset's tiny encoder, batch {args.batch_size}, torch loader), one Ray Train "
+                f"worker of 1 CPU and a validation task of 1 CPU (`eval.cpus=1`) on this {os.cpu_count()}-core "
+                f"machine; {args.rounds} interleaved paired rounds (off, on); load average {load_start[0]:.2f} "
+                f"at start, {load[0]:.2f} at end (1 min).\n\n"
+                f"| | validation off | validation on (every epoch) |\n|---|---|---|\n"
+                f"| mean epoch time, epochs 2..{args.epochs} (median of rounds) | {summary['off_epoch_s_median']:.2f} s | "
+                f"{summary['on_epoch_s_median']:.2f} s |\n"
+                f"| validation task (kNN over the bank + held-out split) | – | {summary['val_task_s_median']:.2f} s |\n\n"
+                f"Median paired ratio on/off: **{ratio:.3f}** (rounds: {', '.join(f'{x:.3f}' for x in summary['ratios'])}); "
+                f"the target was within 1.05.\n")
+
+
+if __name__ == "__main__":
+    main()
