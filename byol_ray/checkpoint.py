@@ -12,12 +12,14 @@ CHECKPOINT_NAME = "state.pt"
 REQUIRED_KEYS = ("online", "target", "optimizer", "scaler", "step", "epoch", "rng", "config")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(state: dict[str, Any], path: str | Path, *, durable: bool = True) -> Path:
     """Write ``state`` so that ``path`` is either the old file or the complete new one, never half.
 
     Args:
         state: an engine state dict.
         path: destination file; its folder is created.
+        durable: fsync before the rename. False for a staging copy that is uploaded elsewhere (Ray Train's
+            storage): the upload is what must survive a crash, and the fsync would only stall the step loop.
 
     Returns:
         The path written.
@@ -29,7 +31,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

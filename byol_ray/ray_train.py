@@ -94,7 +94,7 @@ class RayReporter:
         # ASYNC: Ray copies the folder in the background and deletes it afterwards, so it must outlive this call
         tmp = tempfile.mkdtemp(prefix="byol-ckpt-")
         try:
-            save_checkpoint(state, Path(tmp) / CHECKPOINT_NAME)
+            save_checkpoint(state, Path(tmp) / CHECKPOINT_NAME, durable=False)  # a staging copy; Ray uploads it
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
                              checkpoint_upload_mode=CheckpointUploadMode.ASYNC if self.upload_async
                              else CheckpointUploadMode.SYNC, validation=validate)

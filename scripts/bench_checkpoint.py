@@ -3,7 +3,7 @@
 Inside one real Ray Train worker (a local cluster, 1 worker, CPU) this builds the real engine state of a
 ResNet-18 BYOL run (online + target networks, projector and predictor at the paper's 4096/256 widths, LARS
 momentum, RNG state: ``BYOLEngine.state_dict()``) and reports it as a checkpoint the way ``RayReporter``
-does: ``save_checkpoint`` into a local temporary folder, then ``ray.train.report`` with
+does: ``save_checkpoint(durable=False)`` into a local temporary folder, then ``ray.train.report`` with
 ``CheckpointUploadMode.SYNC`` or ``ASYNC``. The stall is the wall time from the start of the save to the
 return of ``report`` (what the step loop waits for); ``--gap-s`` of idle time separates checkpoints, as
 training steps would. Modes alternate in paired rounds (SYNC, ASYNC, SYNC, ...) in the same worker; reported:
@@ -59,7 +59,7 @@ def worker(config: dict) -> None:
         nonlocal index
         start = time.perf_counter()
         tmp = tempfile.mkdtemp(prefix="bench-ckpt-")
-        save_checkpoint(state, Path(tmp) / CHECKPOINT_NAME)
+        save_checkpoint(state, Path(tmp) / CHECKPOINT_NAME, durable=False)  # as RayReporter stages it
         saved = time.perf_counter()
         ray.train.report({"index": index}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"ckpt_{index:04d}", checkpoint_upload_mode=mode)
@@ -120,6 +120,7 @@ def main() -> None:
     polls = sorted(result["poll_s"])
     poll_ms = {"median": 1e3 * statistics.median(polls), "p90": 1e3 * polls[int(0.9 * len(polls))]}
     load = os.getloadavg()
+    per_round = ", ".join(f"{r['sync']['stall_s']:.2f} / {r['async']['stall_s']:.2f} s" for r in rows)
     summary = {"rounds": len(rows), "gap_s": args.gap_s, "state_mb": result["state_bytes"] / 2**20,
                "online_target_params_m": result["online_target_params"] / 1e6, "median": med,
                "stall_ratio_sync_over_async": ratio, "poll_ms": poll_ms, "loadavg_start": load_start,
@@ -141,7 +142,8 @@ def main() -> None:
                 f"{med['sync']['stall_s']:.2f} s |\n"
                 f"| ASYNC upload (`ray.checkpoint_upload=async`) | {med['async']['save_s']:.2f} s | "
                 f"{med['async']['report_s']:.2f} s | {med['async']['stall_s']:.2f} s |\n\n"
-                f"Median paired ratio of the stall, sync / async: **{ratio:.2f}×**. The storage was this machine's "
+                f"Median paired ratio of the stall, sync / async: **{ratio:.2f}×** (per round: "
+                f"{per_round}). The storage was this machine's "
                 f"disk: to an object store the synchronous copy is a network upload and the difference grows; the "
                 f"serialisation to the local temporary folder is paid in both modes.\n\n"
                 f"`ray.train.get_preemption_info()` with one worker: median {poll_ms['median']:.2f} ms, 90th "
