@@ -644,7 +644,7 @@ def _augment(x: Tensor, params: AugmentParams, view: ViewAugment, normalize: boo
 
 def augment_view(
     images_uint8: Tensor, view: ViewAugment, generator: torch.Generator, normalize: bool = True,
-    share: tuple[int, int] = (0, 1),
+    share: tuple[int, int] | None = None,
 ) -> Tensor:
     """Augments one BYOL view of a batch: sample_params followed by apply_params.
 
@@ -653,16 +653,17 @@ def augment_view(
         view: VIEW1 or VIEW2 (or any ViewAugment).
         generator: seeded torch.Generator on the images' device.
         normalize: False returns the augmented image in [0, 1] before normalisation.
-        share: (rank, world_size) when the batch is one rank's share of a global batch dealt every
-            world_size-th sample (byol_ray.data.order.shard_order): the parameters are drawn for all
-            B * world_size samples and this rank keeps its rows, so a sample's augmentation does not
-            depend on how many ranks share the batch.
+        share: (offset, global_batch) when the batch is one rank's chunk of a global batch, starting at
+            ``offset`` (byol_ray.data.order.batch_share): the parameters are drawn for all global_batch
+            samples and this rank keeps its rows, so a sample's augmentation does not depend on how many
+            ranks share the batch.
 
     Returns:
         float32 [B, 3, H, W], normalised with the view's mean/std.
     """
-    rank, world_size = share
-    params = sample_params(images_uint8.shape[0] * world_size, view, generator, images_uint8.device)
-    if world_size > 1:
-        params = params.rows(slice(rank, None, world_size))
+    size = images_uint8.shape[0]
+    offset, total = share if share is not None else (0, size)
+    params = sample_params(total, view, generator, images_uint8.device)
+    if total != size:
+        params = params.rows(slice(offset, offset + size))
     return apply_params(images_uint8, params, view, normalize=normalize)

@@ -116,8 +116,9 @@ class RayConfig:
     address: str = ""  # '' = in-process local Ray (or the cluster the job was submitted to)
     num_workers: int = 1
     # elastic: 0 (= num_workers) is a fixed group; 1 <= min_workers < num_workers lets Ray Train run with
-    # any size in between, shrinking when a node is lost and growing when capacity returns. The recipe
-    # does not change with the size: every allowed size must divide train.batch_size (checked at start).
+    # any size in between, shrinking when a node is lost and growing when capacity returns. The recipe does
+    # not change with the size: the global batch stays train.batch_size, split in shares that differ by at
+    # most one sample when the size does not divide it (gradients weighted by share; byol_ray/dist.py).
     min_workers: int = 0
     # how often (in steps) the workers ask Ray Train whether a node is being preempted (a collective call)
     preemption_poll_steps: int = 10
@@ -170,7 +171,7 @@ class Derived:
     """Values computed once from the config, the data set size and the world size."""
 
     world_size: int
-    per_worker_batch: int
+    per_worker_batch: int  # batch_size // world_size: the smaller share when the size does not divide it
     num_samples: int
     steps_per_epoch: int
     total_steps: int
@@ -400,15 +401,10 @@ def validate(cfg: Config) -> None:
     _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, ">= 0, or -1 for unlimited")
     _check(r.num_to_keep >= 1, "ray.num_to_keep", r.num_to_keep, ">= 1")
-    sizes = world_sizes(cfg)
-    bad = [w for w in sizes if t.batch_size % w or t.batch_size // w < 2]
-    if bad:
-        what = (f"ray.num_workers={r.num_workers}" if len(sizes) == 1 else
-                f"every group size the elastic run may take (ray.min_workers={r.min_workers} .. "
-                f"ray.num_workers={r.num_workers}; {', '.join(map(str, bad))} do not)")
-        raise ConfigError(f"config key 'train.batch_size' = {t.batch_size} must be a multiple of {what}, with >= 2 "
-                          "samples per worker: the global batch stays train.batch_size whatever the group size. "
-                          "Choose a batch size that they all divide, or narrow ray.min_workers..ray.num_workers")
+    if t.batch_size < 2 * r.num_workers:
+        raise ConfigError(f"config key 'train.batch_size' = {t.batch_size} gives some of the ray.num_workers="
+                          f"{r.num_workers} workers fewer than 2 samples (BatchNorm needs two); the global batch is "
+                          f"split over the workers, so use train.batch_size >= {2 * r.num_workers} or fewer workers")
 
 
 def validation_due(cfg: Config, epoch: int) -> bool:
@@ -416,12 +412,6 @@ def validation_due(cfg: Config, epoch: int) -> bool:
     such an epoch end always writes a checkpoint."""
     every = cfg.eval.every_epochs
     return bool(cfg.data.val) and every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs)
-
-
-def world_sizes(cfg: Config) -> list[int]:
-    """The group sizes a run may take: ``ray.num_workers``, or every size from ``ray.min_workers`` up when elastic."""
-    low = cfg.ray.min_workers or cfg.ray.num_workers
-    return list(range(low, cfg.ray.num_workers + 1))
 
 
 def derive(cfg: Config, num_samples: int, world_size: int | None = None) -> Derived:
@@ -436,8 +426,9 @@ def derive(cfg: Config, num_samples: int, world_size: int | None = None) -> Deri
         The derived values; raises :class:`ConfigError` when the data set is smaller than a batch.
     """
     world_size = world_size or cfg.ray.num_workers
+    # each worker takes its share (batch_share: sizes differ by at most one when the size does not divide)
     per_worker = cfg.train.batch_size // world_size
-    global_batch = per_worker * world_size
+    global_batch = cfg.train.batch_size
     steps_per_epoch = num_samples // global_batch  # drop_last: every step sees a full batch
     if steps_per_epoch < 1:
         raise ConfigError(

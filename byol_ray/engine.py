@@ -16,6 +16,7 @@ from byol_ray import dist
 from byol_ray.augment import augment_view
 from byol_ray.byol import build_byol, update_target
 from byol_ray.config import Config, Derived, to_dict, validation_due
+from byol_ray.dist import batch_share
 from byol_ray.encoders import build_encoder
 from byol_ray.lars import LARS, param_groups
 from byol_ray.loss import byol_loss
@@ -154,7 +155,8 @@ class BYOLEngine:
             group["lr"] = lr
 
         self.reseed_augment()
-        share = (dist.rank(), dist.world_size())
+        global_batch = self.cfg.train.batch_size
+        share = (batch_share(global_batch, dist.world_size(), dist.rank())[0], global_batch)
         with torch.no_grad(), self._phase("augment"):
             view1 = augment_view(view1_u8, aug.view1, self.generator, share=share)
             view2 = augment_view(view2_u8, aug.view2, self.generator, share=share)
@@ -169,9 +171,12 @@ class BYOLEngine:
                 classifier_loss = F.cross_entropy(online["logits"].float(), labels)
                 total = total + classifier_loss
 
+        # DDP averages the ranks' gradients; with unequal shares (a world size that does not divide the global
+        # batch) each rank's mean is weighted by its share so that the result is the global batch's mean
+        weight = view1_u8.shape[0] * dist.world_size() / global_batch
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
+            self.scaler.scale(total * weight if weight != 1.0 else total).backward()
         with self._phase("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -304,7 +309,8 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
     checkpoint = getattr(reporter, "checkpoint", None)
     history: list[dict[str, float]] = []
     epoch_metrics: dict[str, float] = {}
-    global_batch = derived.per_worker_batch * derived.world_size
+    global_batch = cfg.train.batch_size
+    local_batch = getattr(loader, "batch_size", derived.per_worker_batch)  # this rank's share
     for epoch in range(engine.epoch, cfg.train.epochs):
         skip = engine.step - epoch * steps_per_epoch  # > 0: resumed inside this epoch
         if not 0 <= skip < steps_per_epoch:
@@ -340,14 +346,14 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
                 # a mid-epoch checkpoint: the epoch's metrics so far travel with it (a collective call)
                 state_now = engine.state_dict()
                 state_now["epoch_prefix"] = {"steps": skip + done, "means": _with_prefix(
-                    prefix, _epoch_means(sums, done, derived.per_worker_batch), done)}
+                    prefix, _epoch_means(sums, done, local_batch), done)}
                 partial = {**state_now["epoch_prefix"]["means"], "epoch": epoch + (i + 1) / steps_per_epoch,
                            "step": engine.step, "world_size": derived.world_size}
                 checkpoint(partial, state_now, notice)
                 notice = None
         engine.epoch = epoch + 1
         elapsed = time.perf_counter() - start
-        epoch_metrics = _with_prefix(prefix, _epoch_means(sums, done, derived.per_worker_batch), done)
+        epoch_metrics = _with_prefix(prefix, _epoch_means(sums, done, local_batch), done)
         prefix = None
         epoch_metrics.update(epoch=engine.epoch, step=engine.step, epoch_time_s=elapsed,
                              images_per_s=done * global_batch / elapsed, world_size=derived.world_size,

@@ -278,11 +278,15 @@ def data_fingerprint(cfg: Config, path: str) -> dict[str, Any]:
 
 
 def train_loader(cfg: Config, path: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
-    """The two-view loader of one worker, with its share of the global batch."""
+    """The two-view loader of one worker: its share of every global batch (the same global batches whatever the
+    world size)."""
     from byol_ray.data.loaders import build_train_loader
 
+    from byol_ray.dist import batch_share
+
     return build_train_loader(
-        path, backend=cfg.data.loader, batch_size=cfg.train.batch_size // world_size,
+        path, backend=cfg.data.loader, batch_size=batch_share(cfg.train.batch_size, world_size, rank)[1],
+        global_batch=cfg.train.batch_size,
         resolution=cfg.data.resolution, crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio,
         crop_law=cfg.data.crop_law, flip_prob=cfg.data.flip_prob, num_workers=cfg.data.num_workers,
         seed=cfg.train.seed, distributed=world_size > 1, rank=rank, world_size=world_size, device=device,

@@ -7,6 +7,8 @@ trains on). Rounds alternate A (off), B (on), A, B, ...; reported: the mean epoc
 (epoch 1 excluded: it pays the loader's and the first validation worker's start), the median of the
 paired ratios on/off, and the load average. The machine's CPUs must cover the worker and the task
 (2 here); with fewer the two share a core and the figure is not what validation "on its own CPU" costs.
+With ``--loader torch`` a DataLoader process decodes JPEGs beside the worker, so the worker, the loader and
+the validation task share the 2 cores; ``memory`` (the default) keeps the worker to its one CPU.
 
     .venv/bin/python scripts/bench_validation.py --train /tmp/cifar-5k/train --val /tmp/cifar-5k/val [--write]
 
@@ -33,7 +35,7 @@ def one_run(args, tmp: Path, name: str, validate: bool) -> dict:
     from byol_ray.history import read_history
     from byol_ray.ray_train import launch
 
-    overrides = [f"data.train={args.train}", "data.loader=torch", "data.num_workers=1",
+    overrides = [f"data.train={args.train}", f"data.loader={args.loader}", "data.num_workers=1",
                  f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.log_every_steps=1000",
                  "train.checkpoint_every_epochs=1", "ray.num_workers=1", "ray.cpus_per_worker=1", "eval.cpus=1",
                  "mlflow.enabled=false", f"output_dir={tmp}/runs", f"data.cache_dir={tmp}/cache", f"run_name={name}"]
@@ -56,6 +58,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--loader", default="memory", choices=["memory", "torch"],
+                        help="memory (default): decoded once, no loader process, so the worker uses exactly its "
+                             "one CPU; torch: a DataLoader process decodes JPEGs beside it")
     parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -87,8 +92,8 @@ def main() -> None:
             fh.write(
                 f"\n## Held-out validation beside training: epoch time on vs off ({time.strftime('%Y-%m-%d')})\n\n"
                 f"`.venv/bin/python scripts/bench_validation.py --train TRAIN --val VAL --rounds {args.rounds} "
-                f"--epochs {args.epochs} --write` with {n_train} real CIFAR-10 training JPEGs and {n_val} held-out "
-                f"ones (the `demo` preset's tiny encoder, batch {args.batch_size}, torch loader), one Ray Train "
+                f"--epochs {args.epochs} --loader {args.loader} --write` with {n_train} real CIFAR-10 training JPEGs and {n_val} held-out "
+                f"ones (the `demo` preset's tiny encoder, batch {args.batch_size}, `data.loader={args.loader}`), one Ray Train "
                 f"worker of 1 CPU and a validation task of 1 CPU (`eval.cpus=1`) on this {os.cpu_count()}-core "
                 f"machine; {args.rounds} interleaved paired rounds (off, on); load average {load_start[0]:.2f} "
                 f"at start, {load[0]:.2f} at end (1 min).\n\n"

@@ -65,9 +65,27 @@ def test_bad_values_are_rejected_with_the_key_named(override, pattern):
         load_config(["demo"], [override])
 
 
-def test_batch_must_split_over_workers():
-    with pytest.raises(ConfigError, match="multiple of ray.num_workers=3"):
-        load_config(["demo"], ["ray.num_workers=3", "train.batch_size=128"])
+def test_batch_must_give_every_worker_two_samples():
+    with pytest.raises(ConfigError, match=r"fewer than 2 samples .* train.batch_size >= 10"):
+        load_config(["demo"], ["ray.num_workers=5", "train.batch_size=8"])
+
+
+def test_any_world_size_splits_the_global_batch_exactly():
+    """Elastic runs may get any size: the shares cover the global batch, in order, sizes differing by <= 1."""
+    from byol_ray.dist import batch_share
+
+    cfg = load_config(["demo"], ["ray.num_workers=3", "ray.min_workers=1", "ray.max_failures=3",
+                                 "train.batch_size=128"])
+    assert derive(cfg, 1797, 3).steps_per_epoch == derive(cfg, 1797, 1).steps_per_epoch == 1797 // 128
+    for world in (1, 2, 3, 5, 12):
+        shares = [batch_share(128, world, r) for r in range(world)]
+        assert [o for o, _ in shares] == [sum(s for _, s in shares[:r]) for r in range(world)]
+        assert sum(s for _, s in shares) == 128 and max(s for _, s in shares) - min(s for _, s in shares) <= 1
+
+
+def test_elastic_run_needs_failures_allowed():
+    with pytest.raises(ConfigError, match=r"ray.max_failures=0 ends it at the first lost node"):
+        load_config(["demo"], ["ray.num_workers=2", "ray.min_workers=1"])
 
 
 def test_missing_file_is_a_clear_error():

@@ -120,35 +120,61 @@ def test_mid_epoch_resume_gives_the_same_loss_sequence(tmp_path, backend):
 
 
 def test_augmentation_of_a_sample_does_not_depend_on_the_world_size():
-    """Each rank keeps its rows of parameters drawn for the whole global batch (share=(rank, world))."""
+    """Each rank keeps its rows of parameters drawn for the whole global batch (share=(offset, global))."""
     from byol_ray.augment import ViewAugment, augment_view
+    from byol_ray.dist import batch_share
 
-    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     whole = augment_view(images, ViewAugment(), torch.Generator().manual_seed(3))
-    for rank in range(2):
-        part = augment_view(images[rank::2], ViewAugment(), torch.Generator().manual_seed(3), share=(rank, 2))
-        assert torch.allclose(part, whole[rank::2], atol=1e-6)
+    for rank in range(3):  # 3 does not divide 10: shares of 4, 3, 3
+        offset, size = batch_share(10, 3, rank)
+        part = augment_view(images[offset:offset + size], ViewAugment(), torch.Generator().manual_seed(3),
+                            share=(offset, 10))
+        assert torch.allclose(part, whole[offset:offset + size], atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "memory"])
 def test_global_batches_do_not_depend_on_the_world_size(backend):
-    """An elastic run continues the same sequence of global batches: at every step, the union of the ranks'
-    batches (and each sample's crops) is the single worker's batch, whether or not the epoch starts mid-way."""
+    """An elastic run continues the same sequence of global batches: at every step, the ranks' batches put end
+    to end (and each sample's crops) are the single worker's batch, whether or not the epoch starts mid-way,
+    also for a world size that does not divide the global batch."""
     from byol_ray.data.loaders import build_train_loader
+    from byol_ray.dist import batch_share
 
     def batches(rank, world, skip):
-        loader = build_train_loader("demo", backend=backend, batch_size=32 // world, resolution=16, num_workers=0,
-                                    seed=5, distributed=world > 1, rank=rank, world_size=world)
+        loader = build_train_loader("demo", backend=backend, batch_size=batch_share(32, world, rank)[1],
+                                    global_batch=32, resolution=16, num_workers=0, seed=5, distributed=world > 1,
+                                    rank=rank, world_size=world)
         loader.set_epoch(1, skip_batches=skip)
         return [(v1, lab) for (v1, _, lab), _ in zip(loader, range(3))]
 
     one = batches(0, 1, 2)
-    two = [batches(r, 2, 2) for r in range(2)]
-    for step in range(3):
-        v1, labels = one[step]
-        for rank in range(2):
-            assert torch.equal(two[rank][step][1], labels[rank::2])
-            assert torch.equal(two[rank][step][0], v1[rank::2])
+    for world in (2, 3):
+        ranks = [batches(r, world, 2) for r in range(world)]
+        for step in range(3):
+            v1, labels = one[step]
+            assert torch.equal(torch.cat([ranks[r][step][1] for r in range(world)]), labels)
+            assert torch.equal(torch.cat([ranks[r][step][0] for r in range(world)]), v1)
+
+
+def test_unequal_shares_weight_gradients_to_the_global_mean():
+    """With a world size that does not divide the batch, DDP's average of the ranks' weighted gradients is the
+    gradient of the global batch's mean loss (two gloo ranks in threads would need a process group: here the
+    weighting itself is checked on a linear model)."""
+    from byol_ray.dist import batch_share
+
+    torch.manual_seed(0)
+    x, w = torch.randn(10, 4), torch.randn(4, requires_grad=True)
+    (x @ w).pow(2).mean().backward()
+    full = w.grad.clone()
+    grads = []
+    for rank in range(3):
+        w.grad = None
+        offset, size = batch_share(10, 3, rank)
+        weight = size * 3 / 10  # as BYOLEngine.train_step weights its loss
+        ((x[offset:offset + size] @ w).pow(2).mean() * weight).backward()
+        grads.append(w.grad.clone())
+    assert torch.allclose(torch.stack(grads).mean(0), full, atol=1e-6)  # DDP's mean over ranks
 
 
 def test_resume_restores_target_as_saved_not_from_online(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from byol_ray.data.check import NO_FFCV_HINT, require_ffcv
-from byol_ray.data.order import CropLaw
+from byol_ray.data.order import CropLaw, batch_share  # noqa: F401
 from byol_ray.data.sources import Source, open_source
 
 BACKENDS = ("ffcv", "torch")
@@ -111,7 +111,7 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
                        crop_law: str = "reference", flip_prob: float = 0.5, num_workers: int = 1, seed: int = 0,
                        distributed: bool = False, rank: int | None = None, world_size: int | None = None,
                        device: str | torch.device = "cpu", drop_last: bool = True,
-                       order: str = "random") -> TwoViewEpochLoader:
+                       order: str = "random", global_batch: int = 0) -> TwoViewEpochLoader:
     """Two random-resized, randomly flipped uint8 crops of each image, for one rank.
 
     Args:
@@ -136,6 +136,9 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
         device: where the batches are delivered.
         drop_last: drop the last incomplete batch (keeps per-step batch statistics comparable).
         order: 'random' (a new seeded permutation each epoch) or 'sequential'.
+        global_batch: the global batch of a training run (0: none). Each batch is then this rank's
+            :func:`~byol_ray.data.order.batch_share` of a global batch (``batch_size`` must be that share),
+            the same global batches whatever the world size.
 
     Returns:
         A TwoViewEpochLoader.
@@ -149,7 +152,11 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
     rank, world_size = resolve_rank(distributed, rank, world_size)
     device = torch.device(device)
     # Equal shares per rank whatever drop_last says: ranks with different batch counts hang DDP.
-    shard = dict(seed=seed, shuffle=order == "random", rank=rank, world_size=world_size, drop_last=True)
+    shard = dict(seed=seed, shuffle=order == "random", rank=rank, world_size=world_size, drop_last=True,
+                 global_batch=global_batch)
+    if global_batch and batch_share(global_batch, world_size, rank)[1] != batch_size:
+        raise ValueError(f"batch_size={batch_size} is not rank {rank}'s share of global_batch={global_batch} over "
+                         f"{world_size} ranks ({batch_share(global_batch, world_size, rank)[1]})")
     common = dict(batch_size=batch_size, resolution=resolution, law=law, flip_prob=flip_prob, seed=seed, shard=shard,
                   drop_last=drop_last, device=device)
     if backend == "ffcv":

@@ -7,7 +7,7 @@ work is the engine's batched augmentation, as with the other loaders.
 
 Crops follow :func:`byol_ray.data.order.crop_boxes` (the batched crop law), drawn on the device for the
 whole GLOBAL batch from a generator seeded by (seed, epoch, batch index); each rank keeps the rows of its
-own samples (every world_size-th, as :func:`shard_order` deals them). So a given sample at a given step
+own samples (its :func:`batch_share` of the global batch, as :func:`shard_order` deals them). So a given sample at a given step
 gets the same crop whatever the world size, and a run resumed anywhere, even mid-epoch or on a different
 number of workers, repeats an uninterrupted one (unlike the FFCV and torch loaders, the draws are keyed on
 the position in the global batch, not on the sample index). Resampling is bilinear without antialias, which matters
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_boxes, shard_order
+from byol_ray.data.order import CROP_DRAWS, CropLaw, batch_share, crop_boxes, shard_order
 from byol_ray.data.sources import Source
 
 DEFAULT_MAX_FRACTION = 0.5  # share of the device's free memory the data set may take
@@ -97,14 +97,18 @@ class MemoryTwoViewBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, resolution: int, scale,
                  ratio, flip_prob: float, seed: int, shuffle: bool, rank: int, world_size: int, drop_last: bool,
-                 law: str = "reference") -> None:
+                 law: str = "reference", global_batch: int = 0) -> None:
         self.images, self.labels, self.batch_size, self.resolution = images, labels, batch_size, resolution
         self.law, self.flip_prob, self.seed = CropLaw(law, scale, ratio), flip_prob, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
         self.epoch, self.skip = 0, 0
+        self.global_batch = global_batch or batch_size * world_size
+        self.offset = batch_share(self.global_batch, world_size, rank)[0] if global_batch else None
         self.generator = torch.Generator(device=images.device)
 
     def __len__(self) -> int:
+        if self.offset is not None:  # this rank's share of every whole global batch
+            return len(self.labels) // self.global_batch
         n = len(self.labels) // self.world_size  # this rank's equal share (shard_order drops the remainder)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -114,7 +118,8 @@ class MemoryTwoViewBatches:
     def __iter__(self):
         device = self.images.device
         order = shard_order(len(self.labels), self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
-                            world_size=self.world_size, drop_last=True)
+                            world_size=self.world_size, drop_last=True,
+                            global_batch=self.global_batch if self.offset is not None else 0)
         order = torch.from_numpy(order).to(device)
         _, _, height, width = self.images.shape
         for b in range(self.skip, len(self)):
@@ -127,8 +132,10 @@ class MemoryTwoViewBatches:
             for _ in range(2):
                 # the crops' uniforms, then the flips' (as the FFCV and torch backends lay them out), drawn
                 # for the global batch; this rank's samples are its every world_size-th rows
-                u = torch.rand((len(idx) * self.world_size, CROP_DRAWS + 1), generator=self.generator,
-                               device=device, dtype=torch.float64)[self.rank::self.world_size]
+                u = torch.rand((self.global_batch, CROP_DRAWS + 1), generator=self.generator, device=device,
+                               dtype=torch.float64)
+                u = u[self.offset:self.offset + len(idx)] if self.offset is not None else \
+                    u[self.rank::self.world_size][:len(idx)]
                 boxes = crop_boxes(u, height, width, self.law).float()
                 views.append(resized_crops(batch, boxes, u[:, CROP_DRAWS] < self.flip_prob, self.resolution))
             yield views[0], views[1], self.labels.index_select(0, idx)
@@ -140,4 +147,5 @@ def train_batches(source: Source, *, batch_size: int, resolution: int, law: Crop
     images, labels = load_to_device(source, device)
     return MemoryTwoViewBatches(images, labels, batch_size=batch_size, resolution=resolution, scale=law.scale,
                                 ratio=law.ratio, flip_prob=flip_prob, seed=seed, shuffle=shard["shuffle"],
-                                rank=shard["rank"], world_size=shard["world_size"], drop_last=drop_last, law=law.law)
+                                rank=shard["rank"], world_size=shard["world_size"], drop_last=drop_last, law=law.law,
+                                global_batch=shard.get("global_batch", 0))

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from byol_ray.dist import batch_share
+
 CROP_LAWS = ("reference", "torchvision")
 REFERENCE, TORCHVISION = 0, 1  # the law as an int, for compiled code
 TRIES = 10  # torchvision's rejection tries
@@ -45,13 +47,16 @@ CROP_DRAWS = 2 + 2 * TRIES  # uniforms per crop: offset y, offset x, then (area,
 
 
 def shard_order(num_samples: int, epoch: int, *, seed: int, shuffle: bool, rank: int = 0,
-                world_size: int = 1, drop_last: bool = True) -> np.ndarray:
+                world_size: int = 1, drop_last: bool = True, global_batch: int = 0) -> np.ndarray:
     """The sample indices one rank visits in one epoch, identical for every backend.
 
-    Every rank draws the same permutation (seeded by seed and epoch) and takes every
-    world_size-th entry from its rank on, so ranks never share a sample. With drop_last the
-    permutation is first cut to a multiple of world_size, giving every rank the same number of
-    samples (and of batches: DDP needs that); without it ranks differ by at most one sample.
+    Every rank draws the same permutation (seeded by seed and epoch). For training (``global_batch``
+    given), global batch s is the permutation's block s of ``global_batch`` samples, whatever the
+    number of ranks, and each rank visits its :func:`batch_share` of every block: a run that changes
+    its number of workers (elastic, or resumed on another cluster) continues the same sequence of
+    global batches. The last incomplete block is dropped. Without ``global_batch`` (evaluation) each
+    rank takes every world_size-th entry from its rank on; with drop_last the permutation is first cut
+    to a multiple of world_size (equal shares), without it ranks differ by at most one sample.
 
     Args:
         num_samples: data set size.
@@ -62,10 +67,16 @@ def shard_order(num_samples: int, epoch: int, *, seed: int, shuffle: bool, rank:
         world_size: number of ranks.
         drop_last: equal shares (training) instead of covering every sample (evaluation).
 
+        global_batch: the global batch whose shares the rank's batches are (0: deal every world_size-th sample).
+
     Returns:
         int64 indices into the data set.
     """
     order = np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
+    if global_batch:
+        offset, size = batch_share(global_batch, world_size, rank)
+        blocks = num_samples // global_batch
+        return order[: blocks * global_batch].reshape(blocks, global_batch)[:, offset:offset + size].reshape(-1)
     if drop_last:
         order = order[: num_samples - num_samples % world_size]
     return order[rank::world_size]

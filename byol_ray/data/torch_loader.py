@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_box, shard_order
+from byol_ray.data.order import CROP_DRAWS, CropLaw, batch_share, crop_box, shard_order
 from byol_ray.data.sources import Source
 
 
@@ -101,6 +101,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         kw = self.shard
+        if kw.get("global_batch"):
+            return self.num_samples // kw["global_batch"] * batch_share(kw["global_batch"], kw["world_size"], kw["rank"])[1]
         kept = self.num_samples - self.num_samples % kw["world_size"] if kw["drop_last"] else self.num_samples
         return len(range(kw["rank"], kept, kw["world_size"]))
 
