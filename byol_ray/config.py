@@ -105,7 +105,8 @@ class EvalConfig:
     cpus: int = 1  # CPUs of the validation task, apart from the training workers'
     knn_k: int = 20
     knn_temperature: float = 0.1
-    bank_size: int = 10000  # training images in the kNN memory bank (a seeded class-stratified subset); 0 = all
+    bank_size: int = 10000  # training images in the kNN memory bank (a seeded subset); 0 = all
+    val_size: int = 10000  # held-out images scored (a seeded subset); 0 = all
     batch_size: int = 256
 
 
@@ -387,6 +388,7 @@ def validate(cfg: Config) -> None:
     _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
     _check(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "> 0")
     _check(e.bank_size >= 0, "eval.bank_size", e.bank_size, ">= 0 (0 = the whole training set)")
+    _check(e.val_size >= 0, "eval.val_size", e.val_size, ">= 0 (0 = the whole held-out split)")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
     _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, ">= 1")
     _check(0 <= r.min_workers <= r.num_workers, "ray.min_workers", r.min_workers,

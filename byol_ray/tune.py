@@ -91,9 +91,11 @@ def load_search(path: str, extra_overrides: list[str] | tuple[str, ...] = ()) ->
     if not spec.metric:
         spec.metric, spec.mode = ("val_knn_top1" if base.data.val else "epoch_classifier_acc"), "max"
     if spec.metric not in REPORTED_METRICS:
-        raise ConfigError(f"{path}: metric {spec.metric!r} is not reported by training; choose one of {list(REPORTED_METRICS)}")
+        raise ConfigError(f"{path}: metric {spec.metric!r} is not reported by training; "
+                          f"choose one of {list(REPORTED_METRICS)}")
     if spec.metric == "val_knn_top1" and not (base.data.val and base.eval.every_epochs):
-        raise ConfigError(f"{path}: metric val_knn_top1 needs a held-out split: set data.val=... (and eval.every_epochs >= 1)")
+        raise ConfigError(f"{path}: metric val_knn_top1 needs a held-out split: set data.val=... "
+                          "(and eval.every_epochs >= 1)")
     if spec.metric.startswith("epoch_classifier") and not base.model.online_classifier:
         raise ConfigError(f"{path}: metric {spec.metric!r} needs model.online_classifier=true")
     if spec.num_samples < 1 or spec.max_concurrent_trials < 0:

@@ -2,7 +2,8 @@
 
 Ray Train runs :func:`validate_state` in a task of its own (``ValidationConfig``, ``eval.cpus`` CPUs) on the
 checkpoint of every ``eval.every_epochs``-th epoch end while the workers train on. The memory bank is a
-seeded class-stratified subset of the training images (``eval.bank_size``), both splits under the
+seeded subset of the training images (``eval.bank_size``; class-stratified from a folder, uniform from a
+.beton) and of the held-out ones (``eval.val_size``), both under the
 evaluation transform every registered encoder documents (:mod:`byol_ray.preprocess`). The result goes to
 three places: the Ray result (the checkpoint's metrics), the run's MLflow run at the checkpoint's global
 step, and ``<run folder>/validation.jsonl`` (which Tune trials read to report it).
@@ -35,15 +36,24 @@ def check_val(cfg: Config) -> None:
         raise ConfigError(f"data.val={cfg.data.val!r} holds no images; point it at a labelled held-out split")
 
 
-def _bank(cfg: Config):
-    from byol_ray.downstream.data import label_subset, open_split
+def _limited(split, size: int, seed: int, what: str):
+    """At most ``size`` images of ``split`` (0: all): class-stratified from a folder, uniform from a .beton."""
+    import dataclasses
 
-    train = open_split(cfg.data.train, "train")
-    size = cfg.eval.bank_size
-    if train.backend == "ffcv" or not size or len(train.source) <= size:
-        return train
-    positions = label_subset(np.asarray(train.source.labels), size / len(train.source), cfg.train.seed)
-    return train.subset(positions, f"{len(positions)}-image kNN bank, seed {cfg.train.seed}")
+    from byol_ray.downstream.data import label_subset
+
+    if split.backend == "ffcv":
+        from byol_ray.data.check import validate_beton
+
+        total = validate_beton(split.data)["num_samples"]
+        if not size or total <= size:
+            return split
+        picked = np.sort(np.random.default_rng([seed, 0x76616C]).choice(total, size, replace=False))
+        return dataclasses.replace(split, indices=picked, description=f"{split.description} [{size} {what}]")
+    if not size or len(split.source) <= size:
+        return split
+    positions = label_subset(np.asarray(split.source.labels), size / len(split.source), seed)
+    return split.subset(positions, f"{len(positions)} {what}, seed {seed}")
 
 
 def validate_state(state: dict[str, Any], *, device: str = "cpu") -> dict[str, float]:
@@ -61,8 +71,9 @@ def validate_state(state: dict[str, Any], *, device: str = "cpu") -> dict[str, f
     settings = LoaderSettings(resolution=cfg.data.resolution, batch_size=cfg.eval.batch_size, num_workers=0,
                               device=device, center_crop_ratio=EVAL_CROP_RATIO)
     encoder = encoder_from_checkpoint(state)
-    result = knn_eval(encoder, _bank(cfg), open_split(cfg.data.val, "test"), settings, k=cfg.eval.knn_k,
-                      temperature=cfg.eval.knn_temperature)
+    bank = _limited(open_split(cfg.data.train, "train"), cfg.eval.bank_size, cfg.train.seed, "kNN bank images")
+    held_out = _limited(open_split(cfg.data.val, "test"), cfg.eval.val_size, cfg.train.seed, "held-out images")
+    result = knn_eval(encoder, bank, held_out, settings, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     return {METRIC: result["knn_top1"], "val_step": int(state["step"]), "val_epoch": int(state["epoch"]),
             "val_time_s": time.perf_counter() - start, "val_bank_size": int(result["num_train"]),
             "val_size": int(result["num_test"])}

@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--temp-dir", required=True)
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
+    # Ray records "the current cluster" under its temp dir; keep that record here, not where the test session's
+    # own cluster (or a user's) keeps it
+    os.environ["RAY_TMPDIR"] = args.temp_dir
     # A killed node is declared dead after ~3 s instead of ~15 s, and Ray Train gives up on a group that includes
     # its stale resources after 15 s instead of 60 s (the cluster's processes, controller included, inherit these)
     os.environ.setdefault("RAY_health_check_period_ms", "1000")

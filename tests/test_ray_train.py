@@ -228,6 +228,17 @@ def test_bad_input_fails_fast(ray_cluster, workdir, override, pattern):
     assert time.monotonic() - start < 10
 
 
+def test_validation_without_cpus_of_its_own_fails_fast(ray_cluster, workdir, cifar_small):
+    """The run's end waits for its validations: a task that can never get its CPUs must be refused at start."""
+    from byol_ray.ray_train import launch
+
+    train, val = cifar_small
+    cfg = _cfg(workdir, "noval", f"data.train={train}", f"data.val={val}", "data.loader=torch", "eval.cpus=4")
+    with pytest.raises(ConfigError, match=r"validation \(data.val\) needs eval.cpus=4 CPU\(s\) beside the 1 of the "
+                                          r"workers, but the cluster has 4"):
+        launch(cfg)
+
+
 def test_embedded_default_starts_a_lean_in_process_ray(tmp_path):
     """`byol-ray train` with no cluster starts its own Ray (without metrics export or pre-started idle
     workers, whose CPU is the training's on a small machine), and the run completes with its summary."""

@@ -174,7 +174,7 @@ def test_elastic_run_loses_a_node_finishes_on_one_worker_and_grows_back(spot_clu
 
 def test_preemption_notice_checkpoints_at_once_and_the_run_finishes(spot_cluster, tmp_path, cifar_small,
                                                                     mlflow_server):
-    proc, log = _start_run(spot_cluster, tmp_path, "spot", cifar_small, mlflow_server, "train.epochs=6",
+    proc, log = _start_run(spot_cluster, tmp_path, "spot", cifar_small, mlflow_server, "train.epochs=5",
                            "train.checkpoint_every_steps=0", "ray.preemption_poll_steps=1", "data.val=")
     _wait("an epoch on two workers", lambda: any(r["world_size"] == 2 for r in _history(tmp_path, "spot")), proc, log)
     subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", spot_cluster.address,
@@ -198,4 +198,4 @@ def test_preemption_notice_checkpoints_at_once_and_the_run_finishes(spot_cluster
     # the restarted group resumed from that checkpoint: no step before the notice was lost
     assert f"step {step}" in text.split("resuming from", 1)[1].splitlines()[0]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 6 * 9 + 1))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 5 * 9 + 1))

@@ -180,7 +180,7 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
 def build_eval_loader(path: str | Path | Source, *, backend: str = "ffcv", batch_size: int, resolution: int,
                       num_workers: int = 1, device: str | torch.device = "cpu", distributed: bool = False,
                       rank: int | None = None, world_size: int | None = None,
-                      center_crop_ratio: float = EVAL_CROP_RATIO) -> EvalLoader:
+                      center_crop_ratio: float = EVAL_CROP_RATIO, subset=None) -> EvalLoader:
     """Centre crops in stored order, every sample once (no drop_last), for one rank.
 
     Args:
@@ -196,6 +196,7 @@ def build_eval_loader(path: str | Path | Source, *, backend: str = "ffcv", batch
         world_size: as for :func:`build_train_loader`.
         center_crop_ratio: crop side / shorter image side (224/256; 1.0 keeps the whole of a
             square image, e.g. for 32-px CIFAR).
+        subset: sample indices of a .beton to visit (backend 'ffcv'; a Source is subset by wrapping it).
 
     Returns:
         An EvalLoader.
@@ -208,11 +209,13 @@ def build_eval_loader(path: str | Path | Source, *, backend: str = "ffcv", batch
     shard = dict(seed=0, shuffle=False, rank=rank, world_size=world_size, drop_last=False)
     common = dict(batch_size=batch_size, resolution=resolution, center_crop_ratio=center_crop_ratio,
                   num_workers=num_workers, shard=shard, device=device)
+    if subset is not None and backend != "ffcv":
+        raise ValueError("subset= selects samples of a .beton (backend 'ffcv'); subset a Source by wrapping it")
     if backend == "ffcv":
         require_ffcv(NO_FFCV_HINT)
         from byol_ray.data import two_view
 
-        batches, num_samples = two_view.eval_batches(path, **common)
+        batches, num_samples = two_view.eval_batches(path, subset=subset, **common)
     else:
         from byol_ray.data import torch_loader
 

@@ -6,10 +6,10 @@ done for the whole batch at once (``grid_sample``), so the GPU never waits for t
 work is the engine's batched augmentation, as with the other loaders.
 
 Crops follow :func:`byol_ray.data.order.crop_boxes` (the batched crop law), drawn on the device for the
-whole GLOBAL batch from a generator seeded by (seed, epoch, batch index); each rank keeps the rows of its
-own samples (its :func:`batch_share` of the global batch, as :func:`shard_order` deals them). So a given sample at a given step
-gets the same crop whatever the world size, and a run resumed anywhere, even mid-epoch or on a different
-number of workers, repeats an uninterrupted one (unlike the FFCV and torch loaders, the draws are keyed on
+whole GLOBAL batch from a generator seeded by (seed, epoch, batch index); each rank keeps the rows of
+its own samples (its :func:`batch_share` of the global batch, as :func:`shard_order` deals them). So a
+given sample at a given step gets the same crop whatever the world size, and a run resumed anywhere, even
+mid-epoch or on a different number of workers, repeats an uninterrupted one (unlike the FFCV and torch loaders, the draws are keyed on
 the position in the global batch, not on the sample index). Resampling is bilinear without antialias, which matters
 only when a crop is shrunk by more than about 2x (not for 32-px images at 32 px).
 """

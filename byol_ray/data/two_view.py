@@ -328,11 +328,14 @@ class ShardOrder:
     and read rank and world size from torch.distributed; this one needs neither.
     """
 
-    def __init__(self, num_samples: int, **shard) -> None:
+    def __init__(self, num_samples: int, subset: np.ndarray | None = None, **shard) -> None:
         self.num_samples, self.shard = num_samples, shard
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)  # visit only these samples
         self.skip = 0  # samples of this rank's share to leave out at the start (a mid-epoch resume)
 
     def sample_order(self, epoch: int) -> np.ndarray:
+        if self.subset is not None:
+            return self.subset[shard_order(len(self.subset), epoch, **self.shard)][self.skip:].astype(np.uint64)
         return shard_order(self.num_samples, epoch, **self.shard)[self.skip:].astype(np.uint64)
 
 
@@ -365,7 +368,8 @@ class FFCVBatches:
                 batches.join(timeout=60)
 
 
-def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pipelines: dict, shard: dict):
+def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pipelines: dict, shard: dict,
+                subset: np.ndarray | None = None):
     """An FFCV Loader over a checked .beton, visiting :func:`shard_order`'s samples.
 
     Args:
@@ -375,6 +379,7 @@ def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pip
         drop_last: drop the last incomplete batch.
         pipelines: FFCV pipelines by output name.
         shard: keyword arguments of :func:`shard_order` (seed, shuffle, rank, world_size, drop_last).
+        subset: visit only these sample indices (None: all).
 
     Returns:
         (the Loader, the number of samples in the file).
@@ -392,7 +397,9 @@ def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pip
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
                     pipelines=pipelines, drop_last=drop_last, seed=shard["seed"])
     torch.set_num_threads(threads)
-    loader.traversal_order = ShardOrder(info["num_samples"], **shard)
+    if subset is not None and len(subset) and not 0 <= int(np.min(subset)) <= int(np.max(subset)) < info["num_samples"]:
+        raise ValueError(f"subset indices must lie in [0, {info['num_samples']}) for {path}")
+    loader.traversal_order = ShardOrder(info["num_samples"], subset=subset, **shard)
     loader.first_traversal_order = loader.next_traversal_order()  # what FFCV's __len__ counts
     return loader, info["num_samples"]
 
@@ -433,16 +440,17 @@ def train_batches(path, *, batch_size: int, resolution: int, law: CropLaw, flip_
 
 
 def eval_batches(path, *, batch_size: int, resolution: int, center_crop_ratio: float, num_workers: int,
-                 shard: dict, device: torch.device) -> tuple[FFCVBatches, int]:
-    """(images, labels) batches of a .beton, centre-cropped (ratio x shorter side) and resized.
+                 shard: dict, device: torch.device, subset: np.ndarray | None = None) -> tuple[FFCVBatches, int]:
+    """(images, labels) batches of a .beton (or of the ``subset`` of its samples), centre-cropped (ratio x
+    shorter side) and resized.
 
     Returns:
-        (the batches, the number of samples in the file).
+        (the batches, the number of samples visited: the file's, or the subset's).
     """
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
 
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=center_crop_ratio)
     pipelines = {"image": ffcv_image_ops(decoder, device), "label": ffcv_label_ops(device)}
     loader, num_samples = ffcv_loader(path, batch_size=batch_size, num_workers=num_workers, drop_last=False,
-                                      pipelines=pipelines, shard=shard)
-    return FFCVBatches(loader), num_samples
+                                      pipelines=pipelines, shard=shard, subset=subset)
+    return FFCVBatches(loader), num_samples if subset is None else len(subset)

@@ -50,6 +50,7 @@ class Split:
     data: str | Source
     backend: str
     description: str
+    indices: np.ndarray | None = None  # a .beton's samples to read (None: all)
 
     @property
     def source(self) -> Source:
@@ -146,7 +147,8 @@ def eval_loader(split: Split, s: LoaderSettings):
 
     workers = max(s.num_workers, 1) if split.backend == "ffcv" else s.num_workers
     return build_eval_loader(split.data, backend=split.backend, batch_size=s.batch_size, resolution=s.resolution,
-                             num_workers=workers, device=s.device, center_crop_ratio=s.center_crop_ratio)
+                             num_workers=workers, device=s.device, center_crop_ratio=s.center_crop_ratio,
+                             subset=split.indices)
 
 
 def train_loader(split: Split, s: LoaderSettings, *, seed: int, batch_size: int | None = None):
