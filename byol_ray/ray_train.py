@@ -57,10 +57,27 @@ class RayReporter:
         self._report(metrics, state, checkpoint_dir_name(epoch), validate=validation_due(self.cfg, epoch))
 
     def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
-        if self.rank == 0 and notice is not None:
-            session.say(f"{notice['event']} notice at step {state['step']}: checkpoint written now "
-                        f"({notice.get('deadline_s', float('nan')):.0f} s before the deadline)")
         self._report(metrics, state, checkpoint_dir_name(state["epoch"], state["step"]), validate=False)
+        if notice is None:
+            return
+        # Ray Train commits a checkpoint only once its controller has collected every rank's report; a node that
+        # dies before that takes the checkpoint with it (observed). So wait, well inside the deadline, until
+        # this one is committed: only then is the notice's step safe.
+        import ray.train
+        from ray.train import CheckpointConsistencyMode
+
+        left = notice.get("deadline_s", float("nan"))
+        wait = min(30.0, left / 2) if left == left and left > 0 else 30.0
+        start = time.perf_counter()
+        try:
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                                   timeout_s=wait)
+            committed = f"committed after {time.perf_counter() - start:.1f} s"
+        except Exception as exc:  # noqa: BLE001 - training goes on; the previous checkpoint still stands
+            committed = f"not confirmed within {wait:.0f} s ({type(exc).__name__})"
+        if self.rank == 0:
+            session.say(f"{notice['event']} notice at step {state['step']}: checkpoint written now "
+                        f"({left:.0f} s before the deadline), {committed}")
 
     def poll(self, step: int) -> dict[str, Any] | None:
         """A new preemption notice (identical on every rank), or None. Cheap: one call every N steps."""
@@ -245,8 +262,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors
+            # relax_collectives_on_preemption: the surviving ranks can commit a just-in-time checkpoint even if
+            # the workers of the preempted node are gone before they finish their part of the report
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3,
-                                         max_preemption_failures=-1),
+                                         max_preemption_failures=-1, relax_collectives_on_preemption=True),
             # Train V2 re-routes print() through its logger, which shows every progress line twice.
             worker_runtime_env={"env_vars": env},
         ),

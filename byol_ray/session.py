@@ -351,6 +351,9 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
     tracker.start(cfg, derived=derived, run_id=run_id, data_fingerprint=fingerprint)
     if tracker.run_id is not None:
         (folder / RUN_ID_FILE).write_text(tracker.run_id)
+    if state is not None:  # each restart (failure, preemption, resize, --resume) is an event of the run
+        tracker.log_metrics({"restart_step": float(state["step"]), "restart_world_size": float(where.world_size)},
+                            int(state["step"]))
     start_step = (state or {}).get("step", 0)
     reporter = make_reporter(ProgressPrinter(derived.total_steps, cfg.train.epochs, start_step=start_step))
     if state is not None and state["epoch"] >= cfg.train.epochs and hasattr(reporter, "replay"):

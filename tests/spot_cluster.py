@@ -35,6 +35,7 @@ def main() -> None:
     # Ray records "the current cluster" under its temp dir; keep that record here, not where the test session's
     # own cluster (or a user's) keeps it
     os.environ["RAY_TMPDIR"] = args.temp_dir
+    os.makedirs(os.path.join(args.temp_dir, "ray"), exist_ok=True)
     # A killed node is declared dead after ~3 s instead of ~15 s, and Ray Train gives up on a group that includes
     # its stale resources after 15 s instead of 60 s (the cluster's processes, controller included, inherit these)
     os.environ.setdefault("RAY_health_check_period_ms", "1000")
