@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from byol_ray.data.check import NO_FFCV_HINT, require_ffcv
-from byol_ray.data.order import CropLaw, batch_share  # noqa: F401
+from byol_ray.data.order import CropLaw
+from byol_ray.dist import batch_share
 from byol_ray.data.sources import Source, open_source
 
 BACKENDS = ("ffcv", "torch")
@@ -137,7 +138,7 @@ def build_train_loader(path: str | Path | Source, *, backend: str = "ffcv", batc
         drop_last: drop the last incomplete batch (keeps per-step batch statistics comparable).
         order: 'random' (a new seeded permutation each epoch) or 'sequential'.
         global_batch: the global batch of a training run (0: none). Each batch is then this rank's
-            :func:`~byol_ray.data.order.batch_share` of a global batch (``batch_size`` must be that share),
+            :func:`~byol_ray.dist.batch_share` of a global batch (``batch_size`` must be that share),
             the same global batches whatever the world size.
 
     Returns:

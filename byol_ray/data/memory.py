@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from byol_ray.data.order import CROP_DRAWS, CropLaw, batch_share, crop_boxes, shard_order
+from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_boxes, shard_order
+from byol_ray.dist import batch_share
 from byol_ray.data.sources import Source
 
 DEFAULT_MAX_FRACTION = 0.5  # share of the device's free memory the data set may take

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from byol_ray.data.order import CROP_DRAWS, CropLaw, batch_share, crop_box, shard_order
+from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_box, shard_order
+from byol_ray.dist import batch_share
 from byol_ray.data.sources import Source
 
 
