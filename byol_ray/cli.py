@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from byol_ray.config import ConfigError
@@ -136,9 +137,17 @@ def cmd_config(args) -> tuple[int, dict | None]:
     return EXIT_OK, None
 
 
-def cmd_tune(args) -> tuple[int, dict]:
-    from byol_ray.tune import run_search
+def cmd_tune(args) -> tuple[int, dict | list]:
+    from byol_ray.tune import describe_searches, run_search
 
+    if args.list:
+        searches = describe_searches()
+        if not args.json:
+            for item in searches:
+                print(f"{item['name']:<20} {item['about']}")
+        return EXIT_OK, searches
+    if not args.search or not args.search_name:
+        raise ConfigError("byol-ray tune needs --search NAME_OR_FILE and --search-name NAME (or --list)")
     summary = run_search(args.search, name=args.search_name, overrides=args.overrides, resume=args.resume)
     return EXIT_OK, summary
 
@@ -178,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("tune", help="search lr, tau, weight decay (any config key) with Ray Tune")
-    p.add_argument("--search", required=True, help="search-space YAML (see tune_configs/)")
-    p.add_argument("--search-name", required=True,
+    p.add_argument("--search", metavar="NAME_OR_FILE",
+                   help="a search-space YAML file, or the name of one shipped with byol-ray: "
+                        + ", ".join(sorted(f.stem for f in (Path(__file__).parent / "tune_configs").glob("*.yaml"))))
+    p.add_argument("--search-name",
                    help="the search's name: its folder under ray.storage_path and its MLflow parent run")
+    p.add_argument("--list", action="store_true", help="list the shipped search files and exit")
     p.add_argument("--resume", action="store_true", help="restore an interrupted search; finished trials stay")
     p.add_argument("--verbose", action="store_true", help="also show Tune's per-trial tables and Ray's log lines")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",

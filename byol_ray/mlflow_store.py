@@ -40,6 +40,11 @@ def resolve_tracking_uri(uri: str, output_dir: str) -> str:
     """
     uri = uri.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
+        if "://" in output_dir and not output_dir.startswith("file://"):
+            raise ConfigError(f"output_dir={output_dir!r} is an object-store URI, where the default sqlite MLflow "
+                              "store cannot live; set mlflow.tracking_uri=http://MLFLOW-HOST:5000 (a tracking "
+                              "server; --artifacts-destination s3://... keeps its artifacts in the bucket) or export "
+                              "MLFLOW_TRACKING_URI, or mlflow.enabled=false")
         return f"sqlite:///{Path(output_dir).expanduser().resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]

@@ -19,9 +19,10 @@ from byol_ray import session, validation
 from byol_ray.checkpoint import CHECKPOINT_NAME, checkpoint_dir_name, load_checkpoint, save_checkpoint
 from byol_ray.config import Config, ConfigError, from_dict, to_dict, validation_due
 from byol_ray.history import append_history, read_history
-from byol_ray.mlflow_store import check_tracking, probe_writable, resolve_tracking_uri
+from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
 from byol_ray.run_tags import SUBMISSION_ID_ENV, ray_job_submission_id
+from byol_ray.storage import Location, check_writable, is_uri
 from byol_ray.tracker import RUN_ID_FILE
 
 VERBOSE_ENV = "BYOL_RAY_VERBOSE"  # set by `byol-ray --verbose`: Ray's and Tune's own progress output comes back
@@ -40,12 +41,12 @@ class RayReporter:
     once; Ray then restarts the group from it on the nodes that remain.
     """
 
-    def __init__(self, rank: int, printer: ProgressPrinter, folder: Path, cfg: Config) -> None:
+    def __init__(self, rank: int, printer: ProgressPrinter, folder: Location, cfg: Config) -> None:
         self.rank, self.printer, self.folder, self.cfg = rank, printer, folder, cfg
         self.seen_preemptions: set[tuple[str, ...]] = set()
         self.poll_time_s, self.polls = 0.0, 0
         upload = cfg.ray.checkpoint_upload
-        self.upload_async = upload == "async" or (upload == "auto" and "://" in session.storage_root(cfg))
+        self.upload_async = upload == "async" or (upload == "auto" and is_uri(session.storage_root(cfg)))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.rank == 0:
@@ -168,14 +169,21 @@ def train_worker(config: dict[str, Any]) -> None:
     session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder, cfg))
 
 
-def check_storage(storage_path: str) -> None:
-    if "://" in storage_path:
-        return  # object stores are checked by Ray's own pyarrow filesystem at start
-    try:
-        probe_writable(Path(storage_path))
-    except OSError as exc:
-        raise ConfigError(f"ray.storage_path={storage_path!r} is not writable ({exc.strerror}); "
-                          "choose a writable folder or a shared/object-store path") from None
+def check_storage(cfg: Config) -> None:
+    """Fail in one line when the run folder or the checkpoint storage cannot be written (a local folder, or an
+    object-store prefix: unknown scheme, unreachable endpoint, missing bucket, refused credentials)."""
+    check_writable(cfg.output_dir, "output_dir")
+    if cfg.ray.storage_path and cfg.ray.storage_path != cfg.output_dir:
+        check_writable(cfg.ray.storage_path, "ray.storage_path")
+
+
+def storage_args(root: Location) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem``) for Ray's ``RunConfig``: an object-store location is handed
+    over as its filesystem plus the path inside it, so that a URI's query (``?endpoint_override=...``) is never
+    mangled by path joins."""
+    if not root.remote:
+        return {"storage_path": root.path}
+    return {"storage_path": root.path, "storage_filesystem": root.fs}
 
 
 def check_resources(cfg: Config) -> None:
@@ -258,7 +266,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
                                      elastic_resize_monitor_interval_s=r.resize_check_s),
         validation_config=validation,
         run_config=RunConfig(
-            name="checkpoints", storage_path=f"{session.storage_root(cfg).rstrip('/')}/{cfg.run_name}",
+            name="checkpoints", **storage_args(session.checkpoint_dir(cfg).parent),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors
@@ -288,18 +296,18 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     session.check_outputs_outlive_job(cfg, in_job=in_job, multi_node=False)
     given, cfg = cfg, session.resolve_paths(cfg)
     session.check_data(cfg)
+    check_storage(cfg)
     init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
     session.check_outputs_outlive_job(given, in_job=in_job, multi_node=_alive_nodes() > 1, ray_temp=_ray_temp())
-    check_storage(session.storage_root(cfg))
     if cfg.mlflow.enabled:  # an unreachable tracking server fails now, not after hours of training
         check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
     session.check_new_or_resume(cfg, resume)
     check_resources(cfg)
     folder = session.run_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()
     if not resume:  # saved before any worker starts, so --resume works even after an early crash
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (folder / RUN_ID_FILE).unlink(missing_ok=True)  # a new run never reopens an older run's MLflow run
+        (folder / RUN_ID_FILE).unlink()  # a new run never reopens an older run's MLflow run
     try:
         with _sigterm_raises():
             result = build_trainer(cfg).fit()
@@ -355,7 +363,10 @@ def _ray_temp() -> str:
 def _close_mlflow_run(cfg: Config, status: str) -> None:
     """Mark the run's MLflow run ``status`` from the driver if it is still RUNNING (best effort, quick)."""
     marker = session.run_dir(cfg) / RUN_ID_FILE
-    if not (cfg.mlflow.enabled and marker.is_file()):
+    try:
+        if not (cfg.mlflow.enabled and marker.is_file()):
+            return
+    except OSError:
         return
     try:
         from byol_ray.mlflow_store import client
@@ -380,5 +391,5 @@ def outcome_of(cfg: Config) -> session.RunOutcome:
 
         uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
         registered = client(uri).get_run(run_id).data.tags.get("registered_model")
-    return session.RunOutcome(cfg.run_name, str(session.run_dir(cfg)), session.checkpoint_dir(cfg),
+    return session.RunOutcome(cfg.run_name, str(session.run_dir(cfg)), str(session.checkpoint_dir(cfg)),
                               (history or [{}])[-1], run_id, uri, registered)

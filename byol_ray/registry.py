@@ -20,6 +20,7 @@ from torch import nn
 from byol_ray.config import ConfigError
 from byol_ray.mlflow_store import check_tracking, ensure_experiment, resolve_tracking_uri
 from byol_ray.preprocess import PREPROCESSING, eval_transform, to_model_input
+from byol_ray.storage import Location, location
 
 # Serialization: mlflow.pytorch's "pickle" format (cloudpickle of the whole module) loads back as the
 # same nn.Module class, so .train() and backward work for fine-tuning. The default "pt2" format
@@ -332,7 +333,7 @@ def encoder_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     return online.encoder.eval()
 
 
-def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tracking_uri: str = "",
+def register_from_checkpoint(checkpoint_path: "str | Path | Location", *, name: str = "", tracking_uri: str = "",
                              metrics: dict[str, float] | None = None):
     """Register the online encoder of any checkpoint (on demand, after or during training).
 
@@ -340,7 +341,8 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
     (``state["mlflow_run_id"]``); otherwise into a new ``register-...`` run of the config's experiment.
 
     Args:
-        checkpoint_path: a ``state.pt`` file or a checkpoint folder.
+        checkpoint_path: a ``state.pt`` file or a checkpoint folder, local or in an object store
+            (``s3://bucket/runs/<run>/checkpoints/epoch_0010``, copied to a temporary folder first).
         name: registered model name ('' = the checkpoint config's ``mlflow.register_name``).
         tracking_uri: store URI ('' = the checkpoint config's, resolved against its output_dir).
         metrics: the final metrics for the model card (default: the checkpoint folder's metrics.json, if any).
@@ -348,14 +350,25 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
     Returns:
         The READY ``ModelVersion``.
     """
-    import json
+    where = location(checkpoint_path)
+    if where.remote:
+        with tempfile.TemporaryDirectory(prefix="byol-register-") as tmp:
+            if not where.exists():
+                raise FileNotFoundError(f"checkpoint {where} does not exist; pass a state.pt file or a checkpoint "
+                                        "folder")
+            local = where.download_tree(Path(tmp) / where.name)
+            return _register_state(local, str(where), name=name, tracking_uri=tracking_uri, metrics=metrics)
+    path = Path(checkpoint_path).expanduser().resolve()
+    return _register_state(path, str(path), name=name, tracking_uri=tracking_uri, metrics=metrics)
 
+
+def _register_state(path: Path, shown: str, *, name: str, tracking_uri: str, metrics: dict[str, float] | None):
+    """:func:`register_from_checkpoint` of the local copy ``path`` of the checkpoint ``shown``."""
     from mlflow.exceptions import MlflowException
 
     from byol_ray.checkpoint import load_checkpoint
     from byol_ray.config import from_dict
 
-    path = Path(checkpoint_path).expanduser().resolve()
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
     name = name or cfg.mlflow.register_name
@@ -366,7 +379,7 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
     encoder = encoder_from_checkpoint(state)
     folder = path if path.is_dir() else path.parent
     metrics_file = folder / "metrics.json"
-    metadata: dict[str, Any] = {"epochs": state["epoch"], "step": state["step"], "checkpoint": str(path)}
+    metadata: dict[str, Any] = {"epochs": state["epoch"], "step": state["step"], "checkpoint": shown}
     if metrics is not None:
         metadata["metrics"] = dict(metrics)
     elif metrics_file.is_file():
@@ -386,7 +399,7 @@ def register_from_checkpoint(checkpoint_path: str | Path, *, name: str = "", tra
     if not run_id:
         experiment_id = ensure_experiment(client, cfg.mlflow.experiment, tracking_uri)
         run_id = client.create_run(experiment_id, run_name=f"register-{cfg.run_name or folder.name}",
-                                   tags={"source_checkpoint": str(path)}).info.run_id
+                                   tags={"source_checkpoint": shown}).info.run_id
         own_run = True
     try:
         version = register_encoder(encoder, name=name, cfg_dict=state["config"], run_id=run_id,

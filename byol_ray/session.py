@@ -8,11 +8,10 @@ to resume from, and the reporter that saves checkpoints their way.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,11 +21,12 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from byol_ray.config import Config, ConfigError, Derived, derive, from_dict, save_resolved, to_dict, with_values
+from byol_ray.config import Config, ConfigError, Derived, derive, from_dict, to_dict, with_values
 from byol_ray.engine import Reporter, fit
 from byol_ray.history import read_history
 from byol_ray.mlflow_store import is_local_store, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
+from byol_ray.storage import Location, is_uri
 from byol_ray.tracker import (RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, logged_through,
                               unfinished_run_id)
 
@@ -58,15 +58,16 @@ def resolve_paths(cfg: Config) -> Config:
     """
     run_name = cfg.run_name or time.strftime("byol-%Y%m%d-%H%M%S")
     train, val = cfg.data.train, cfg.data.val
-    if train != "demo" and "://" not in train:
+    if train != "demo" and not is_uri(train):
         train = str(Path(train).expanduser().resolve())
-    if val and val != "demo" and "://" not in val:
+    if val and val != "demo" and not is_uri(val):
         val = str(Path(val).expanduser().resolve())
     storage = cfg.ray.storage_path
-    if storage and "://" not in storage:
+    if storage and not is_uri(storage):
         storage = str(Path(storage).expanduser().resolve())
+    output_dir = cfg.output_dir if is_uri(cfg.output_dir) else str(Path(cfg.output_dir).expanduser().resolve())
     return dataclasses.replace(
-        cfg, run_name=run_name, output_dir=str(Path(cfg.output_dir).expanduser().resolve()),
+        cfg, run_name=run_name, output_dir=output_dir,
         data=dataclasses.replace(cfg.data, train=train, val=val, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve())),
         ray=dataclasses.replace(cfg.ray, storage_path=storage),
     )
@@ -118,9 +119,10 @@ def check_outputs_outlive_job(cfg: Config, *, in_job: bool, multi_node: bool, ra
         raise ConfigError(f"the MLflow store {uri} is inside Ray's temporary directory {ray_temp}; {fix}")
 
 
-def run_dir(cfg: Config) -> Path:
-    """``<output_dir>/<run_name>``: config.yaml, metrics.jsonl, plots, the MLflow run id."""
-    return Path(cfg.output_dir) / cfg.run_name
+def run_dir(cfg: Config) -> Location:
+    """``<output_dir>/<run_name>``: config.yaml, metrics.jsonl, plots, the MLflow run id (a local folder, or a
+    prefix in an object store when ``output_dir`` is a URI)."""
+    return Location(cfg.output_dir) / cfg.run_name
 
 
 def storage_root(cfg: Config) -> str:
@@ -128,17 +130,31 @@ def storage_root(cfg: Config) -> str:
     return cfg.ray.storage_path or cfg.output_dir
 
 
-def checkpoint_dir(cfg: Config) -> str:
-    """``<storage root>/<run_name>/checkpoints``: the one place every launcher writes ``epoch_NNNN/``."""
-    return f"{storage_root(cfg).rstrip('/')}/{cfg.run_name}/checkpoints"
+def checkpoint_dir(cfg: Config) -> Location:
+    """``<storage root>/<run_name>/checkpoints``: the one place every launcher writes ``epoch_NNNN/`` (joined as a
+    path, so an object-store URI keeps its query, e.g. ``?endpoint_override=...``, at the end)."""
+    return Location(storage_root(cfg)) / cfg.run_name / "checkpoints"
+
+
+def latest_checkpoint(cfg: Config) -> "Path | Location | None":
+    """The run's newest ``epoch_NNNN[-step_SSSSSSSS]/state.pt``, on disk or in the object store, or None."""
+    from byol_ray.checkpoint import CHECKPOINT_DIR_RE, CHECKPOINT_NAME
+    from byol_ray.checkpoint import latest_checkpoint as latest_local
+
+    folder = checkpoint_dir(cfg)
+    if not folder.remote:
+        return latest_local(Path(folder))
+    found = sorted((int(m.group(1)), int(m.group(2) or -1), name) for name in folder.children()
+                   if (m := CHECKPOINT_DIR_RE.fullmatch(name)))
+    for *_, name in reversed(found):
+        if (folder / name / CHECKPOINT_NAME).is_file():
+            return folder / name / CHECKPOINT_NAME
+    return None
 
 
 def run_exists(cfg: Config) -> bool:
-    """A run of this name already started here (its config or checkpoints are on disk)."""
-    if (run_dir(cfg) / "config.yaml").exists():
-        return True
-    ckpts = checkpoint_dir(cfg)
-    return "://" not in ckpts and Path(ckpts).exists()
+    """A run of this name already started here (its config or checkpoints exist, on disk or in the bucket)."""
+    return (run_dir(cfg) / "config.yaml").exists() or checkpoint_dir(cfg).exists()
 
 
 def check_new_or_resume(cfg: Config, resume: bool) -> None:
@@ -164,7 +180,7 @@ def resume_config(output_dir: str, name: str, overrides: list[str] | tuple[str, 
         The saved config with the allowed overrides applied; raises :class:`ConfigError` naming any override
         that would change what the run computes (its schedules follow the saved config).
     """
-    saved = Path(output_dir) / name / "config.yaml"
+    saved = Location(output_dir) / name / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"cannot resume {name!r}: {saved} not found; check --resume and output_dir={output_dir}")
     base = dataclasses.replace(from_dict(yaml.safe_load(saved.read_text())), run_name=name)
@@ -207,23 +223,21 @@ def check_data(cfg: Config) -> None:
     check_val(cfg)
 
 
-def training_file(cfg: Config, *, stall_s: float = 600.0, poll_s: float = 2.0) -> str:
-    """The path the loader reads: the .beton itself, or one prepared once into the cache.
+def training_file(cfg: Config) -> str:
+    """The path the loader reads: the .beton itself, a node-local copy of one in an object store, or one
+    prepared once into the cache.
 
-    With the FFCV loader a non-.beton source is converted on first use into
-    ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``. One process per machine converts, under a
-    file lock, with a progress bar; the others wait on its progress (the growing temporary file), not on a
-    fixed timeout that an ImageNet conversion would exceed, and take over if the converter dies.
-    With the torch and memory loaders the source itself is returned.
-
-    Args:
-        cfg: the run's config.
-        stall_s: a waiter gives up when the conversion shows no progress for this long.
-        poll_s: how often a waiter looks.
+    An object-store ``data.train`` (``s3://bucket/train.beton``) is copied once per node into ``data.cache_dir``
+    and verified (:func:`byol_ray.data.cache.stage`). With the FFCV loader a non-.beton source is converted on
+    first use into ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``. Either happens once per machine,
+    under a file lock, with a progress bar (:func:`byol_ray.data.cache.once_per_machine`). With the torch and
+    memory loaders a local source itself is returned.
     """
-    from byol_ray.data import sources
+    from byol_ray.data import cache, sources
 
     train = cfg.data.train
+    if is_uri(train):
+        return cache.stage(train, cfg.data.cache_dir, "data.train")
     if cfg.data.loader in ("torch", "memory") or train.endswith(".beton"):
         return train
     fp = sources.fingerprint(train)
@@ -232,33 +246,14 @@ def training_file(cfg: Config, *, stall_s: float = 600.0, poll_s: float = 2.0) -
     # for ImageNet"), the same ratio for other resolutions; FFCV never enlarges, so CIFAR stays 32x32
     max_resolution = max(round(cfg.data.resolution * STORED_SIDE_RATIO), 32)
     out = Path(cfg.data.cache_dir) / f"{stem}-{fp['sha256'][:12]}-{max_resolution}px.beton"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    seen, last_change, last_say = -1, time.monotonic(), 0.0
-    while not out.exists():
-        with open(out.with_name(f"{out.name}.lock"), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another process converts: watch it
-                size = sum(p.stat().st_size for p in out.parent.glob(f".{out.name}.tmp-*") if p.exists())
-                now = time.monotonic()
-                if size != seen:
-                    seen, last_change = size, now
-                elif now - last_change > stall_s:
-                    raise TimeoutError(f"the conversion of {train} into {out} made no progress for {stall_s:.0f} s; "
-                                       f"remove {out.name}.lock there if its process is gone, or prepare the "
-                                       f"data beforehand with `byol-ray prepare`")
-                if now - last_say > 30:
-                    say(f"waiting for another process to prepare {out.name} ({size / 2**20:.0f} MiB written)")
-                    last_say = now
-            else:
-                if not out.exists():  # the lock is ours and nobody finished: convert
-                    from byol_ray.data import prepare as prep
 
-                    say(f"preparing {train} -> {out} (once; later runs reuse it)")
-                    prep.prepare(train, str(out), max_resolution=max_resolution, progress=sys.stderr.isatty())
-                return str(out)
-        time.sleep(poll_s)
-    return str(out)
+    def convert() -> None:
+        from byol_ray.data import prepare as prep
+
+        say(f"preparing {train} -> {out} (once; later runs reuse it)")
+        prep.prepare(train, str(out), max_resolution=max_resolution, progress=sys.stderr.isatty())
+
+    return str(cache.once_per_machine(out, convert, what=train))
 
 
 def data_fingerprint(cfg: Config, path: str) -> dict[str, Any]:
@@ -345,7 +340,7 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
     tracker = build_tracker(cfg, is_main=main)  # MLflow on rank 0 only
     fingerprint = data_fingerprint(cfg, path) if main else {}
     if main:
-        save_resolved(cfg, derived, folder / "config.yaml")
+        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg, derived), sort_keys=False))
     # a restarted run logs into the MLflow run its checkpoint (or, before the first one, its folder) names
     run_id = (state or {}).get("mlflow_run_id") or (unfinished_run_id(tracker, folder) if main else None)
     tracker.start(cfg, derived=derived, run_id=run_id, data_fingerprint=fingerprint)
@@ -372,12 +367,12 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
     history = read_history(folder)
     metrics = result.metrics or (history or [{}])[-1]
     version = finish(tracker, cfg, derived, result.engine.online.encoder, history, metrics, folder, fingerprint)
-    return RunOutcome(cfg.run_name, str(folder), checkpoint_dir(cfg), metrics, tracker.run_id,
+    return RunOutcome(cfg.run_name, str(folder), str(checkpoint_dir(cfg)), metrics, tracker.run_id,
                       getattr(tracker, "tracking_uri", ""), version)
 
 
 def finish(tracker: Tracker, cfg: Config, derived: Derived, encoder, history: list[dict[str, float]],
-           metrics: dict[str, float], folder: Path, fingerprint: dict[str, Any]) -> str | None:
+           metrics: dict[str, float], folder: Location, fingerprint: dict[str, Any]) -> str | None:
     """The end of a successful run on rank 0: config and plots as artifacts, the online encoder registered
     once (``mlflow.register_name``), the run closed FINISHED even when registration fails.
 
@@ -390,10 +385,15 @@ def finish(tracker: Tracker, cfg: Config, derived: Derived, encoder, history: li
     if isinstance(tracker, NullTracker):
         return None
     try:
-        if (folder / "config.yaml").is_file():
-            tracker.log_artifact(folder / "config.yaml")
-        for plot in plot_curves(history, folder / "plots"):
-            tracker.log_artifact(plot, "plots")
+        with tempfile.TemporaryDirectory(prefix="byol-artifacts-") as tmp:
+            if (folder / "config.yaml").is_file():
+                (Path(tmp) / "config.yaml").write_bytes((folder / "config.yaml").read_bytes())
+                tracker.log_artifact(Path(tmp) / "config.yaml")
+            plots = plot_curves(history, Path(tmp) / "plots")
+            for plot in plots:
+                tracker.log_artifact(plot, "plots")
+            if plots:
+                (folder / "plots").upload_tree(Path(tmp) / "plots")  # beside metrics.jsonl, wherever that is
     except Exception as exc:  # noqa: BLE001 - plots are a convenience; the encoder matters more
         warnings.warn(f"MLflow: run artifacts not logged ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
     try:
@@ -430,7 +430,10 @@ def print_summary(cfg: Config, outcome: RunOutcome) -> None:
 def discard_failed_start(cfg: Config) -> None:
     """Remove the folder of a new run that failed before it finished an epoch, so the name is free again."""
     ckpts = checkpoint_dir(cfg)
-    if "://" in ckpts or any(Path(ckpts).glob("epoch_*")) or (run_dir(cfg) / "metrics.jsonl").exists():
-        return
-    shutil.rmtree(run_dir(cfg), ignore_errors=True)
-    shutil.rmtree(Path(ckpts).parent, ignore_errors=True)
+    try:
+        if any(n.startswith("epoch_") for n in ckpts.children()) or (run_dir(cfg) / "metrics.jsonl").exists():
+            return
+        run_dir(cfg).remove_tree()
+        ckpts.parent.remove_tree()
+    except OSError as exc:  # best effort: the original error matters more
+        say(f"could not remove the failed run's folder {run_dir(cfg)} ({exc})")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from byol_ray import mlflow_store
 from byol_ray.config import Config, ConfigError, Derived, to_dict
 from byol_ray.run_tags import code_version, flatten, ray_tags
+from byol_ray.storage import Location, location
 
 if TYPE_CHECKING:
     from byol_ray.engine import Reporter
@@ -248,14 +249,14 @@ class MlflowTracker:
                           RuntimeWarning, stacklevel=2)
 
 
-def unfinished_run_id(tracker: Tracker, run_folder: str | Path) -> str | None:
+def unfinished_run_id(tracker: Tracker, run_folder: str | Path | Location) -> str | None:
     """The MLflow run a restarted training run should continue when no checkpoint names one.
 
     A worker group that dies before its first checkpoint (a crash, or a Tune driver killed mid-trial)
     restarts from scratch; it logs into the run it had opened (recorded in ``<run folder>/mlflow_run_id``)
     instead of leaving that one RUNNING forever beside a second run. A FINISHED run is never reopened.
     """
-    marker = Path(run_folder) / RUN_ID_FILE
+    marker = location(run_folder) / RUN_ID_FILE
     client = getattr(tracker, "client", None)
     if client is None or not marker.is_file():
         return None

@@ -15,6 +15,7 @@ from byol_ray.history import append_history
 from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
 from byol_ray.run_tags import ray_job_submission_id
+from byol_ray.storage import is_uri
 
 
 class LocalReporter:
@@ -68,10 +69,11 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     """
     session.check_outputs_outlive_job(cfg, in_job=bool(ray_job_submission_id()), multi_node=False)
     cfg = session.resolve_paths(cfg)
-    if "://" in session.storage_root(cfg):
-        raise ConfigError(f"ray.storage_path={cfg.ray.storage_path!r} is an object-store URI, which only Ray "
-                          "Train writes to; a --no-ray run keeps its checkpoints on a filesystem path (set "
-                          "ray.storage_path='' to use output_dir)")
+    for key, value in (("ray.storage_path", cfg.ray.storage_path), ("output_dir", cfg.output_dir)):
+        if is_uri(value):
+            raise ConfigError(f"{key}={value!r} is an object-store URI, which only Ray Train writes to; a --no-ray "
+                              f"run keeps its checkpoints and run folder on a filesystem path (set {key} to a "
+                              "folder, or run without --no-ray)")
     session.check_data(cfg)  # every check before anything is written: a failed start leaves nothing behind
     if cfg.mlflow.enabled:
         check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))

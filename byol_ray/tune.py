@@ -15,6 +15,7 @@ import yaml
 from ray.tune.stopper import Stopper  # this module is the Tune edge: Ray is its dependency
 
 from byol_ray.config import Config, ConfigError, from_dict, load_config, to_dict, with_values
+from byol_ray.storage import Location
 
 # metrics every trial reports at each epoch end (engine.fit's epoch metrics; val_knn_top1 with data.val)
 REPORTED_METRICS = ("val_knn_top1", "epoch_classifier_acc", "epoch_classifier_loss", "epoch_projection_std",
@@ -25,6 +26,7 @@ REPORTED_METRICS = ("val_knn_top1", "epoch_classifier_acc", "epoch_classifier_lo
 NOT_COMPARABLE = ("epoch_loss", "loss")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 STOP_REASONS_FILE = "stop_reasons.json"
+SEARCHES_DIR = Path(__file__).parent / "tune_configs"  # the repository's tune_configs/, shipped with the package
 
 
 @dataclass
@@ -73,10 +75,11 @@ def load_search(path: str, extra_overrides: list[str] | tuple[str, ...] = ()) ->
     Returns:
         (spec, the base trial config); raises :class:`ConfigError` naming the problem.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search file {path!r} not found; see tune_configs/ for examples")
-    raw = yaml.safe_load(p.read_text()) or {}
+    p = search_file(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"search file {p} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"search file {path} must hold a mapping")
     spec = _build_spec(raw, path)
@@ -105,6 +108,37 @@ def load_search(path: str, extra_overrides: list[str] | tuple[str, ...] = ()) ->
     for key, dist in spec.space.items():
         _check_distribution(path, key, dist, base)
     return spec, base
+
+
+def search_file(name_or_path: str) -> Path:
+    """A search file: a path, or the name of one shipped with byol-ray (``cpu_smoke``, ``cifar10_resnet18``, ...).
+
+    The shipped files are ``tune_configs/`` of the repository, installed with the package, so a name works in the
+    runtime image and after ``pip install`` as well as in a checkout.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = SEARCHES_DIR / f"{Path(name_or_path).name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file() and (not path.suffix or path.parent.name == "tune_configs"):
+        return shipped
+    raise ConfigError(f"search file {name_or_path!r} not found; give a YAML path or the name of a shipped search "
+                      f"({', '.join(shipped_searches())}; byol-ray tune --list)")
+
+
+def shipped_searches() -> list[str]:
+    """Names of the search files shipped with byol-ray."""
+    return sorted(p.stem for p in SEARCHES_DIR.glob("*.yaml"))
+
+
+def describe_searches() -> list[dict[str, str]]:
+    """Name, path and the first comment line of every shipped search file (``byol-ray tune --list``)."""
+    out = []
+    for name in shipped_searches():
+        path = SEARCHES_DIR / f"{name}.yaml"
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        out.append({"name": name, "path": str(path), "about": first})
+    return out
 
 
 def _build_spec(raw: dict, path: str) -> SearchSpec:
@@ -184,10 +218,10 @@ class BYOLStopper(Stopper):
     ``<experiment>/stop_reasons.json`` so a restored search still knows them.
     """
 
-    def __init__(self, stop: StopSpec, reasons_file: Path) -> None:
+    def __init__(self, stop: StopSpec, reasons_file: Location) -> None:
         self.stop, self.file = stop, reasons_file
         self.low: dict[str, int] = defaultdict(int)
-        self.reasons: dict[str, str] = json.loads(reasons_file.read_text()) if reasons_file.exists() else {}
+        self.reasons: dict[str, str] = json.loads(reasons_file.read_text()) if reasons_file.is_file() else {}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         loss = result.get("epoch_loss")
@@ -203,7 +237,6 @@ class BYOLStopper(Stopper):
                 reason = "collapsed"
         if reason:
             self.reasons[trial_id] = reason
-            self.file.parent.mkdir(parents=True, exist_ok=True)
             self.file.write_text(json.dumps(self.reasons, indent=2))
         return reason is not None
 
@@ -267,17 +300,17 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
         The summary: rows per trial, the best trial and the registered model version.
     """
     from byol_ray.ray_train import check_storage, init_ray
-    from byol_ray.session import resolve_paths, storage_root
-
     from byol_ray.run_tags import ray_job_submission_id
-    from byol_ray.session import check_outputs_outlive_job
+    from byol_ray.session import check_outputs_outlive_job, resolve_paths, storage_root
 
     spec, base = load_search(search_file, overrides)
     check_outputs_outlive_job(base, in_job=bool(ray_job_submission_id()), multi_node=False)
     base = resolve_paths(dataclasses.replace(base, run_name=name))
-    storage = storage_path or storage_root(base)
-    check_storage(storage)
-    experiment_dir = Path(storage) / name
+    if storage_path:
+        base = dataclasses.replace(base, ray=dataclasses.replace(base.ray, storage_path=storage_path))
+    storage = storage_root(base)
+    check_storage(base)
+    experiment_dir = Location(storage) / name  # joined as a path: an object-store URI keeps its query
     if experiment_dir.exists() and not resume:
         raise ConfigError(f"a search named {name!r} already exists in {storage}; pass --resume to finish it "
                           "or choose another --search-name")
@@ -296,19 +329,22 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
     return summary
 
 
-def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: int, resume: bool, experiment_dir: Path):
+def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: int, resume: bool,
+         experiment_dir: Location):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from byol_ray.ray_train import verbose
+    from byol_ray.ray_train import storage_args, verbose
 
     # The trial function only waits on its Train run, whose workers hold the CPUs/GPUs; Tune needs a
     # non-empty bundle, so it asks for a little memory instead of a CPU that the workers would lack.
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 64 * 2**20})
+    where = storage_args(experiment_dir)  # path (+ filesystem for an object store)
     if resume:
-        if not tune.Tuner.can_restore(str(experiment_dir)):
+        if not tune.Tuner.can_restore(where["storage_path"], storage_filesystem=where.get("storage_filesystem")):
             raise ConfigError(f"no restorable search at {experiment_dir}; check --search-name and ray.storage_path")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_errored=True,
+                                   storage_filesystem=where.get("storage_filesystem"))
         return tuner.fit()
     if spec.scheduler.type == "asha":
         # rungs in epochs (reports also come from mid-epoch checkpoints, so not training_iteration)
@@ -334,7 +370,7 @@ def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: i
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrency),
         # quiet by default: our own summary, not Tune's per-trial config tables (`byol-ray --verbose` restores them)
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=2 if verbose() else 0,
+        run_config=tune.RunConfig(name=name, **storage_args(Location(storage)), verbose=2 if verbose() else 0,
                                   stop=BYOLStopper(spec.stop, experiment_dir / STOP_REASONS_FILE)),
     )
     return tuner.fit()
@@ -377,15 +413,14 @@ def _summarise(spec: SearchSpec, results, reasons: dict[str, str]) -> dict[str, 
 def _register_best(spec: SearchSpec, base: Config, summary: dict[str, Any], name: str, parent_run_id: str | None):
     """Register the best trial's online encoder as ``name``: the model card of a training run (from the trial's
     checkpoint and final metrics) plus the search's tags."""
-    from byol_ray.checkpoint import latest_checkpoint
     from byol_ray.mlflow_store import client, resolve_tracking_uri
     from byol_ray.registry import register_from_checkpoint
-    from byol_ray.session import checkpoint_dir
+    from byol_ray.session import latest_checkpoint
 
     best = summary["best"]
     if best is None or not base.mlflow.enabled or not name:
         return None
-    ckpt = latest_checkpoint(checkpoint_dir(dataclasses.replace(base, run_name=f"{base.run_name}-{best['trial_id']}")))
+    ckpt = latest_checkpoint(dataclasses.replace(base, run_name=f"{base.run_name}-{best['trial_id']}"))
     if ckpt is None:
         return None
     uri = resolve_tracking_uri(base.mlflow.tracking_uri, base.output_dir)
@@ -403,7 +438,7 @@ class _NoParent:
     run_id = None
 
 
-def _parent_run(base: Config, spec: SearchSpec, search_file: str, experiment_dir: Path):
+def _parent_run(base: Config, spec: SearchSpec, search_file: str, experiment_dir: Location):
     """The search's MLflow parent run (created once; a restored search reopens the same one)."""
     if not base.mlflow.enabled:
         return _NoParent()
@@ -414,13 +449,12 @@ def _parent_run(base: Config, spec: SearchSpec, search_file: str, experiment_dir
     check_tracking(uri)
     tracker = MlflowTracker(uri, base.mlflow.experiment)
     marker = experiment_dir / "mlflow_parent_run_id"
-    previous = marker.read_text().strip() if marker.exists() else None
+    previous = marker.read_text().strip() if marker.is_file() else None
     tracker.start(base, run_id=previous, tags={"byol_ray.search": base.run_name, "search_file": search_file,
                                                "search.metric": spec.metric, "search.mode": spec.mode})
     if previous is None:
         tracker.client.log_text(tracker.run_id, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False),
                                 "search.yaml")
-        experiment_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(tracker.run_id)
     return tracker
 
@@ -440,7 +474,7 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _log_summary(parent, summary: dict[str, Any], experiment_dir: Path) -> None:
+def _log_summary(parent, summary: dict[str, Any], experiment_dir: Location) -> None:
     """Print the table, save it beside the search, log it on the parent run, close the child runs."""
     table = format_table(summary)
     best = summary["best"]
@@ -450,9 +484,9 @@ def _log_summary(parent, summary: dict[str, Any], experiment_dir: Path) -> None:
     if summary.get("registered"):
         reg = summary["registered"]
         print(f"[byol-ray] registered: models:/{reg['name']}/{reg['version']}", file=sys.stderr)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (experiment_dir / "summary.md").write_text(table + "\n")
+    print(f"[byol-ray] search summary: {experiment_dir / 'summary.md'}", file=sys.stderr)
     if parent.run_id is None:
         return
     client = parent.client

@@ -20,6 +20,7 @@ import torch
 
 from byol_ray.config import Config, ConfigError, from_dict, validation_due  # noqa: F401 - re-exported
 from byol_ray.preprocess import EVAL_CROP_RATIO
+from byol_ray.storage import Location, is_uri, location
 
 VALIDATION_FILE = "validation.jsonl"
 METRIC = "val_knn_top1"
@@ -28,6 +29,11 @@ METRIC = "val_knn_top1"
 def check_val(cfg: Config) -> None:
     """Fail before training when ``data.val`` is set but cannot be read (or has no labels to score)."""
     if not cfg.data.val:
+        return
+    if is_uri(cfg.data.val):  # staged on the node that validates; here only its header is read
+        from byol_ray.data.check import check_remote_beton
+
+        check_remote_beton(cfg.data.val, "data.val")
         return
     from byol_ray.downstream.data import open_split
 
@@ -71,8 +77,10 @@ def validate_state(state: dict[str, Any], *, device: str = "cpu") -> dict[str, f
     settings = LoaderSettings(resolution=cfg.data.resolution, batch_size=cfg.eval.batch_size, num_workers=0,
                               device=device, center_crop_ratio=EVAL_CROP_RATIO)
     encoder = encoder_from_checkpoint(state)
-    bank = _limited(open_split(cfg.data.train, "train"), cfg.eval.bank_size, cfg.train.seed, "kNN bank images")
-    held_out = _limited(open_split(cfg.data.val, "test"), cfg.eval.val_size, cfg.train.seed, "held-out images")
+    bank = _limited(open_split(cfg.data.train, "train", cache_dir=cfg.data.cache_dir, key="data.train"),
+                    cfg.eval.bank_size, cfg.train.seed, "kNN bank images")
+    held_out = _limited(open_split(cfg.data.val, "test", cache_dir=cfg.data.cache_dir, key="data.val"),
+                        cfg.eval.val_size, cfg.train.seed, "held-out images")
     result = knn_eval(encoder, bank, held_out, settings, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     return {METRIC: result["knn_top1"], "val_step": int(state["step"]), "val_epoch": int(state["epoch"]),
             "val_time_s": time.perf_counter() - start, "val_bank_size": int(result["num_train"]),
@@ -81,10 +89,7 @@ def validate_state(state: dict[str, Any], *, device: str = "cpu") -> dict[str, f
 
 def record(cfg: Config, metrics: dict[str, float], run_id: str | None) -> None:
     """Append ``metrics`` to the run's validation.jsonl and log them into its MLflow run at their step."""
-    folder = Path(cfg.output_dir) / cfg.run_name
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / VALIDATION_FILE, "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
+    (Location(cfg.output_dir) / cfg.run_name / VALIDATION_FILE).append_line(json.dumps(metrics))
     if not (cfg.mlflow.enabled and run_id):
         return
     from byol_ray.mlflow_store import client, resolve_tracking_uri
@@ -98,9 +103,9 @@ def record(cfg: Config, metrics: dict[str, float], run_id: str | None) -> None:
                                       if k not in ("val_step",)])
 
 
-def latest(run_folder: str | Path) -> dict[str, float] | None:
+def latest(run_folder: str | Path | Location) -> dict[str, float] | None:
     """The newest validation recorded for a run (by step), or None."""
-    path = Path(run_folder) / VALIDATION_FILE
+    path = location(run_folder) / VALIDATION_FILE
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

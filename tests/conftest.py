@@ -21,9 +21,9 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
-for _module in ("fixtures_data", "fixtures_mlflow", "fixtures_ray"):
-    if (Path(__file__).parent / f"{_module}.py").exists():
-        exec(f"from {_module} import *")  # noqa: S102 - re-export fixtures
+# Each edge keeps its fixtures in a module of its own (the object store first: it sets the AWS credentials that
+# every process started afterwards, Ray nodes and the MLflow server included, inherits).
+pytest_plugins = ["fixtures_s3", "fixtures_mlflow", "fixtures_ray"]
 
 
 @pytest.fixture(scope="session")

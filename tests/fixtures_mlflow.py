@@ -1,4 +1,4 @@
-"""MLflow fixtures: one real ``mlflow server`` (SQLite backend, local artifact root) per test session."""
+"""MLflow fixtures: one real ``mlflow server`` (SQLite backend, artifacts in the object store) per test session."""
 from __future__ import annotations
 
 import os
@@ -30,20 +30,30 @@ def _healthy(uri: str) -> bool:
         return False
 
 
+MLFLOW_ARTIFACTS_BUCKET = "mlflow-artifacts"
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """Start ``mlflow server`` on 127.0.0.1 and a free port; yields its http URI; stopped at session end."""
+def mlflow_server(tmp_path_factory, s3_server) -> str:
+    """Start ``mlflow server`` on 127.0.0.1 and a free port; yields its http URI; stopped at session end.
+
+    As on a cluster without a shared disk, it serves (proxies) artifacts kept in the session's object store
+    (``--artifacts-destination s3://mlflow-artifacts/``): every registered encoder, plot and config of the
+    tests lives in that bucket, and clients reach it only through the server.
+    """
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
+    s3_server.client().create_bucket(Bucket=MLFLOW_ARTIFACTS_BUCKET)
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"),
+           "--artifacts-destination", f"s3://{MLFLOW_ARTIFACTS_BUCKET}/",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = open(root / "server.log", "wb")
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}  # the server's boto3 finds the store
     # Own process group: uvicorn forks workers; stopping the group stops exactly what this fixture started.
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
         while not _healthy(uri):

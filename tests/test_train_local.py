@@ -87,7 +87,7 @@ def test_one_process_converts_the_source_the_others_wait_for_it(tmp_path):
 
     code = ("import sys; from byol_ray.config import load_config; from byol_ray.session import training_file; "
             f"cfg = load_config(['demo'], ['data.cache_dir={tmp_path / 'cache'}', 'data.loader=ffcv']); "
-            "print(training_file(cfg, poll_s=0.2))")
+            "print(training_file(cfg))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -10,6 +10,7 @@ import numpy as np
 from byol_ray.config import ConfigError
 from byol_ray.data.demo import DEMO_NAME
 from byol_ray.data.sources import IMAGE_EXTENSIONS, cifar_folder
+from byol_ray.storage import Location, check_readable_file, is_uri, redact
 
 LOADERS = ("ffcv", "torch", "memory")
 NO_FFCV_HINT = "use the torch loader instead (backend='torch', config data.loader=torch), which reads the source folder"
@@ -113,6 +114,9 @@ def check_training_data(path: str, loader: str) -> None:
         raise ConfigError(f"data.loader={loader!r}: choose one of {LOADERS}")
     if path == DEMO_NAME:
         return
+    if is_uri(path):
+        check_remote_beton(path, "data.train", loader)
+        return
     where = Path(path).expanduser()
     if not where.exists():
         raise ConfigError(f"data.train={path!r} does not exist; point it at an image folder, a CIFAR folder or a "
@@ -137,3 +141,39 @@ def check_training_data(path: str, loader: str) -> None:
                           "point data.train at the source image folder") from None
     except ConfigError as exc:  # name the setting: the user fixes data.train, not a file they never named
         raise ConfigError(f"data.train={path!r}: {exc}") from None
+
+
+def check_remote_beton(uri: str, key: str, loader: str = "ffcv") -> int:
+    """Fails in one line when the object-store file ``uri`` (config key ``key``) is not a usable .beton.
+
+    Reads the object's size and its FFCV header (a few hundred bytes), never the data: the store is reachable,
+    the object exists, and its allocation table lies where a complete file has it.
+
+    Returns:
+        The number of samples the header announces.
+    """
+    shown = redact(uri)
+    if not Location(uri).name.endswith(".beton"):
+        raise ConfigError(f"{key}={shown!r}: data in an object store must be a .beton file (it is copied to each "
+                          "node's data.cache_dir); convert the images with `byol-ray prepare SOURCE OUT.beton` and "
+                          "upload OUT.beton with its OUT.beton.json")
+    if loader != "ffcv":
+        raise ConfigError(f"{key}={shown!r} is a .beton file, which only the FFCV loader reads; set data.loader=ffcv")
+    size = check_readable_file(uri, key)
+    require_ffcv("reading a .beton needs FFCV")
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+
+    fix = f"re-create it with `byol-ray prepare` and upload it again to {shown}"
+    if size < HeaderType.itemsize:
+        raise ConfigError(f"{key}={shown!r} is truncated: {size} bytes, too few for an FFCV file; {fix}")
+    where = Location(uri)
+    with where.fs.open_input_file(where.path) as fh:
+        header = np.frombuffer(fh.read_at(HeaderType.itemsize, 0), dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise ConfigError(f"{key}={shown!r} is not a readable FFCV file (format version field {header['version']}, "
+                          f"expected {CURRENT_VERSION}); {fix}")
+    ptr = int(header["alloc_table_ptr"])
+    if not 0 < ptr <= size or (size - ptr) % ALLOC_TABLE_TYPE.itemsize:
+        raise ConfigError(f"{key}={shown!r} is truncated: {size} bytes, but its allocation table starts at byte "
+                          f"{ptr}; {fix}")
+    return int(header["num_samples"])

@@ -321,6 +321,16 @@ def label_subset_indices(source: Source, names: list[str]) -> np.ndarray:
     return np.array(sorted(by_name[n][0] for n in names), dtype=np.int64)
 
 
+def file_checksum(path: str | Path) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file, read in 8 MiB chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 2**20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
 def val_path_for(out_path: str | Path) -> Path:
     """Where the held-out split of `out_path` goes: train.beton -> train.val.beton."""
     out = Path(out_path)
@@ -422,6 +432,8 @@ def prepare(source: str | Path | Source, out_path: str | Path, *, split: str = "
     try:  # the finally also runs on Ctrl-C (KeyboardInterrupt): no temporary file outlives an interrupt
         for path, indices in jobs:
             _write_beton(temps[path], src, indices, image_field, num_workers, progress, f"writing {path.name}")
+        # what a copy of each file must match (staging from an object store verifies it before use)
+        manifest["checksums"] = {path.name: file_checksum(temps[path]) for path, _ in jobs}
         manifest["seconds"] = round(time.time() - started, 1)
         temps[manifest_out].write_text(json.dumps(manifest, indent=1) + "\n")
         stale_val = val_path_for(out)

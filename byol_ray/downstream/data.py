@@ -81,8 +81,19 @@ def _backend(spec: str, loader: str) -> str:
     return loader
 
 
-def open_split(spec: str, split: str, loader: str = "auto") -> Split:
-    """Open ``spec`` ('demo', an ImageFolder/CIFAR folder, or a .beton) at ``split`` for evaluation."""
+def open_split(spec: str, split: str, loader: str = "auto", *, cache_dir: str = "~/.cache/byol-ray",
+               key: str = "data") -> Split:
+    """Open ``spec`` ('demo', an ImageFolder/CIFAR folder, or a .beton, local or in an object store) at ``split``
+    for evaluation. An object-store .beton is first copied to ``cache_dir`` once per node (the setting ``key``
+    names it in messages)."""
+    from byol_ray.storage import is_uri
+
+    if is_uri(spec):
+        from byol_ray.data.cache import stage
+        from byol_ray.data.check import check_remote_beton
+
+        check_remote_beton(spec, key)
+        spec = stage(spec, cache_dir, key)
     backend = _backend(spec, loader)
     if backend == "ffcv":
         path = Path(spec).expanduser().resolve()

@@ -1,0 +1,149 @@
+"""The node-local data cache (``data.cache_dir``): files made or copied once per machine, under a file lock.
+
+Two things land here: ``.beton`` files converted from a source folder on first use, and ``.beton`` files staged
+from an object store (``data.train=s3://bucket/train.beton``), which FFCV then reads from local disk. In both
+cases one process per machine does the work while the others wait on its progress (the growing temporary
+file), not on a fixed timeout that a large file would exceed, and take over if it dies.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from byol_ray.config import ConfigError
+from byol_ray.storage import Location, check_readable_file, free_bytes, redact
+
+DISK_MARGIN = 256 * 2**20  # bytes left free beside a staged file
+
+
+def say(message: str) -> None:
+    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
+
+
+def temp_name(out: Path, pid: int) -> Path:
+    """The temporary file a producer of ``out`` writes (``.<name>.tmp-<pid>``; waiters watch it grow)."""
+    return out.with_name(f".{out.name}.tmp-{pid}")
+
+
+def once_per_machine(out: Path, produce: Callable[[], None], *, current: Callable[[], bool] | None = None,
+                     stall_s: float = 600.0, poll_s: float = 2.0, what: str = "") -> Path:
+    """Make ``out`` once on this machine: the first process to take the lock runs ``produce``, the rest wait.
+
+    Args:
+        out: the file to make; ``produce`` writes it via :func:`temp_name` and renames it into place.
+        produce: makes ``out``; runs with the lock held.
+        current: whether an existing ``out`` is still good (default: it exists).
+        stall_s: a waiter gives up when the producer shows no progress for this long.
+        poll_s: how often a waiter looks.
+        what: the source, for messages.
+    """
+    current = current or out.exists
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen, last_change, last_say = -1, time.monotonic(), 0.0
+    while not (out.exists() and current()):
+        with open(out.with_name(f"{out.name}.lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process works on it: watch its progress
+                size = sum(p.stat().st_size for p in out.parent.glob(f".{out.name}.tmp-*") if p.exists())
+                now = time.monotonic()
+                if size != seen:
+                    seen, last_change = size, now
+                elif now - last_change > stall_s:
+                    raise TimeoutError(f"preparing {out} from {what} made no progress for {stall_s:.0f} s; remove "
+                                       f"{out.name}.lock there if its process is gone")
+                if now - last_say > 30:
+                    say(f"waiting for another process to prepare {out.name} ({size / 2**20:.0f} MiB written)")
+                    last_say = now
+            else:
+                if not (out.exists() and current()):  # the lock is ours and nobody finished: do it
+                    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a dead producer's leftovers
+                        stale.unlink(missing_ok=True)
+                    produce()
+                return out
+        time.sleep(poll_s)
+    return out
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.source.json")
+
+
+def stage(uri: str, cache_dir: str | Path, key: str, *, progress: bool | None = None) -> str:
+    """A node-local copy of the object-store file ``uri`` (config key ``key``), copied once and verified.
+
+    The copy lives in ``<cache_dir>/staged/<hash of the URI>/<file name>``; later runs and restarts on this node
+    reuse it while the object's size and modification time are unchanged. The ``<file>.json`` that ``byol-ray
+    prepare`` writes beside a .beton is copied too; its checksum (size and sha256) must match the copy, else the
+    copy is discarded. A node whose disk cannot hold the file is refused before anything is copied.
+
+    Returns:
+        The local path.
+    """
+    source = Location(uri)
+    size = check_readable_file(source, key)
+    info = source._info()
+    remote = {"uri": redact(uri), "size": size, "mtime": info.mtime.isoformat() if info.mtime else ""}
+    folder = Path(cache_dir).expanduser() / "staged" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = folder / source.name
+    sidecar = source.parent / f"{source.name}.json"
+
+    def current() -> bool:
+        stamp = _stamp(local)
+        if not stamp.is_file():
+            return False
+        saved = json.loads(stamp.read_text())
+        return {k: saved.get(k) for k in remote} == remote and local.stat().st_size == size
+
+    def produce() -> None:
+        free = free_bytes(folder)
+        if free < size + DISK_MARGIN:
+            raise ConfigError(f"{key}={redact(uri)!r} is {size / 2**30:.2f} GiB but the node's cache disk "
+                              f"({folder.parent}) has {free / 2**30:.2f} GiB free; set data.cache_dir=... to a "
+                              "larger local disk or free space there")
+        expected, manifest = None, None
+        if sidecar.is_file():
+            manifest = json.loads(sidecar.read_text())
+            expected = (manifest.get("checksums") or {}).get(source.name)
+        tmp = temp_name(local, os.getpid())
+        digest = hashlib.sha256()
+        bar = _bar(size, f"staging {source.name}", progress)
+        start = time.monotonic()
+        try:
+            copied = source.download(tmp, progress=bar.update, digest=digest)
+            bar.close()
+            if copied != size:
+                raise OSError(f"copied {copied} of {size} bytes of {redact(uri)} (the object changed or the "
+                              "connection dropped); run again")
+            if expected and (expected.get("size") != size or expected.get("sha256") != digest.hexdigest()):
+                raise ConfigError(f"{key}={redact(uri)!r}: the copy's sha256 {digest.hexdigest()[:12]}... does not "
+                                  f"match the {expected.get('sha256', '')[:12]}... recorded by `byol-ray prepare` in "
+                                  f"{source.name}.json (a damaged or replaced upload); upload the file and its .json "
+                                  "again")
+            if manifest is not None:  # beside the copy, as beside the original: the data fingerprint reads it
+                (folder / f"{local.name}.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            tmp.replace(local)
+        finally:
+            bar.close()
+            tmp.unlink(missing_ok=True)
+        _stamp(local).write_text(json.dumps({**remote, "sha256": digest.hexdigest(),
+                                             "verified_against": "prepare manifest" if expected else "size only"}))
+        seconds = time.monotonic() - start
+        say(f"staged {redact(uri)} -> {local} ({size / 2**20:.0f} MiB in {seconds:.1f} s, "
+            f"{'sha256 verified' if expected else 'size verified; no prepare manifest beside it'})")
+
+    once_per_machine(local, produce, current=current, what=redact(uri))
+    return str(local)
+
+
+def _bar(total: int, desc: str, progress: bool | None):
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not show, file=sys.stderr)

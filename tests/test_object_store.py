@@ -1,0 +1,150 @@
+"""Object stores without a shared disk: paths that are URIs, staging data to the node, bad stores refused early.
+
+Everything runs against the session's real S3-compatible server on loopback (``fixtures_s3.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from byol_ray.config import ConfigError
+from byol_ray.storage import Location, check_writable
+
+BYOL_RAY = Path(sys.executable).with_name("byol-ray")
+
+
+def test_paths_join_before_the_query_and_files_round_trip(s3_server):
+    bucket = s3_server.bucket()
+    root = Location(s3_server.uri(bucket, "runs"))
+    run = root / "my-run" / "checkpoints"
+    assert run.uri == f"s3://{bucket}/runs/my-run/checkpoints?endpoint_override={s3_server.hostport}&scheme=http"
+    assert run.parent == root / "my-run" and run.parent.parent == root and run.name == "checkpoints"
+    assert run.path == f"{bucket}/runs/my-run/checkpoints"
+    history = root / "my-run" / "metrics.jsonl"
+    assert not history.exists()
+    history.append_line('{"epoch": 1}')
+    history.append_line('{"epoch": 2}')
+    assert history.read_text().splitlines() == ['{"epoch": 1}', '{"epoch": 2}']
+    (run / "epoch_0001" / "state.pt").write_bytes(b"x" * 10)
+    assert run.children() == ["epoch_0001"] and (run / "epoch_0001" / "state.pt").size() == 10
+    assert s3_server.keys(bucket) == ["runs/my-run/checkpoints/epoch_0001/state.pt", "runs/my-run/metrics.jsonl"]
+    (root / "my-run").remove_tree()
+    assert not [k for k in s3_server.keys(bucket) if k.startswith("runs/my-run")]  # pyarrow keeps a "runs/" marker
+    # a local location is an os.PathLike; an object-store one is not
+    assert Path(Location("/tmp/x") / "y") == Path("/tmp/x/y")
+    with pytest.raises(TypeError, match="object-store URI"):
+        Path(run)
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("missing bucket", r"ray.storage_path='s3://no-such-bucket-\w+/runs.*' is not writable: the bucket "
+                       r"'no-such-bucket-\w+' does not exist \(create it first\)"),
+    ("unreachable", r"is not writable: the endpoint cannot be reached \(check AWS_ENDPOINT_URL"),
+    ("unknown scheme", r"ray.storage_path='nosuch://bucket/runs': no filesystem for nosuch:// URIs here"),
+    ("credentials in the URI", r"carries credentials in the URI"),
+])
+def test_unusable_stores_are_refused_in_one_line(s3_server, case, pattern):
+    uri = {"missing bucket": s3_server.uri(f"no-such-bucket-{os.getpid()}", "runs"),
+           "unreachable": "s3://bucket/runs?endpoint_override=127.0.0.1:1&scheme=http",
+           "unknown scheme": "nosuch://bucket/runs",
+           "credentials in the URI": "s3://AKIAEXAMPLE:hunter2@bucket/runs"}[case]
+    with pytest.raises(ConfigError, match=pattern) as err:
+        check_writable(uri, "ray.storage_path")
+    assert "\n" not in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_train_refuses_a_missing_bucket_before_ray_starts_and_writes_nothing(s3_server, tmp_path):
+    """The CLI a user types: one line, exit 2, within seconds, no run folder, no Ray started."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([str(BYOL_RAY), "train", "--config", "demo", "run_name=r", f"output_dir={tmp_path / 'runs'}",
+                          f"ray.storage_path={s3_server.uri('missing-bucket-x', 'runs')}"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("byol-ray train: error: ray.storage_path=") \
+        and "bucket 'missing-bucket-x' does not exist" in lines[0], lines
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_no_ray_keeps_its_local_refusal(s3_server, tmp_path):
+    from byol_ray.config import load_config
+    from byol_ray.train import train_local
+
+    bucket = s3_server.bucket()
+    for key in ("ray.storage_path", "output_dir"):
+        cfg = load_config(["demo"], [f"{key}={s3_server.uri(bucket, 'runs')}", "run_name=x"])
+        with pytest.raises(ConfigError, match=rf"{key}=.* is an object-store URI, which only Ray Train writes to"):
+            train_local(cfg)
+    assert s3_server.keys(bucket) == []
+
+
+@pytest.fixture(scope="module")
+def demo_beton(tmp_path_factory):
+    from byol_ray.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("beton") / "demo.beton"
+    prepare("demo", str(out), progress=False, num_workers=1)
+    return out
+
+
+def test_data_from_the_bucket_is_staged_once_verified_and_reused(s3_server, demo_beton, tmp_path):
+    from byol_ray.data.cache import stage
+    from byol_ray.data.check import check_remote_beton
+
+    bucket = s3_server.bucket("data")
+    s3_server.upload(demo_beton, bucket, "sets/demo.beton")
+    s3_server.upload(Path(f"{demo_beton}.json"), bucket, "sets/demo.beton.json")
+    uri = s3_server.uri(bucket, "sets/demo.beton")
+    assert check_remote_beton(uri, "data.train") == 1797  # the header, read in place
+    local = Path(stage(uri, tmp_path / "cache", "data.train", progress=False))
+    assert local.read_bytes() == demo_beton.read_bytes()
+    stamp = json.loads(local.with_name(f"{local.name}.source.json").read_text())
+    assert stamp["verified_against"] == "prepare manifest" and stamp["size"] == demo_beton.stat().st_size
+    assert json.loads(Path(f"{local}.json").read_text())["checksums"]["demo.beton"]["sha256"] == stamp["sha256"]
+    before = local.stat().st_mtime_ns
+    assert Path(stage(uri, tmp_path / "cache", "data.train", progress=False)) == local  # reused, not copied again
+    assert local.stat().st_mtime_ns == before and not list(local.parent.glob(".*.tmp-*"))
+
+    # an upload that does not match what prepare recorded is refused, and nothing half-copied is left
+    damaged = bytearray(demo_beton.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the data region
+    s3_server.client().put_object(Bucket=bucket, Key="sets/bad.beton", Body=bytes(damaged))
+    manifest = json.loads(Path(f"{demo_beton}.json").read_text())
+    manifest["checksums"] = {"bad.beton": manifest["checksums"]["demo.beton"]}
+    s3_server.client().put_object(Bucket=bucket, Key="sets/bad.beton.json", Body=json.dumps(manifest).encode())
+    with pytest.raises(ConfigError, match=r"data.train=.*bad.beton.*does not match .* recorded by `byol-ray prepare`"):
+        stage(s3_server.uri(bucket, "sets/bad.beton"), tmp_path / "cache", "data.train", progress=False)
+    assert not [p for p in (tmp_path / "cache").rglob("bad.beton*") if not p.name.endswith(".lock")]
+
+    # a truncated upload is refused from its header, before anything is copied
+    s3_server.client().put_object(Bucket=bucket, Key="sets/cut.beton", Body=demo_beton.read_bytes()[:5000])
+    with pytest.raises(ConfigError, match=r"data.val=.*cut.beton.* is truncated"):
+        check_remote_beton(s3_server.uri(bucket, "sets/cut.beton"), "data.val")
+    with pytest.raises(ConfigError, match=r"data.train=.*nothing.beton.* does not exist \(no such object\)"):
+        check_remote_beton(s3_server.uri(bucket, "sets/nothing.beton"), "data.train")
+    with pytest.raises(ConfigError, match=r"must be a .beton file"):
+        check_remote_beton(s3_server.uri(bucket, "sets/"), "data.train")
+
+
+def test_staging_refuses_a_node_disk_that_cannot_hold_the_file(s3_server, demo_beton, tmp_path):
+    from byol_ray.data.cache import stage
+
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        bucket = s3_server.bucket("data")
+        s3_server.upload(demo_beton, bucket, "demo.beton")
+        with pytest.raises(ConfigError, match=r"data.train=.*demo.beton.* GiB but the node's cache disk .* set "
+                                              r"data.cache_dir=\.\.\. to a larger local disk"):
+            stage(s3_server.uri(bucket, "demo.beton"), small, "data.train", progress=False)
+        assert not [p for p in small.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
