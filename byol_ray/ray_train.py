@@ -225,7 +225,12 @@ LOCAL_RAY_ENV = {
 
 
 def init_ray(address: str = "") -> None:
-    """Connect to ``address`` (or the job's cluster), else start a lean in-process local Ray."""
+    """Connect to ``address`` (``ray.address``, else ``RAY_ADDRESS``, which a Ray job's entrypoint has), else start
+    a lean in-process local Ray of this process's own.
+
+    Never Ray's implicit rule (``ray.init()`` without an address joins the cluster that ``ray start`` last
+    recorded on the machine, another user's or a dead one): the embedded default is private. Says which it uses.
+    """
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
         for key, value in LOCAL_RAY_ENV.items():
@@ -234,7 +239,11 @@ def init_ray(address: str = "") -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address or None, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING)
+    context = ray.init(address=address or "local", log_to_driver=True,
+                       logging_level=logging.INFO if verbose() else logging.WARNING)
+    where = (f"the cluster at {address}" if address else
+             "an in-process local Ray of its own (set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
+    session.say(f"Ray: {where}; dashboard {getattr(context, 'dashboard_url', '') or 'off'}")
 
 
 def build_trainer(cfg: Config, callbacks: list | None = None):

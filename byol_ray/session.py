@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -423,8 +424,8 @@ def print_summary(cfg: Config, outcome: RunOutcome) -> None:
         say(f"open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     if outcome.registered:
         say(f"registered encoder: models:/{outcome.registered}")
-        say(f"evaluate it:  MLFLOW_TRACKING_URI={uri} byol-ray linear-eval --model models:/{outcome.registered} "
-            f"--train {cfg.data.train}")
+        say(f"evaluate it:  MLFLOW_TRACKING_URI={shlex.quote(uri)} byol-ray linear-eval --model "
+            f"models:/{outcome.registered} --train {shlex.quote(cfg.data.train)}")
 
 
 def discard_failed_start(cfg: Config) -> None:

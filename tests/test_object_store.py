@@ -148,3 +148,112 @@ def test_staging_refuses_a_node_disk_that_cannot_hold_the_file(s3_server, demo_b
         assert not [p for p in small.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+# ----------------------------------------------------------------------------- on the loopback cluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme_object_store_commands() -> list[str]:
+    """The README's commands that name s3://BUCKET, each joined into one line."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            if "s3://BUCKET" in line and not line.lstrip().startswith("#"):
+                found.append(line.split(" #", 1)[0].strip())
+    return found
+
+
+def _as_here(command: str, s3_server, bucket: str, dashboard: str, mlflow_uri: str, run: str = "RUN") -> list[str]:
+    """The README's placeholders filled in for this machine: the endpoint goes into each URI, nothing else changes."""
+    import re
+    import shlex
+
+    command = command.replace("http://HEAD:8265", dashboard).replace("http://MLFLOW:5000", mlflow_uri)
+    command = command.replace("/RUN/", f"/{run}/")
+    command = re.sub(r"s3://BUCKET/(\S+)", lambda m: shlex.quote(s3_server.uri(bucket, m.group(1))), command)
+    return shlex.split(command)
+
+
+@pytest.mark.slow
+def test_readme_object_store_commands_on_the_cluster(ray_cluster, mlflow_server, s3_server, cifar_small, tmp_path):
+    """The README's `ray job submit` with data, run folder and checkpoints in the bucket and the MLflow server's
+    artifacts there too: SUCCEEDED; everything a user looks for afterwards is in the bucket; the encoder is pulled
+    by alias downstream; `register --checkpoint s3://...` works; the credentials are written nowhere."""
+    import re
+
+    from mlflow import MlflowClient
+
+    from byol_ray.data.prepare import prepare
+    from fixtures_mlflow import MLFLOW_ARTIFACTS_BUCKET
+    from fixtures_s3 import TEST_SECRET
+
+    _, dashboard = ray_cluster
+    train, _ = cifar_small
+    prepare(str(train), str(tmp_path / "train.beton"), val_fraction=0.25, progress=False, num_workers=1)
+    bucket = s3_server.bucket("readme")
+    for name in ("train.beton", "train.beton.json", "train.val.beton"):
+        s3_server.upload(tmp_path / name, bucket, f"cifar10/{name}")
+    submit, register = _readme_object_store_commands()
+    command = _as_here(submit, s3_server, bucket, dashboard, mlflow_server)
+    assert command[:3] == ["ray", "job", "submit"]
+    out = subprocess.run([str(BYOL_RAY.with_name("ray")), *command[1:]], capture_output=True, text=True,
+                         timeout=900, cwd=tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in log, log[-4000:]
+    run = re.search(r"run (\S+) finished", log).group(1)
+
+    # what the user looks for afterwards, all in the bucket
+    keys = s3_server.keys(bucket, f"byol-ray/{run}/")
+    for key in ("config.yaml", "metrics.jsonl", "validation.jsonl", "mlflow_run_id", "plots/loss.png",
+                "checkpoints/epoch_0002/state.pt", "checkpoints/epoch_0001/state.pt"):
+        assert f"byol-ray/{run}/{key}" in keys, keys
+    assert f"run folder: s3://{bucket}/byol-ray/{run}?endpoint_override=" in log
+    body = s3_server.client().get_object(Bucket=bucket, Key=f"byol-ray/{run}/metrics.jsonl")["Body"].read()
+    assert [json.loads(line)["epoch"] for line in body.decode().splitlines()] == [1, 2]
+    run_id = s3_server.client().get_object(Bucket=bucket, Key=f"byol-ray/{run}/mlflow_run_id")["Body"].read().decode()
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.metrics["val_knn_top1"] >= 0
+    name, version = mlflow_run.data.tags["registered_model"].split("/")
+    # the registered encoder's files are in the artifact bucket, served by the tracking server
+    artifacts = s3_server.keys(MLFLOW_ARTIFACTS_BUCKET)
+    assert any(k.endswith("data/model.pth") or k.endswith("MLmodel") for k in artifacts), artifacts[:20]
+    assert any(run_id in k and k.endswith("loss.png") for k in artifacts)
+    # the credentials were written nowhere: not in the bucket's run folder, MLflow, or the job's output
+    texts = [s3_server.client().get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys if not k.endswith(".pt")
+             and not k.endswith(".png")]
+    assert not [t for t in texts if TEST_SECRET.encode() in t]
+    assert TEST_SECRET not in json.dumps({**mlflow_run.data.params, **mlflow_run.data.tags}) and TEST_SECRET not in log
+
+    # downstream pulls the encoder by alias through the server (artifacts from the bucket)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    promote = subprocess.run([str(BYOL_RAY), "promote", "--model", f"models:/{name}/{version}", "--force"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert promote.returncode == 0, promote.stderr[-2000:]
+    evaluate = subprocess.run([str(BYOL_RAY), "linear-eval", "--model", f"{name}@champion", "--train", str(train),
+                               "--epochs", "2", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert 0.0 <= json.loads(evaluate.stdout)["linear_top1"] <= 1.0
+
+    # the README's register command, from a checkpoint in the bucket
+    reg = _as_here(register, s3_server, bucket, dashboard, mlflow_server, run=run)
+    done = subprocess.run([str(BYOL_RAY), *reg[1:], "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registered = json.loads(done.stdout)
+    assert registered["name"] == name and int(registered["version"]) == int(version) + 1
+    card = client.get_model_version(name, registered["version"])
+    assert "checkpoints/epoch_0002" in card.tags.get("checkpoint", json.dumps(card.tags))
+
+    # the run-name rule holds in the bucket: a new run of the same name is refused, nothing overwritten
+    before = s3_server.client().head_object(Bucket=bucket, Key=f"byol-ray/{run}/config.yaml")["ETag"]
+    again = subprocess.run([str(BYOL_RAY), "train", "--config", "cifar10_cpu", f"run_name={run}",
+                            f"data.train={s3_server.uri(bucket, 'cifar10/train.beton')}",
+                            f"output_dir={s3_server.uri(bucket, 'byol-ray')}", f"mlflow.tracking_uri={mlflow_server}",
+                            f"ray.address={ray_cluster[0].address}"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and f"a run named '{run}' already exists" in again.stderr, again.stderr[-2000:]
+    assert s3_server.client().head_object(Bucket=bucket, Key=f"byol-ray/{run}/config.yaml")["ETag"] == before

@@ -92,7 +92,10 @@ def stage(uri: str, cache_dir: str | Path, key: str, *, progress: bool | None = 
     remote = {"uri": redact(uri), "size": size, "mtime": info.mtime.isoformat() if info.mtime else ""}
     folder = Path(cache_dir).expanduser() / "staged" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     local = folder / source.name
-    sidecar = source.parent / f"{source.name}.json"
+    # prepare's manifest: <file>.json, or for the held-out <stem>.val.beton the training file's <stem>.beton.json
+    sidecars = [source.parent / f"{source.name}.json"]
+    if source.name.endswith(".val.beton"):
+        sidecars.append(source.parent / f"{source.name.removesuffix('.val.beton')}.beton.json")
 
     def current() -> bool:
         stamp = _stamp(local)
@@ -108,9 +111,11 @@ def stage(uri: str, cache_dir: str | Path, key: str, *, progress: bool | None = 
                               f"({folder.parent}) has {free / 2**30:.2f} GiB free; set data.cache_dir=... to a "
                               "larger local disk or free space there")
         expected, manifest = None, None
-        if sidecar.is_file():
-            manifest = json.loads(sidecar.read_text())
-            expected = (manifest.get("checksums") or {}).get(source.name)
+        for sidecar in sidecars:
+            if sidecar.is_file():
+                manifest = json.loads(sidecar.read_text())
+                expected = (manifest.get("checksums") or {}).get(source.name)
+                break
         tmp = temp_name(local, os.getpid())
         digest = hashlib.sha256()
         bar = _bar(size, f"staging {source.name}", progress)
