@@ -257,3 +257,54 @@ def test_readme_object_store_commands_on_the_cluster(ray_cluster, mlflow_server,
                             f"ray.address={ray_cluster[0].address}"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and f"a run named '{run}' already exists" in again.stderr, again.stderr[-2000:]
     assert s3_server.client().head_object(Bucket=bucket, Key=f"byol-ray/{run}/config.yaml")["ETag"] == before
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_from_the_bucket_with_the_same_losses(ray_cluster, mlflow_server, s3_server,
+                                                                             cifar_small, tmp_path):
+    """Checkpoints only in the bucket: a driver killed (SIGKILL) after a mid-epoch checkpoint, then `--resume`,
+    logs exactly the loss sequence of an uninterrupted run of the same config."""
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    train, _ = cifar_small
+    bucket = s3_server.bucket("resume")
+    common = ["--config", "demo", f"data.train={train}", "data.loader=torch", "data.num_workers=1",
+              "model.projector_hidden_dim=64", "model.predictor_hidden_dim=64", "model.projector_dim=32",
+              "train.batch_size=64", "train.epochs=2", "train.log_every_steps=1", "train.checkpoint_every_steps=3",
+              f"ray.address={ray_cluster[0].address}", f"ray.storage_path={s3_server.uri(bucket, 'ckpt')}",
+              f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
+              f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=s3-resume", "mlflow.register_name=",
+              "mlflow.system_metrics_every_s=0"]
+    whole = subprocess.run([str(BYOL_RAY), "train", *common, "run_name=whole"], capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    log = open(tmp_path / "cut.log", "wb")
+    proc = subprocess.Popen([str(BYOL_RAY), "train", *common, "run_name=cut"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    mid = "ckpt/cut/checkpoints/epoch_0000-step_00000006/state.pt"  # 9 steps an epoch: inside the first one
+    deadline = time.monotonic() + 300
+    while mid not in s3_server.keys(bucket, "ckpt/cut/") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    assert proc.poll() is None, (tmp_path / "cut.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-epoch; its Train run dies with it
+    proc.wait()
+    assert "ckpt/cut/checkpoints/epoch_0002/state.pt" not in s3_server.keys(bucket)
+    resumed = subprocess.run([str(BYOL_RAY), "train", "--resume", "cut", f"output_dir={tmp_path / 'runs'}"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from epoch 0, step" in resumed.stderr
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("s3-resume")
+    losses = {}
+    for name in ("whole", "cut"):
+        (run,) = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+        assert run.info.status == "FINISHED"
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+        assert [s for s, _ in history] == list(range(1, 19)), history  # every step once
+        losses[name] = [v for _, v in history]
+    assert losses["cut"] == pytest.approx(losses["whole"], rel=1e-6, abs=1e-7)

@@ -129,8 +129,11 @@ def _mlflow_run(mlflow_server: str, tmp: Path, name: str):
 
 
 def test_elastic_run_loses_a_node_finishes_on_one_worker_and_grows_back(spot_cluster, tmp_path, cifar_small,
-                                                                         mlflow_server):
-    proc, log = _start_run(spot_cluster, tmp_path, "elastic", cifar_small, mlflow_server, "train.epochs=8")
+                                                                         mlflow_server, s3_server):
+    # checkpoints in an object store, as on a cluster without a shared disk: each restart reads them from the bucket
+    bucket = s3_server.bucket("elastic")
+    proc, log = _start_run(spot_cluster, tmp_path, "elastic", cifar_small, mlflow_server, "train.epochs=8",
+                           f"ray.storage_path={s3_server.uri(bucket, 'ckpt')}")
     # two workers, one per node (2 CPUs each; the head keeps one CPU for validation)
     _wait("an epoch on two workers", lambda: any(r["world_size"] == 2 for r in _history(tmp_path, "elastic")),
           proc, log)
@@ -158,6 +161,9 @@ def test_elastic_run_loses_a_node_finishes_on_one_worker_and_grows_back(spot_clu
         tau = sum(target_decay(s, tau_base=0.99, total_steps=saved["total_steps"]) for s in steps) / len(steps)
         assert row["epoch_lr"] == pytest.approx(lr, rel=1e-5) and row["epoch_tau"] == pytest.approx(tau, rel=1e-6)
     assert "run elastic finished" in text
+    saved_ckpts = {k.split("/")[3] for k in s3_server.keys(bucket, "ckpt/elastic/checkpoints/") if k.endswith("state.pt")}
+    assert {f"epoch_{e:04d}" for e in range(1, 9)} <= saved_ckpts, sorted(saved_ckpts)
+    assert f"checkpoints: s3://{bucket}/ckpt/elastic/checkpoints?endpoint_override=" in text
 
     # one MLflow run, every step logged exactly once, across the restarts
     client, run_id = _mlflow_run(mlflow_server, tmp_path, "elastic")

@@ -124,15 +124,29 @@ def test_cpu_smoke_search_selects_on_held_out_knn_stops_nan_and_registers_best(r
 
 
 @pytest.mark.slow
-def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, mlflow_server, tmp_path):
+def test_killed_driver_restores_from_the_bucket_without_rerunning_finished_trials(ray_cluster, mlflow_server,
+                                                                                  s3_server, tmp_path):
+    """Tune's state, every trial's checkpoints and the summary live in an object store (no shared disk); a
+    driver killed mid-search is restored from the bucket and the best trial's encoder registered from it."""
     from mlflow import MlflowClient
 
     cluster, _ = ray_cluster
+    bucket = s3_server.bucket("tune")
     path = _search(tmp_path, "restore", overrides=[*TINY, "train.epochs=2"],
                    space={"optim.base_lr": {"grid": [0.3, 1.0, 2.0]}}, num_samples=1, max_concurrent_trials=1,
                    scheduler={"type": "fifo"})
     cmd = [str(Path(sys.executable).parent / "byol-ray"), "tune", "--search", str(path), "--search-name", "restore",
-           *_common(tmp_path, mlflow_server)]
+           *_common(tmp_path, mlflow_server), f"ray.storage_path={s3_server.uri(bucket, 'ray')}"]
+
+    def trials() -> dict[str, set[str]]:
+        """trial folder -> its checkpoint names, from the bucket"""
+        found: dict[str, set[str]] = {}
+        for key in s3_server.keys(bucket, "ray/restore-"):
+            parts = key.split("/")
+            if len(parts) == 5 and parts[2] == "checkpoints" and parts[4] == "state.pt":
+                found.setdefault(parts[1], set()).add(parts[3])
+        return found
+
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     log = open(tmp_path / "first.log", "w")
     # the first driver saves Tune's experiment state at every step, so once trial 2 has checkpointed an
@@ -142,9 +156,10 @@ def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, m
     finished: set[str] = set()
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and driver.poll() is None:
-        trials = sorted((tmp_path / "ray").glob("restore-*"), key=lambda p: p.stat().st_ctime)
-        if len(trials) >= 2 and (trials[-1] / "checkpoints" / "epoch_0001" / "state.pt").exists():
-            finished = {p.name for p in trials[:-1] if (p / "checkpoints" / "epoch_0002" / "state.pt").exists()}
+        now = trials()
+        running = [t for t, ckpts in now.items() if "epoch_0001" in ckpts and "epoch_0002" not in ckpts]
+        if len(now) >= 2 and running:
+            finished = {t for t, ckpts in now.items() if "epoch_0002" in ckpts}
             break
         time.sleep(0.5)
     assert finished and driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -153,7 +168,7 @@ def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, m
 
     out = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    summary = json.loads((tmp_path / "ray" / "restore" / "summary.json").read_text())
+    summary = json.loads(s3_server.client().get_object(Bucket=bucket, Key="ray/restore/summary.json")["Body"].read())
     assert len(summary["rows"]) == 3 and all(r["stopped_by"] == "completed" for r in summary["rows"])
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
@@ -166,3 +181,8 @@ def test_killed_driver_restores_without_rerunning_finished_trials(ray_cluster, m
         if child.info.run_name in finished:  # finished before the kill: never started again
             assert "resume_count" not in child.data.tags, child.info.run_name
     assert "restore" in runs
+    # the best trial's encoder was registered from its checkpoint in the bucket
+    registered = summary["registered"]
+    assert registered and registered["checkpoint"].startswith(f"s3://{bucket}/ray/restore-"), registered
+    assert client.get_model_version(registered["name"], registered["version"]).tags["search.name"] == "restore"
+    assert not list(tmp_path.glob("s3:*")) and not (tmp_path / "ray").exists()  # nothing local under a URI's name
