@@ -215,7 +215,7 @@ def output_problems(cfg, *, what: str) -> list[str]:
         problems.append(f"{what}: byol-ray would refuse it: {exc}")
     for key, value in (("data.train", cfg.data.train), ("output_dir", cfg.output_dir),
                        ("checkpoint root (ray.storage_path or output_dir)", storage_root(cfg))):
-        if not _under_shared(value):
+        if not (_under_shared(value) or re.match(r"(s3|gs)://[^/]+/.+", value)):  # or an object store (section 10)
             problems.append(f"{what}: {key}={value} is not on the shared volume {SHARED}")
     if not re.match(r"https?://", cfg.mlflow.tracking_uri):
         problems.append(f"{what}: mlflow.tracking_uri={cfg.mlflow.tracking_uri!r} is not a tracking server URL")
@@ -1325,7 +1325,8 @@ def test_every_documented_prepare_command_parses():
     assert commands
     for command in commands:
         args = parse_cli_command(command)
-        assert args.command == "prepare" and args.output.endswith(".beton") and args.max_resolution == 384
+        assert args.command == "prepare" and args.output.endswith(".beton")
+        assert "imagenet" not in args.source or args.max_resolution == 384, command  # ImageNet stored at 384 px
 
 
 def test_docs_name_files_that_exist():
@@ -1352,3 +1353,29 @@ def test_kuberay_version_is_stated_as_1_5_1_everywhere():
 def test_aws_capacity_check_catches_too_few_nodes(aws):
     _, cfg = resolve_command("byol-ray train --config imagenet_resnet50_300ep ray.num_workers=32")
     assert aws_capacity_problems(aws, cfg.ray), "32 GPU workers cannot start on 2 x 8 GPUs"
+
+
+# ----------------------------------------------------------------------------- no shared volume: artifacts in S3
+
+
+def test_mlflow_s3_variant_serves_artifacts_from_the_bucket_and_keeps_its_store_on_its_own_claim(core_validators):
+    """cluster/kuberay/mlflow-s3.yaml: structurally valid; the same reachable, artifact-serving server as mlflow.yaml,
+    with artifacts in an object store and SQLite on a ReadWriteOnce claim that only this pod mounts."""
+    docs = _by_kind(KUBERAY / "mlflow-s3.yaml")
+    assert set(docs) == {"PersistentVolumeClaim", "Deployment", "Service"}
+    for kind in ("Deployment", "Service"):
+        assert _errors(core_validators[kind], docs[kind]) == [], kind
+    deploy, service, claim = docs["Deployment"], docs["Service"], docs["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    spec = deploy["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"  # one SQLite writer
+    container = spec["template"]["spec"]["containers"][0]
+    params = mlflow_server_params(_container_command(container))
+    assert params["host"] == "0.0.0.0" and params["serve_artifacts"] and not params["artifacts_only"]
+    assert params["artifacts_destination"].startswith("s3://") and str(params["workers"]) == "1"
+    db_path = params["backend_store_uri"].split(":///", 1)[1]
+    (mount,) = [m["mountPath"] for m in container["volumeMounts"]]
+    (volume,) = spec["template"]["spec"]["volumes"]
+    assert db_path.startswith(f"{mount}/") and volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert service["spec"]["ports"][0]["targetPort"] == params["port"]
+    assert any(e.get("secretRef", {}).get("optional") for e in container.get("envFrom", []))  # or IRSA
