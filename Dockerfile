@@ -33,6 +33,8 @@ RUN --mount=type=cache,target=/home/ray/.cache/pip,uid=1000,gid=100 \
 # 2. byol-ray itself, a regular (non-editable) install: the code a job runs is the code in the image.
 COPY --chown=ray:users README.md ./
 COPY --chown=ray:users byol_ray byol_ray
+# byol_ray/tune_configs links to the repository's tune_configs/: the search files ship in the wheel
+COPY --chown=ray:users tune_configs tune_configs
 RUN --mount=type=cache,target=/home/ray/.cache/pip,uid=1000,gid=100 \
     PYTHON=python bash scripts/setup.sh --system
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from byol_ray.config import ConfigError
 
 CHECKPOINT_NAME = "state.pt"
 REQUIRED_KEYS = ("online", "target", "optimizer", "scaler", "step", "epoch", "rng", "config")
@@ -56,14 +59,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a state.pt file or a checkpoint folder")
     try:
-        # weights_only=False: the state holds numpy RNG state and Python tuples; only load your own files.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors, containers and numbers only, plus the numpy pieces of np.random.get_state();
+        # a file that asks for anything else (a crafted pickle that would run a command) is refused unrun
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        what = " ".join(str(exc).split("Unsupported global:")[-1].split()[:2]) if "Unsupported global" in str(exc) \
+            else type(exc).__name__
+        raise ConfigError(f"checkpoint {path} asks to load {what}, which no byol-ray checkpoint holds; refused without "
+                          "running it (checkpoints are loaded with torch.load(weights_only=True))") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it may be truncated") from None
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ConfigError(f"checkpoint {path} is unreadable ({reason}); it may be truncated or not a checkpoint") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{path} is not a byol-ray checkpoint (missing {', '.join(missing)})")
+        raise ConfigError(f"{path} is not a byol-ray checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def _numpy_rng_globals() -> list:
+    """What ``np.random.get_state()`` pickles as: an array of uint32 (numpy 1 and 2 spell the module differently)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 CHECKPOINT_DIR_RE = re.compile(r"epoch_(\d+)(?:-step_(\d+))?")

@@ -15,6 +15,7 @@ from typing import Any
 from byol_ray.config import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_DECLINED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports it
 # Bad input: one line on stderr, exit 2, no traceback. Anything else is a bug and keeps its traceback.
 BAD_INPUT = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -26,6 +27,7 @@ exit codes:
        tracking store (one line on stderr: byol-ray <command>: error: <message>)
   3    promote declined to move the alias (the candidate does not beat the holder)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM: timeout, docker stop, Kubernetes); the MLflow run is marked KILLED
 
 settings: a config key is written key.sub=value after the flags, the same in every command
 (mlflow.tracking_uri=URI, mlflow.experiment=NAME, ray.storage_path=PATH, ...); with
@@ -87,10 +89,20 @@ def _load(args, default_config: str = "demo"):
 
 def cmd_train(args) -> int:
     from byol_ray import session
-    from byol_ray.config import load_config
+    from byol_ray.config import check_run_name, load_config
 
+    if args.resume:
+        # the saved config is the run's recipe: a --config file or a new name would be dropped without a word
+        if args.config:
+            raise ConfigError(f"--resume {args.resume} continues the run with its saved config.yaml; --config "
+                              f"{' '.join(args.config)} cannot change it: drop --config, or start a new run "
+                              "(run_name=...) from the file")
+        if any(o.partition("=")[0].strip() == "run_name" for o in args.overrides):
+            raise ConfigError(f"--resume {args.resume} names the run already; drop run_name=... (a new name is a "
+                              "new run: start it without --resume)")
     cfg = load_config(args.config or ["demo"], args.overrides)  # the launchers resolve paths after their checks
     if args.resume:
+        check_run_name(args.resume, "--resume")
         cfg = session.resume_config(cfg.output_dir, args.resume, args.overrides)
     if args.no_ray:
         from byol_ray.train import train_local
@@ -148,6 +160,9 @@ def cmd_tune(args) -> tuple[int, dict | list]:
         return EXIT_OK, searches
     if not args.search or not args.search_name:
         raise ConfigError("byol-ray tune needs --search NAME_OR_FILE and --search-name NAME (or --list)")
+    from byol_ray.config import check_run_name
+
+    check_run_name(args.search_name, "--search-name")
     summary = run_search(args.search, name=args.search_name, overrides=args.overrides, resume=args.resume)
     return EXIT_OK, summary
 
@@ -276,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as exc:
+        if exc.code == EXIT_TERMINATED:  # SIGTERM, turned into SystemExit(143) by the launchers
+            print(f"{prefix}: terminated (SIGTERM)", file=sys.stderr)
+        raise
     except BAD_INPUT as exc:
         print(f"{prefix}: error: {_one_line(exc) or type(exc).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT

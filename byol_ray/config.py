@@ -357,6 +357,7 @@ def _check_finite(node: Any, prefix: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express; raises :class:`ConfigError`."""
     _check_finite(cfg, prefix="")
+    check_run_name(cfg.run_name)
     m, d, o, t, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.ray
     _check(m.encoder in ENCODERS, "model.encoder", m.encoder, ", ".join(ENCODERS))
     for key in ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim", "num_classes"):
@@ -407,6 +408,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.batch_size' = {t.batch_size} gives some of the ray.num_workers="
                           f"{r.num_workers} workers fewer than 2 samples (BatchNorm needs two); the global batch is "
                           f"split over the workers, so use train.batch_size >= {2 * r.num_workers} or fewer workers")
+
+
+def check_run_name(name: str, key: str = "run_name") -> None:
+    """A run (or search) name is one folder name: it must not leave ``output_dir`` / ``ray.storage_path``."""
+    if not name:
+        return
+    bad = ("/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or "?" in name
+           or any(ord(c) < 32 for c in name))
+    if bad:
+        raise ConfigError(f"{key}={name!r} is not a plain folder name (no '/', '\\', '?', no leading '.', no '..'): "
+                          "a run's outputs stay inside output_dir and ray.storage_path; use e.g. "
+                          f"{key}=cifar-r18-lr0.3")
 
 
 def validation_due(cfg: Config, epoch: int) -> bool:

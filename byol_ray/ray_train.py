@@ -1,13 +1,10 @@
 """The Ray Train launcher: one TorchTrainer worker = one rank of the run; the driver checks and launches."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -318,7 +315,7 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (folder / RUN_ID_FILE).unlink()  # a new run never reopens an older run's MLflow run
     try:
-        with _sigterm_raises():
+        with session.sigterm_raises():
             result = build_trainer(cfg).fit()
         if result.error:
             raise result.error
@@ -333,24 +330,6 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     outcome.metrics.update(validated)  # the final checkpoint's validation, as Ray Train's result carries it
     session.print_summary(cfg, outcome)
     return outcome
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """`ray job stop` sends SIGTERM, then SIGKILL a few seconds later: turn the first into an exception so the
-    driver can close the MLflow run in between (Python's default for SIGTERM is to die on the spot)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _alive_nodes() -> int:

@@ -7,12 +7,15 @@ to resume from, and the reporter that saves checkpoints their way.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +49,25 @@ RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.val", "train.log_e
 def say(message: str) -> None:
     """Human text goes to stderr; stdout is kept for a command's ``--json`` result."""
     print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM (`timeout`, `docker stop`, Kubernetes, `ray job stop`) as ``SystemExit(143)``: the run can flush its
+    metrics and close its MLflow run KILLED before the process ends (Python's default is to die on the spot).
+    `ray job stop` sends SIGKILL a few seconds later, so what follows must be quick."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- where a run lives
@@ -361,7 +383,7 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
         result = fit(cfg, derived, loader, where.device, reporter=TrackingReporter(reporter, tracker, through),
                      state=state)
     except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     if not main:
         return None

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from byol_ray.config import ConfigError
 
-_CHUNK = 8 * 2**20  # streaming copies move 8 MiB at a time
+_CHUNK = 64 * 2**20  # streaming copies move 64 MiB per read: each read is a ranged GET (8 MiB: 4.5x slower here)
 PROBE_TIMEOUT_S = 60.0  # a store that has not answered a small write by then is unreachable for our purposes
 
 

@@ -88,11 +88,16 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         state = load_checkpoint(latest, map_location=device)
     folder = session.run_dir(cfg)
     try:
-        outcome = session.run(cfg, session.Placement(device), state=state, make_reporter=lambda printer: LocalReporter(
-            folder, checkpoints, printer, num_to_keep=cfg.ray.num_to_keep, cfg=cfg))
-    except BaseException:
+        with session.sigterm_raises():
+            outcome = session.run(cfg, session.Placement(device), state=state,
+                                  make_reporter=lambda printer: LocalReporter(folder, checkpoints, printer,
+                                                                              num_to_keep=cfg.ray.num_to_keep, cfg=cfg))
+    except BaseException as exc:
         if not resume:
             session.discard_failed_start(cfg)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and latest_checkpoint(checkpoints) is not None:
+            session.say(f"stopped; the MLflow run is marked KILLED. Continue with: byol-ray train --no-ray --resume "
+                        f"{cfg.run_name} output_dir={cfg.output_dir}")
         raise
     session.print_summary(cfg, outcome)
     return outcome

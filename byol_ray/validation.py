@@ -11,6 +11,7 @@ step, and ``<run folder>/validation.jsonl`` (which Tune trials read to report it
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,61 @@ def check_val(cfg: Config) -> None:
         from byol_ray.data.check import check_remote_beton
 
         check_remote_beton(cfg.data.val, "data.val")
-        return
-    from byol_ray.downstream.data import open_split
+    else:
+        from byol_ray.downstream.data import open_split
 
-    split = open_split(cfg.data.val, "test")
-    if split.backend != "ffcv" and len(split.source) == 0:
-        raise ConfigError(f"data.val={cfg.data.val!r} holds no images; point it at a labelled held-out split")
+        split = open_split(cfg.data.val, "test")
+        if split.backend == "ffcv":  # readable and complete, not just present
+            from byol_ray.data.check import validate_beton
+
+            try:
+                validate_beton(split.data)
+            except ConfigError as exc:
+                raise ConfigError(f"data.val={cfg.data.val!r}: {exc}") from None
+        elif len(split.source) == 0:
+            raise ConfigError(f"data.val={cfg.data.val!r} holds no images; point it at a labelled held-out split")
+    train, val = class_names(cfg.data.train), class_names(cfg.data.val)
+    if train is not None and val is not None and train != val:
+        only_val, only_train = sorted(set(val) - set(train)), sorted(set(train) - set(val))
+        raise ConfigError(f"data.val={cfg.data.val!r} has other classes than data.train (kNN scores by label index, "
+                          f"so the result would be meaningless): {len(val)} vs {len(train)} classes"
+                          f"{f', only in data.val: {only_val[:5]}' if only_val else ''}"
+                          f"{f', only in data.train: {only_train[:5]}' if only_train else ''}"
+                          f"{'' if only_val or only_train else ' (same names, another order)'}; point data.val at the "
+                          "held-out split of the same data set (byol-ray prepare --val-fraction writes one)")
+
+
+def class_names(spec: str) -> list[str] | None:
+    """The class names a data source labels with, when they can be known cheaply (None: unknown).
+
+    An ImageFolder's class folders (sorted, as its labels are numbered); a .beton's from the ``.json`` that
+    ``byol-ray prepare`` wrote beside it (for ``<stem>.val.beton``, the training file's ``<stem>.beton.json``).
+    """
+    if spec == "demo":
+        return None
+    where = Location(spec)
+    try:
+        if where.name.endswith(".beton"):
+            candidates = [where.parent / f"{where.name}.json"]
+            if where.name.endswith(".val.beton"):
+                candidates.append(where.parent / f"{where.name.removesuffix('.val.beton')}.beton.json")
+            for sidecar in candidates:
+                if sidecar.is_file():
+                    return json.loads(sidecar.read_text()).get("class_names")
+            return None
+        if where.remote or not Path(spec).is_dir():
+            return None
+        from byol_ray.data.sources import SPLIT_NAMES, cifar_folder
+
+        root = Path(spec)
+        if cifar_folder(root) is not None:
+            return None
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if subdirs and set(subdirs) <= set(SPLIT_NAMES):
+            return None  # a folder of split folders: which split trains is the loader's business
+        return subdirs or None
+    except (OSError, ValueError):
+        return None
 
 
 def _limited(split, size: int, seed: int, what: str):

@@ -113,6 +113,40 @@ def test_non_finite_numbers_in_a_yaml_file(tmp_path):
                      "optim.weight_decay", "finite")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (("train", "--no-ray", "run_name=../../escaped"), ("run_name='../../escaped' is not a plain folder name",)),
+    (("train", "--no-ray", "run_name=a/b"), ("run_name='a/b'",)),
+    (("tune", "--search", "cpu_smoke", "--search-name", "../x"), ("--search-name='../x' is not a plain folder",)),
+    (("train", "--resume", "../up"), ("--resume='../up' is not a plain folder name",)),
+    (("train", "--resume", "some-run", "--config", "cifar10_cpu"), ("--config cifar10_cpu cannot change it",)),
+    (("train", "--resume", "some-run", "run_name=other"), ("drop run_name=...",)),
+])
+def test_names_stay_inside_their_folder_and_resume_takes_no_recipe(tmp_path, argv, needles):
+    """A run or search name is one folder name; --resume keeps the saved recipe and name (refused, not dropped)."""
+    assert_bad_input(byol_ray(*argv, f"output_dir={tmp_path / 'runs'}", cwd=tmp_path), argv[0], *needles)
+    assert not (tmp_path / "escaped").exists() and not any((tmp_path / "runs").glob("**/config.yaml"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """`register --checkpoint` loads with weights_only=True: a crafted pickle's command never runs."""
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"online": Payload()}, tmp_path / "state.pt")
+    line = assert_bad_input(byol_ray("register", "--checkpoint", str(tmp_path / "state.pt"),
+                                     f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", cwd=tmp_path), "register",
+                            "refused without running it", "system")
+    assert not marker.exists(), line
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    assert_bad_input(byol_ray("register", "--checkpoint", str(tmp_path / "junk.pt"), cwd=tmp_path), "register",
+                     "is unreadable")
+
+
 def test_unknown_flag_and_misplaced_setting_name_the_command(tmp_path):
     assert_bad_input(byol_ray("train", "--tracking-uri", "x", cwd=tmp_path), "train", "--tracking-uri")
     line = assert_bad_input(byol_ray("knn", "--model", "m:1", "mlflow.tracking_url=x", cwd=tmp_path), "knn",

@@ -239,21 +239,20 @@ def test_validation_without_cpus_of_its_own_fails_fast(ray_cluster, workdir, cif
         launch(cfg)
 
 
-def test_embedded_default_starts_a_lean_in_process_ray(tmp_path):
-    """`byol-ray train` with no cluster starts its own Ray (without metrics export or pre-started idle
-    workers, whose CPU is the training's on a small machine), and the run completes with its summary."""
-    # A machine without a running Ray: with no address, ray.init() would join the cluster this test
-    # session started (Ray's rule: the last cluster in <temp dir>/ray/ray_current_cluster), so the
-    # run gets a temp dir of its own (short: Ray's socket paths must stay under 107 characters).
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+def test_embedded_default_starts_a_lean_in_process_ray(ray_cluster, tmp_path):
+    """`byol-ray train` with no address starts a Ray of its own (without metrics export or pre-started idle
+    workers, whose CPU is the training's on a small machine), and the run completes with its summary. It does
+    not join the cluster `ray start` (here: this test session's) last recorded on the machine, which is what
+    Ray's own `ray.init()` without an address would do."""
+    recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    assert recorded.is_file(), "no cluster recorded on this machine: the case under test is not set up"
+    before = set(Path(tempfile.gettempdir()).glob("ray/session_*"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=1", "run_name=embedded",
            f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray", f"data.cache_dir={tmp_path}/cache"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-        started_here = list(Path(ray_tmp).glob("ray/session_*"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    started_here = set(Path(tempfile.gettempdir()).glob("ray/session_*")) - before
+    assert "Ray: an in-process local Ray of its own" in out.stderr, out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert started_here, "the run did not start a Ray of its own"

@@ -125,3 +125,36 @@ def test_a_broken_beton_is_refused_by_the_driver_before_ray_starts(tmp_path, kin
     assert len(lines) == 1 and lines[0].startswith("byol-ray train: error: data.train=") and str(beton) in lines[0]
     assert time.monotonic() - start < 30 and "Ray" not in out.stderr
     assert not (tmp_path / "runs" / "broken").exists()
+
+
+def test_sigterm_to_a_local_run_flushes_marks_it_killed_and_says_how_to_resume(tmp_path):
+    """What `timeout`, `docker stop` and Kubernetes send: exit 143, the MLflow run KILLED with the steps it had
+    logged, and the line that resumes it; the resumed run finishes the same MLflow run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    byol = str(Path(sys.executable).parent / "byol-ray")
+    args = [f"output_dir={tmp_path / 'runs'}", f"mlflow.tracking_uri={store}", "mlflow.system_metrics_every_s=0",
+            "mlflow.register_name="]
+    proc = subprocess.Popen([byol, "train", "--no-ray", "train.epochs=40", "train.log_every_steps=1", "run_name=term",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    first = tmp_path / "runs" / "term" / "checkpoints" / "epoch_0001" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "byol-ray train: terminated (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+    assert f"byol-ray train --no-ray --resume term output_dir={tmp_path / 'runs'}" in err
+    client = MlflowClient(store, registry_uri=store)
+    run_id = (tmp_path / "runs" / "term" / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    assert logged and max(logged) >= 1  # the queue was flushed before the run closed

@@ -58,3 +58,27 @@ def test_unreadable_val_split_fails_before_training(tmp_path, cifar_small):
     cfg = load_config(["demo"], [*TINY, f"data.train={train}", f"data.val={tmp_path}/nope", "data.loader=torch"])
     with pytest.raises(ConfigError, match="nope"):
         check_data(cfg)
+
+
+def test_held_out_data_with_other_classes_or_a_truncated_file_is_refused_before_training(tmp_path, cifar_small):
+    """kNN scores by label index: a data.val labelled with other classes would give a meaningless val_knn_top1
+    (what Tune selects on), so it is refused up front, as is a truncated held-out .beton."""
+    import shutil
+
+    from byol_ray.config import ConfigError
+    from byol_ray.data.prepare import prepare
+    from byol_ray.validation import check_val
+
+    train, val = cifar_small
+    check_val(load_config(["demo"], [f"data.train={train}", f"data.val={val}"]))  # the same ten classes: fine
+    fewer = tmp_path / "fewer"
+    for name in sorted(p.name for p in val.iterdir())[:7]:
+        shutil.copytree(val / name, fewer / name)
+    with pytest.raises(ConfigError, match=r"data.val=.* has other classes than data.train .* 7 vs 10 classes, "
+                                          r"only in data.train: \['horse', 'ship', 'truck'\]"):
+        check_val(load_config(["demo"], [f"data.train={train}", f"data.val={fewer}"]))
+    prepare(str(val), str(tmp_path / "val.beton"), progress=False, num_workers=1)
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes((tmp_path / "val.beton").read_bytes()[:6000])
+    with pytest.raises(ConfigError, match=r"data.val=.*cut.beton.* is truncated"):
+        check_val(load_config(["demo"], [f"data.train={train}", f"data.val={cut}"]))

@@ -121,7 +121,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_promote)
 
     p = subparsers.add_parser("register", help="register the online encoder of a checkpoint in the model registry")
-    p.add_argument("--checkpoint", required=True, help="a state.pt file or a checkpoint folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a state.pt file or a checkpoint folder, local or in an object store (s3://...); loaded "
+                        "with torch.load(weights_only=True): a file that would run code is refused unrun")
     _settings_args(p, REGISTER_KEYS)
     p.set_defaults(func=cmd_register)
 
