@@ -64,10 +64,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         with torch.serialization.safe_globals(_numpy_rng_globals()):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        what = " ".join(str(exc).split("Unsupported global:")[-1].split()[:2]) if "Unsupported global" in str(exc) \
-            else type(exc).__name__
-        raise ConfigError(f"checkpoint {path} asks to load {what}, which no byol-ray checkpoint holds; refused without "
-                          "running it (checkpoints are loaded with torch.load(weights_only=True))") from None
+        # torch names what the file asked for: "... unsupported GLOBAL posix.system ..." / "Unsupported global: ..."
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:
+            reason = " ".join(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".split())[:200]
+            raise ConfigError(f"checkpoint {path} is unreadable ({reason}); it may be truncated or not a "
+                              "checkpoint") from None
+        raise ConfigError(f"checkpoint {path} asks to load {found.group(1)}, which no byol-ray checkpoint holds; "
+                          "refused without running it (checkpoints are loaded with torch.load(weights_only=True))"
+                          ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         raise ConfigError(f"checkpoint {path} is unreadable ({reason}); it may be truncated or not a checkpoint") from None

@@ -187,6 +187,9 @@ class Location:
         """Copy the local folder ``local`` into this location (files overwritten, nothing else removed)."""
         import pyarrow.fs as pafs
 
+        if not self.remote:  # pyarrow's local copy does not create the destination's folders
+            shutil.copytree(local, self.path, dirs_exist_ok=True)
+            return
         pafs.copy_files(str(Path(local).resolve()), self.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 

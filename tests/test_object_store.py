@@ -308,3 +308,18 @@ def test_a_run_killed_mid_epoch_resumes_from_the_bucket_with_the_same_losses(ray
         assert [s for s, _ in history] == list(range(1, 19)), history  # every step once
         losses[name] = [v for _, v in history]
     assert losses["cut"] == pytest.approx(losses["whole"], rel=1e-6, abs=1e-7)
+
+
+def test_a_read_only_output_folder_is_refused_in_one_line(tmp_path):
+    """The probe write catches a prefix the process may not write (here a read-only mount, which root cannot
+    write either)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(ConfigError, match=r"output_dir='.*/ro/runs' is not writable: Read-only file system"):
+            check_writable(str(folder / "runs"), "output_dir")
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -66,7 +66,7 @@ def test_two_worker_cpu_run_completes_and_learns(two_worker_run):
     assert history[-1]["epoch_loss"] < history[0]["epoch_loss"] - 0.05
     state = _final_state(cfg)
     assert state["step"] == 4 * (1797 // 64) and state["config"]["derived"]["world_size"] == 2
-    assert result.checkpoints == checkpoint_dir(cfg) and result.metrics["epoch"] == 4
+    assert result.checkpoints == str(checkpoint_dir(cfg)) and result.metrics["epoch"] == 4
 
 
 def test_epoch_metrics_describe_both_workers_not_rank_0(two_worker_run):
