@@ -68,7 +68,7 @@ def online_ema_parameters(online: OnlineNetwork) -> list[torch.Tensor]:
 def update_target(target: TargetNetwork, online: OnlineNetwork, tau: float) -> None:
     """ξ ← τ·ξ + (1 − τ)·θ over all target parameters, one fused multi-tensor op.
 
-    BatchNorm running statistics are not averaged: the target keeps its own (RECIPE.md).
+    BatchNorm running statistics are not averaged: the target keeps its own (docs/recipe.md).
 
     Args:
         target: the target network.

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Networks: encoder f, projector g, predictor q (RECIPE.md, "Networks")."""
+    """Networks: encoder f, projector g, predictor q (docs/recipe.md, "Networks")."""
 
     encoder: str = "resnet50"
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (for 32 px images)
@@ -69,7 +69,7 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    """LARS and the learning-rate schedule (RECIPE.md, "Optimiser")."""
+    """LARS and the learning-rate schedule (docs/recipe.md, "Optimiser")."""
 
     base_lr: float = 0.2  # peak lr = base_lr * global_batch / 256
     weight_decay: float = 1.5e-6

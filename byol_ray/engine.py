@@ -197,7 +197,7 @@ class BYOLEngine:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a restarted worker needs to continue bit-identically (ARCHITECTURE.md)."""
+        """Everything a restarted worker needs to continue bit-identically (docs/design.md)."""
         return {
             "online": self.online.state_dict(),
             "target": self.target.state_dict(),

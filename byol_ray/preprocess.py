@@ -5,7 +5,7 @@ import torch
 
 from byol_ray.augment import VIEW1, normalize_channels
 
-# The paper's evaluation preprocessing (RECIPE.md): centre crop 224/256 of the shorter side, resized, ImageNet stats.
+# The paper's evaluation preprocessing (docs/recipe.md): centre crop 224/256 of the shorter side, resized, ImageNet stats.
 MEAN, STD = VIEW1.mean, VIEW1.std
 EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter image side
 PREPROCESSING = (f"centre square crop of {EVAL_CROP_RATIO:g} x the shorter side, resized to resolution, x/255, "

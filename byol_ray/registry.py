@@ -24,7 +24,7 @@ from byol_ray.storage import Location, location
 
 # Serialization: mlflow.pytorch's "pickle" format (cloudpickle of the whole module) loads back as the
 # same nn.Module class, so .train() and backward work for fine-tuning. The default "pt2" format
-# (torch.export) loads as a GraphModule that cannot switch BatchNorm to training mode (ENVIRONMENT.md).
+# (torch.export) loads as a GraphModule that cannot switch BatchNorm to training mode (docs/design.md, "Facts about the tools").
 SERIALIZATION_FORMAT = "pickle"
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local heads in tests (ENVIRONMENT.md)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local heads in tests (docs/design.md, "Facts about the tools")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("NUMBA_OPT", "0")  # FFCV pipelines compile ~3x faster; tests use tiny data
 # As with an activated virtual environment: `byol-ray` and `ray` on PATH, for this process and for the Ray

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "byol_ray"
-# The pure core (ARCHITECTURE.md): it runs where Ray, MLflow and FFCV cannot be installed.
+# The pure core (docs/design.md): it runs where Ray, MLflow and FFCV cannot be installed.
 CORE = ("augment", "byol", "checkpoint", "config", "dist", "encoders", "engine", "lars", "loss", "preprocess",
         "schedules")
 EDGE_PACKAGES = ("ray", "mlflow", "ffcv", "numba")

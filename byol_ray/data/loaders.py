@@ -13,7 +13,7 @@ from byol_ray.data.sources import Source, open_source
 
 BACKENDS = ("ffcv", "torch")
 TRAIN_BACKENDS = (*BACKENDS, "memory")  # memory: the whole data set on the device (byol_ray.data.memory)
-EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter image side (RECIPE.md, "Evaluation preprocessing")
+EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter image side (docs/recipe.md, "Evaluation preprocessing")
 
 
 def resolve_rank(distributed: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:

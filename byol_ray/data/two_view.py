@@ -407,7 +407,7 @@ def ffcv_loader(path, *, batch_size: int, num_workers: int, drop_last: bool, pip
 def ffcv_image_ops(decoder, device: torch.device) -> list:
     """An image pipeline: ``decoder`` -> ToTensor -> ToTorchImage (contiguous NCHW) -> ToDevice off the CPU."""
     # decoder -> jitted numpy ops -> ToTensor -> ToTorchImage -> ToDevice: a JIT op after a
-    # non-JIT one makes FFCV's pipeline compiler loop forever (docs ENVIRONMENT.md).
+    # non-JIT one makes FFCV's pipeline compiler loop forever (docs/design.md, "Facts about the tools").
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
     # channels_last=False: contiguous NCHW like the torch backend; the batched colour ops run ~1.4x

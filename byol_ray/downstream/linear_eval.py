@@ -14,7 +14,7 @@ from byol_ray.downstream.data import (SELECTION_STREAM, LoaderSettings, Split, c
 from byol_ray.downstream.features import extract_features
 from byol_ray.preprocess import to_model_input
 
-# The paper (RECIPE.md, "Evaluation protocols") trains the classifier 80 epochs with random-resized-crop + flip,
+# The paper (docs/recipe.md, "Evaluation protocols") trains the classifier 80 epochs with random-resized-crop + flip,
 # SGD + Nesterov momentum 0.9, no weight decay, lr 0.2 x B/256 with cosine decay, and sweeps lr over
 # {0.4, 0.3, 0.2, 0.1, 0.05} x B/256 selected on a held-out slice of the training set. Deviations here:
 # by default the classifier trains on precomputed centre-crop features (one encoder pass per image, practical
