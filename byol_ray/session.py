@@ -30,7 +30,7 @@ from byol_ray.engine import Reporter, fit
 from byol_ray.history import read_history
 from byol_ray.mlflow_store import is_local_store, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
-from byol_ray.storage import Location, is_uri
+from byol_ray.storage import Location, is_uri, location
 from byol_ray.tracker import (RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, logged_through,
                               unfinished_run_id)
 
@@ -395,7 +395,7 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
 
 
 def finish(tracker: Tracker, cfg: Config, derived: Derived, encoder, history: list[dict[str, float]],
-           metrics: dict[str, float], folder: Location, fingerprint: dict[str, Any]) -> str | None:
+           metrics: dict[str, float], folder: Location | Path, fingerprint: dict[str, Any]) -> str | None:
     """The end of a successful run on rank 0: config and plots as artifacts, the online encoder registered
     once (``mlflow.register_name``), the run closed FINISHED even when registration fails.
 
@@ -407,6 +407,7 @@ def finish(tracker: Tracker, cfg: Config, derived: Derived, encoder, history: li
 
     if isinstance(tracker, NullTracker):
         return None
+    folder = location(folder)
     try:
         with tempfile.TemporaryDirectory(prefix="byol-artifacts-") as tmp:
             if (folder / "config.yaml").is_file():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ast
-import threading
+import time
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "byol_ray"
@@ -18,13 +18,17 @@ def _module_name(path: Path) -> str:
 
 
 def _parse(path: Path) -> ast.Module:
-    """``ast.parse`` in a thread of its own: CPython 3.11 can raise "AST constructor recursion depth mismatch"
-    in a thread whose recursion counter an earlier test left off (seen in a full run, never alone)."""
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("tree", ast.parse(path.read_text())))
-    thread.start()
-    thread.join()
-    return out["tree"]
+    """``ast.parse``, retried: CPython 3.11's AST validator keeps one recursion counter per interpreter, and a
+    parse in another thread at the same moment (numba compiling an FFCV pipeline left by an earlier test)
+    makes it raise "AST constructor recursion depth mismatch" (seen in full runs, never alone)."""
+    for attempt in range(5):
+        try:
+            return ast.parse(path.read_text())
+        except SystemError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def _imports(path: Path) -> set[str]:
