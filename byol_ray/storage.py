@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from byol_ray.config import ConfigError
@@ -325,16 +325,6 @@ def check_readable_file(where: str | Location, key: str, *, timeout_s: float = P
         raise ConfigError(f"{key}={redact(where.uri)!r} does not exist (no such object); check the bucket and "
                           "key, or upload the file written by `byol-ray prepare` there")
     return int(info.size or 0)
-
-
-def walk_files(where: Location) -> Iterator[tuple[str, int]]:
-    """(path relative to ``where``, size) of every file under the folder ``where``."""
-    import pyarrow.fs as pafs
-
-    base = where.path.rstrip("/")
-    for info in where.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
-        if info.type == pafs.FileType.File:
-            yield info.path[len(base) + 1:], int(info.size or 0)
 
 
 def free_bytes(folder: str | Path) -> int:

@@ -4,6 +4,7 @@ Everything runs against the session's real S3-compatible server on loopback (``f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -83,6 +84,19 @@ def test_no_ray_keeps_its_local_refusal(s3_server, tmp_path):
     assert s3_server.keys(bucket) == []
 
 
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str):
+    """A small tmpfs mounted at ``folder`` for the duration (a real full or read-only disk; needs root)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
 @pytest.fixture(scope="module")
 def demo_beton(tmp_path_factory):
     from byol_ray.data.prepare import prepare
@@ -135,19 +149,13 @@ def test_staging_refuses_a_node_disk_that_cannot_hold_the_file(s3_server, demo_b
     from byol_ray.data.cache import stage
 
     small = tmp_path / "small-disk"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
+    with _tmpfs(small, "size=1m"):
         bucket = s3_server.bucket("data")
         s3_server.upload(demo_beton, bucket, "demo.beton")
         with pytest.raises(ConfigError, match=r"data.train=.*demo.beton.* GiB but the node's cache disk .* set "
                                               r"data.cache_dir=\.\.\. to a larger local disk"):
             stage(s3_server.uri(bucket, "demo.beton"), small, "data.train", progress=False)
         assert not [p for p in small.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 # ----------------------------------------------------------------------------- on the loopback cluster
@@ -314,12 +322,6 @@ def test_a_read_only_output_folder_is_refused_in_one_line(tmp_path):
     """The probe write catches a prefix the process may not write (here a read-only mount, which root cannot
     write either)."""
     folder = tmp_path / "ro"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
+    with _tmpfs(folder, "ro,size=1m"):
         with pytest.raises(ConfigError, match=r"output_dir='.*/ro/runs' is not writable: Read-only file system"):
             check_writable(str(folder / "runs"), "output_dir")
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
