@@ -1,15 +1,19 @@
 """Checkpoint files: atomic save (write, fsync, rename), validated load, latest-in-folder lookup."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from byol_ray.config import ConfigError
+from byol_ray.storage import NoSpaceError
 
 CHECKPOINT_NAME = "state.pt"
 REQUIRED_KEYS = ("online", "target", "optimizer", "scaler", "step", "epoch", "rng", "config")
@@ -28,6 +32,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, durable: bool = 
         The path written.
     """
     path = Path(path)
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -37,9 +42,32 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, durable: bool = 
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc] ... unexpected pos"
+        needed, free = _tensor_bytes(state), shutil.disk_usage(path.parent).free
+        if created:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        if getattr(exc, "errno", None) == errno.ENOSPC or free < needed:
+            raise NoSpaceError(errno.ENOSPC, f"no space left on device for checkpoint {path} (about "
+                               f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free); earlier checkpoints "
+                               "are intact: free space (or lower ray.num_to_keep), then --resume the run") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -97,6 +125,31 @@ def checkpoint_dir_name(epoch: int, step: int | None = None) -> str:
     """``epoch_NNNN`` at the end of epoch NNNN, ``epoch_NNNN-step_SSSSSSSS`` inside the next epoch (NNNN epochs
     done, at global step SSSSSSSS): names sort in training order."""
     return f"epoch_{epoch:04d}" if step is None else f"epoch_{epoch:04d}-step_{step:08d}"
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what a save killed mid-write (``kill -9``, a lost node) left under ``folder``: ``.state.pt.tmp-PID``
+    files whose writer is gone, and checkpoint folders left empty by them. Returns the paths removed."""
+    removed = []
+    for tmp in Path(folder).glob(f"epoch_*/.{CHECKPOINT_NAME}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is writing it right now
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+        with contextlib.suppress(OSError):  # only when nothing else is in it
+            tmp.parent.rmdir()
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from byol_ray.config import ConfigError
+from byol_ray.storage import NoSpaceError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_DECLINED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports it
 # Bad input: one line on stderr, exit 2, no traceback. Anything else is a bug and keeps its traceback.
-BAD_INPUT = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+BAD_INPUT = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+             NoSpaceError)
 
 EPILOG = """\
 exit codes:

@@ -1,6 +1,7 @@
 """The MLflow store: which tracking URI a run uses, whether it answers, and the experiment it files into."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
@@ -101,7 +102,7 @@ def _check_http(uri: str, timeout_s: float) -> None:
                           f"gave no MLflow JSON); check the host and port in mlflow.tracking_uri")
 
 
-def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
+def check_tracking(uri: str, timeout_s: float = 5.0, *, must_exist: bool = False) -> None:
     """Fail before training starts when the tracking store cannot be used.
 
     Checks the scheme; an http(s) server with one short request to its REST API (a server that answers
@@ -111,6 +112,8 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     Args:
         uri: a resolved tracking URI (:func:`resolve_tracking_uri`).
         timeout_s: seconds for the HTTP probe.
+        must_exist: a job that only reads what others logged (a registered encoder): a sqlite file that does
+            not exist yet is a mistyped path, refused before anything is created.
 
     Returns:
         None; raises :class:`ConfigError` naming the URI, the cause and the fix.
@@ -130,6 +133,10 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         if not path or path == ":memory:":
             return
         folder = Path(path).parent
+        if must_exist and not Path(path).is_file():
+            raise ConfigError(f"MLflow store {uri}: no such file ({path}); this command reads encoders registered "
+                              f"there, so check the path in mlflow.tracking_uri / MLFLOW_TRACKING_URI (the "
+                              f"training run's store is <output_dir>/mlflow.db unless it named another)")
         try:
             probe_writable(folder, prefix=".mlflow-write-test")
         except OSError as exc:
@@ -142,12 +149,64 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
                           f"MLFLOW_ALLOW_FILE_STORE=true; use mlflow.tracking_uri='' (local sqlite) or a server")
 
 
+def answers(uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether the store answers now (one short probe for a server; True for local stores). MLflow's client
+    retries a lost server for minutes per call: the end of a run asks this first."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        _check_http(uri, timeout_s)
+    except ConfigError:
+        return False
+    return True
+
+
 def client(uri: str):
     """An ``MlflowClient`` whose registry calls go to the same store (MLflow's own default for the
-    registry is ``./mlflow.db`` in the current directory, which Ray workers chdir away from)."""
+    registry is ``./mlflow.db`` in the current directory, which Ray workers chdir away from).
+
+    A sqlite store is created (or its schema upgraded) under a file lock the first time this process uses it:
+    MLflow's own set-up is not safe when two processes open a new file at once (``table experiments already
+    exists``, or an alembic "expected to match one row" error, when two first runs start together)."""
     from mlflow import MlflowClient
 
+    if uri not in _READY:
+        with _sqlite_lock(uri):
+            made = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            if uri.startswith("sqlite:"):  # the tracking and registry stores each create their tables on first use
+                made.search_experiments(max_results=1)
+                made.search_registered_models(max_results=1)
+        _READY.add(uri)
+        return made
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_READY: set[str] = set()  # stores this process has opened (and, for sqlite, set up) once
+
+
+@contextlib.contextmanager
+def _sqlite_lock(uri: str):
+    """An exclusive lock on ``.<db name>.lock`` beside a sqlite store's file (no lock for anything else, or where
+    the folder cannot take the lock file: a read-only store is never created, so it cannot race)."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    db = Path(path)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)  # where MLflow would create the file anyway
+        handle = open(db.with_name(f".{db.name}.lock"), "a")  # noqa: SIM115 - held for the block
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_artifact_location(uri: str) -> str | None:

@@ -159,7 +159,9 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, map_location=where.device)
+            # an unreadable one (truncated in a crash) falls back to the newest intact checkpoint of the run
+            state = session.load_resume_state(cfg, where.device, restored=ckpt_dir,
+                                              restored_name=Path(checkpoint.path).name)
         if where.rank == 0:
             session.say(f"resuming from epoch {state['epoch']}, step {state['step']}")
     folder = session.run_dir(cfg)
@@ -309,6 +311,8 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
     session.check_new_or_resume(cfg, resume)
     check_resources(cfg)
+    if resume:
+        session.announce_resume(cfg)
     folder = session.run_dir(cfg)
     folder.mkdir()
     if not resume:  # saved before any worker starts, so --resume works even after an early crash
@@ -357,9 +361,13 @@ def _close_mlflow_run(cfg: Config, status: str) -> None:
     except OSError:
         return
     try:
-        from byol_ray.mlflow_store import client
+        from byol_ray.mlflow_store import answers, client
 
-        mlflow = client(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+        if not answers(uri, timeout_s=2.0):  # `ray job stop` sends SIGKILL a few seconds after SIGTERM
+            session.say(f"could not mark the MLflow run {status}: {uri} does not answer")
+            return
+        mlflow = client(uri)
         run_id = marker.read_text().strip()
         if mlflow.get_run(run_id).info.status == "RUNNING":
             mlflow.set_terminated(run_id, status=status)
@@ -377,7 +385,10 @@ def outcome_of(cfg: Config) -> session.RunOutcome:
     if run_id and cfg.mlflow.enabled:
         from byol_ray.mlflow_store import client
 
+        from byol_ray.mlflow_store import answers
+
         uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-        registered = client(uri).get_run(run_id).data.tags.get("registered_model")
+        if answers(uri):  # a lost server was reported by the run itself; MLflow would retry it for minutes
+            registered = client(uri).get_run(run_id).data.tags.get("registered_model")
     return session.RunOutcome(cfg.run_name, str(session.run_dir(cfg)), str(session.checkpoint_dir(cfg)),
                               (history or [{}])[-1], run_id, uri, registered)

@@ -19,6 +19,7 @@ from torch import nn
 
 from byol_ray.config import ConfigError
 from byol_ray.mlflow_store import check_tracking, ensure_experiment, resolve_tracking_uri
+from byol_ray.mlflow_store import client as mlflow_client
 from byol_ray.preprocess import PREPROCESSING, eval_transform, to_model_input
 from byol_ray.storage import Location, location
 
@@ -70,7 +71,7 @@ def _uris(tracking_uri: str):
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
-        yield mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        yield mlflow_client(tracking_uri)
     finally:
         mlflow.set_tracking_uri(previous_tracking)
         mlflow.set_registry_uri(previous_registry)
@@ -386,7 +387,6 @@ def _register_state(path: Path, shown: str, *, name: str, tracking_uri: str, met
         metadata["metrics"] = {k: v for k, v in json.loads(metrics_file.read_text()).items()
                                if isinstance(v, (int, float))}
 
-    from byol_ray.mlflow_store import client as mlflow_client
 
     client = mlflow_client(tracking_uri)
     run_id, own_run = state.get("mlflow_run_id"), False
@@ -468,9 +468,7 @@ def _info(client, mv) -> EncoderInfo:
 
 def describe(model_uri: str, *, tracking_uri: str) -> EncoderInfo:
     """The model card of a reference without downloading the weights."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     return _info(client, resolve_version(client, model_uri))
 
 
@@ -523,10 +521,9 @@ def promote(name: str, version: str | int, *, alias: str = "champion", metric: s
     Returns:
         ``{name, version, alias, metric, candidate, previous_version, previous, promoted, forced, reason}``.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     candidate_mv = resolve_version(client, f"{name}/{version}")
     version = str(candidate_mv.version)
     candidate = _metric(candidate_mv, metric)

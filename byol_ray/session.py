@@ -159,20 +159,67 @@ def checkpoint_dir(cfg: Config) -> Location:
     return Location(storage_root(cfg)) / cfg.run_name / "checkpoints"
 
 
-def latest_checkpoint(cfg: Config) -> "Path | Location | None":
-    """The run's newest ``epoch_NNNN[-step_SSSSSSSS]/state.pt``, on disk or in the object store, or None."""
-    from byol_ray.checkpoint import CHECKPOINT_DIR_RE, CHECKPOINT_NAME
-    from byol_ray.checkpoint import latest_checkpoint as latest_local
+def checkpoints_newest_first(cfg: Config) -> list[Location]:
+    """The run's ``epoch_NNNN[-step_SSSSSSSS]`` folders, on disk or in the object store, newest first."""
+    from byol_ray.checkpoint import CHECKPOINT_DIR_RE
 
     folder = checkpoint_dir(cfg)
-    if not folder.remote:
-        return latest_local(Path(folder))
     found = sorted((int(m.group(1)), int(m.group(2) or -1), name) for name in folder.children()
                    if (m := CHECKPOINT_DIR_RE.fullmatch(name)))
-    for *_, name in reversed(found):
-        if (folder / name / CHECKPOINT_NAME).is_file():
-            return folder / name / CHECKPOINT_NAME
+    return [folder / name for *_, name in reversed(found)]
+
+
+def latest_checkpoint(cfg: Config) -> "Path | Location | None":
+    """The run's newest ``epoch_NNNN[-step_SSSSSSSS]/state.pt``, on disk or in the object store, or None."""
+    from byol_ray.checkpoint import CHECKPOINT_NAME
+
+    for folder in checkpoints_newest_first(cfg):
+        if (folder / CHECKPOINT_NAME).is_file():
+            return Path(folder / CHECKPOINT_NAME) if not folder.remote else folder / CHECKPOINT_NAME
     return None
+
+
+def load_resume_state(cfg: Config, map_location: Any, restored: "str | Path | None" = None,
+                      restored_name: str = "") -> dict[str, Any]:
+    """The state a resumed run continues from: ``restored`` (the checkpoint folder Ray Train hands back) or the
+    run's newest checkpoint (``restored_name``: the name of Ray's folder in the storage, ``epoch_NNNN...``; Ray
+    may hand back a local copy under another name). One that cannot be read (truncated by a crash, a full disk or a bad copy) is skipped
+    for the next newest intact one, and said so; a run with checkpoints never silently trains from scratch.
+
+    Raises:
+        ConfigError: when no checkpoint of the run can be read (naming each and why).
+    """
+    from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    failed: list[str] = []
+    if restored is not None:
+        try:
+            return load_checkpoint(restored, map_location=map_location)
+        except ConfigError as exc:
+            failed.append(str(exc))
+            say(f"{exc}; falling back to the newest intact checkpoint")
+    for folder in checkpoints_newest_first(cfg):
+        if restored is not None and folder.name >= (restored_name or Path(str(restored)).name):
+            continue  # the one Ray handed back, and any newer that Ray did not register as complete
+        state_file = folder / CHECKPOINT_NAME
+        if not state_file.is_file():
+            continue
+        try:
+            if state_file.remote:
+                with tempfile.TemporaryDirectory() as tmp:
+                    state_file.download(Path(tmp) / CHECKPOINT_NAME)
+                    state = load_checkpoint(Path(tmp) / CHECKPOINT_NAME, map_location=map_location)
+            else:
+                state = load_checkpoint(Path(state_file), map_location=map_location)
+        except ConfigError as exc:
+            failed.append(str(exc))
+            say(f"{exc}; trying the one before it")
+            continue
+        if failed:
+            say(f"resuming {cfg.run_name} from {folder.name}, its newest intact checkpoint")
+        return state
+    raise ConfigError(f"cannot resume {cfg.run_name!r}: no checkpoint in {checkpoint_dir(cfg)} can be read ("
+                      + "; ".join(failed) + "); start a new run (run_name=...)")
 
 
 def run_exists(cfg: Config) -> bool:
@@ -189,6 +236,23 @@ def check_new_or_resume(cfg: Config, resume: bool) -> None:
     if resume and not exists:
         raise ConfigError(f"cannot resume {cfg.run_name!r}: nothing of it in {run_dir(cfg)}; check the run name "
                           f"and output_dir={cfg.output_dir}")
+
+
+def announce_resume(cfg: Config) -> "Path | Location | None":
+    """Say, from the driver, where ``--resume`` continues ``cfg.run_name``; return its newest checkpoint.
+
+    A run interrupted before its first checkpoint is started again from step 0 under its name, with its saved
+    config: its epoch history is cleared (its unfinished MLflow run is reopened, as after a crash), so the
+    new attempt's history holds every epoch once."""
+    latest = latest_checkpoint(cfg)
+    if latest is not None:
+        say(f"resuming {cfg.run_name} from its checkpoint {location(latest).parent.name} in {checkpoint_dir(cfg)}")
+        return latest
+    folder = run_dir(cfg)
+    for name in ("metrics.jsonl", "validation.jsonl"):  # the MLflow run (mlflow_run_id) is reopened, as after a crash
+        (folder / name).unlink()
+    say(f"{cfg.run_name} stopped before its first checkpoint: starting it again from step 0 with its saved config")
+    return None
 
 
 def resume_config(output_dir: str, name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -408,6 +472,17 @@ def finish(tracker: Tracker, cfg: Config, derived: Derived, encoder, history: li
     if isinstance(tracker, NullTracker):
         return None
     folder = location(folder)
+    if not tracker.reachable():  # a lost server: end now and say how to log the rest later
+        from byol_ray.checkpoint import checkpoint_dir_name
+
+        final = checkpoint_dir(cfg) / checkpoint_dir_name(int(metrics.get("epoch", cfg.train.epochs)))
+        register = (f"; register the encoder when it is back: byol-ray register --checkpoint {final} "
+                    f"mlflow.tracking_uri={tracker.tracking_uri} mlflow.register_name={cfg.mlflow.register_name}"
+                    if cfg.mlflow.register_name else "")
+        say(f"MLflow server {tracker.tracking_uri} does not answer: run {tracker.run_id} stays RUNNING there without "
+            f"its end (plots, registration). Every epoch's metrics are in {folder / 'metrics.jsonl'} and the "
+            f"checkpoints in {checkpoint_dir(cfg)}{register}")
+        return None
     try:
         with tempfile.TemporaryDirectory(prefix="byol-artifacts-") as tmp:
             if (folder / "config.yaml").is_file():

@@ -38,6 +38,7 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def tags(self) -> dict[str, str]: ...
     def flush(self) -> None: ...
+    def reachable(self) -> bool: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -65,6 +66,9 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
+    def reachable(self) -> bool:
+        return True
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -87,6 +91,7 @@ class MlflowTracker:
         self._thread: threading.Thread | None = None
         self._system = None  # MLflow's SystemMetricsMonitor, when on
         self.dropped_batches = 0  # batches the server refused after MLflow's own retries
+        self.lost = False  # the server stopped answering: the end of the run sends nothing more
 
     @property
     def run_id(self) -> str | None:
@@ -231,10 +236,18 @@ class MlflowTracker:
         """The run's tags as stored on the server now."""
         return dict(self.client.get_run(self._run_id).data.tags) if self._run_id else {}
 
+    def reachable(self) -> bool:
+        """Whether the tracking store answers now (a short probe; MLflow's own client would retry for minutes)."""
+        if self.lost:
+            return False
+        self.lost = not mlflow_store.answers(self.tracking_uri)
+        return not self.lost
+
     def finish(self, status: str = "FINISHED") -> None:
         """Drain the metric queue, stop the thread and close the run with ``status`` (FINISHED, FAILED or KILLED).
-        A run left RUNNING by a crash is reopened by ``start(run_id=...)``."""
-        if self._run_id is None:
+        A run left RUNNING by a crash is reopened by ``start(run_id=...)``. When the server does not answer,
+        nothing more is sent (the run's own files hold everything) and this returns at once."""
+        if self._run_id is None or not self.reachable():
             return
         if self._system is not None:
             self._system.finish()

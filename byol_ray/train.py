@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from byol_ray import session
-from byol_ray.checkpoint import (CHECKPOINT_DIR_RE, checkpoint_dir_name, latest_checkpoint, load_checkpoint,
+from byol_ray.checkpoint import (CHECKPOINT_DIR_RE, checkpoint_dir_name, latest_checkpoint, remove_stale_temporaries,
                                  save_checkpoint)
 from byol_ray.config import Config, ConfigError, validation_due
 from byol_ray.engine import pick_device
@@ -81,11 +81,10 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     device = pick_device(cfg.train.device)
     checkpoints = Path(session.checkpoint_dir(cfg))
     state = None
-    if resume:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise ConfigError(f"cannot resume {cfg.run_name!r}: no checkpoint under {checkpoints}")
-        state = load_checkpoint(latest, map_location=device)
+    if resume and (removed := remove_stale_temporaries(checkpoints)):
+        session.say(f"removed {len(removed)} partial checkpoint file(s) left by an interrupted save in {checkpoints}")
+    if resume and session.announce_resume(cfg) is not None:
+        state = session.load_resume_state(cfg, map_location=device)
     folder = session.run_dir(cfg)
     try:
         with session.sigterm_raises():

@@ -4,7 +4,6 @@ Everything runs against the session's real S3-compatible server on loopback (``f
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from byol_ray.config import ConfigError
 from byol_ray.storage import Location, check_writable
+from disks import tmpfs
 
 BYOL_RAY = Path(sys.executable).with_name("byol-ray")
 
@@ -84,19 +84,6 @@ def test_no_ray_keeps_its_local_refusal(s3_server, tmp_path):
     assert s3_server.keys(bucket) == []
 
 
-@contextlib.contextmanager
-def _tmpfs(folder: Path, options: str):
-    """A small tmpfs mounted at ``folder`` for the duration (a real full or read-only disk; needs root)."""
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
 @pytest.fixture(scope="module")
 def demo_beton(tmp_path_factory):
     from byol_ray.data.prepare import prepare
@@ -149,7 +136,7 @@ def test_staging_refuses_a_node_disk_that_cannot_hold_the_file(s3_server, demo_b
     from byol_ray.data.cache import stage
 
     small = tmp_path / "small-disk"
-    with _tmpfs(small, "size=1m"):
+    with tmpfs(small, "size=1m"):
         bucket = s3_server.bucket("data")
         s3_server.upload(demo_beton, bucket, "demo.beton")
         with pytest.raises(ConfigError, match=r"data.train=.*demo.beton.* GiB but the node's cache disk .* set "
@@ -304,7 +291,7 @@ def test_a_run_killed_mid_epoch_resumes_from_the_bucket_with_the_same_losses(ray
     resumed = subprocess.run([str(BYOL_RAY), "train", "--resume", "cut", f"output_dir={tmp_path / 'runs'}"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from epoch 0, step" in resumed.stderr
+    assert "resuming cut from its checkpoint epoch_0000-step_" in resumed.stderr, resumed.stderr[-3000:]
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("s3-resume")
@@ -322,6 +309,6 @@ def test_a_read_only_output_folder_is_refused_in_one_line(tmp_path):
     """The probe write catches a prefix the process may not write (here a read-only mount, which root cannot
     write either)."""
     folder = tmp_path / "ro"
-    with _tmpfs(folder, "ro,size=1m"):
+    with tmpfs(folder, "ro,size=1m"):
         with pytest.raises(ConfigError, match=r"output_dir='.*/ro/runs' is not writable: Read-only file system"):
             check_writable(str(folder / "runs"), "output_dir")

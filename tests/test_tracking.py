@@ -295,3 +295,88 @@ def test_system_metrics_of_rank_0s_node_land_in_the_run(sqlite_store, tmp_path):
     tracker.finish()
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
     assert tracker._system is None  # the monitor thread was stopped with the run
+
+
+class _Forwarder:
+    """A TCP port forwarding to the tracking server: closing it is a server lost mid-run (connections refused)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rstrip("/").split(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.closed:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not
+        self.listener.close()
+        for sock in self.open:
+            sock.close()
+
+
+def test_a_server_lost_mid_run_does_not_hang_the_end_of_the_run(mlflow_server, tmp_path):
+    """The tracking server goes away after the first checkpoint: training and checkpoints finish, the run ends
+    within a bounded time, exit 0, and says where its metrics and checkpoints are and how to register later."""
+    import subprocess
+    import sys
+
+    proxy = _Forwarder(mlflow_server)
+    runs = tmp_path / "runs"
+    cmd = [str(Path(sys.executable).with_name("byol-ray")), "train", "--no-ray", "run_name=lost", "train.epochs=5",
+           "model.projector_hidden_dim=64", "model.predictor_hidden_dim=64", "model.projector_dim=32",
+           "data.loader=torch", "data.num_workers=1", "train.log_every_steps=1", f"output_dir={runs}",
+           f"mlflow.tracking_uri={proxy.uri}", "mlflow.experiment=lost-server", "mlflow.register_name=lost-encoder",
+           "mlflow.system_metrics_every_s=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = runs / "lost" / "checkpoints" / "epoch_0001" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proxy.close()
+    lost_at = time.monotonic()
+    _, err = proc.communicate(timeout=600)
+    took = time.monotonic() - lost_at
+    assert proc.returncode == 0, err[-3000:]
+    assert took < 120, f"the run took {took:.0f} s to end after losing its server:\n{err[-3000:]}"
+    assert f"MLflow server {proxy.uri} does not answer" in err and "Traceback" not in err, err[-3000:]
+    assert f"{runs / 'lost' / 'metrics.jsonl'}" in err
+    assert (f"byol-ray register --checkpoint {runs / 'lost' / 'checkpoints' / 'epoch_0005'} "
+            f"mlflow.tracking_uri={proxy.uri} mlflow.register_name=lost-encoder") in err
+    assert [json.loads(line)["epoch"] for line in (runs / "lost" / "metrics.jsonl").read_text().splitlines()] == \
+        [1, 2, 3, 4, 5]
+    assert (runs / "lost" / "checkpoints" / "epoch_0005" / "state.pt").is_file()
+    # what the server got before it was lost is still there; the run was left RUNNING, as the message says
+    run_id = (runs / "lost" / "mlflow_run_id").read_text().strip()
+    assert _client(mlflow_server).get_run(run_id).info.status == "RUNNING"

@@ -132,11 +132,13 @@ def register(subparsers) -> None:
 
 
 def _store(cfg) -> str:
-    """The resolved, checked tracking URI of ``mlflow.tracking_uri`` / ``$MLFLOW_TRACKING_URI`` / the default."""
+    """The resolved, checked tracking URI of ``mlflow.tracking_uri`` / ``$MLFLOW_TRACKING_URI`` / the default.
+    Every job here reads an encoder someone registered, so a sqlite store must already exist: a mistyped path
+    is refused before any folder or empty store is created."""
     from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-    check_tracking(uri)
+    check_tracking(uri, must_exist=True)
     return uri
 
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from byol_ray.registry import EncoderInfo
-from byol_ray.mlflow_store import ensure_experiment
+from byol_ray.mlflow_store import client, ensure_experiment
 from byol_ray.run_tags import flatten, git_commit
 
 
@@ -29,9 +29,7 @@ class JobRecord:
             params: the job's settings, logged as params.
             data: data descriptions and fingerprints, logged as ``data.*`` tags.
         """
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client = client(tracking_uri)
         self.tracking_uri, self.experiment, self.job, self.info = tracking_uri, experiment, job, info
         self.requested, self.params, self.data = requested, params, data or {}
         self.run_id: str | None = None
