@@ -1,10 +1,13 @@
 """The Ray Train launcher: one TorchTrainer worker = one rank of the run; the driver checks and launches."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -245,6 +248,31 @@ def init_ray(address: str = "") -> None:
     session.say(f"Ray: {where}; dashboard {getattr(context, 'dashboard_url', '') or 'off'}")
 
 
+def _interruptible(trainer_cls):
+    """``trainer_cls`` whose Ctrl-C ends ``fit()`` with ``KeyboardInterrupt`` once Ray has aborted the run's
+    controller and workers: the launcher then marks the MLflow run KILLED and the CLI exits 130. (Train V2's own
+    SIGINT handler aborts the same way, then ends the process with ``sys.exit(0)`` from inside the handler,
+    which surfaces as exit 1 with no word said.) Under Tune, trainers run in threads and keep Ray's behaviour."""
+    if not hasattr(trainer_cls, "_register_sigint_handler"):  # another Ray layout: its own handling stays
+        return trainer_cls
+
+    class InterruptibleTrainer(trainer_cls):
+        def _register_sigint_handler(self, controller) -> None:
+            import ray
+
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C cuts the abort short
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the controller exits as it aborts (RayActorError)
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return InterruptibleTrainer
+
+
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for ``cfg`` (Tune trials add a metrics-forwarding callback).
 
@@ -265,7 +293,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         # its own CPUs, outside any placement group it would otherwise inherit (a Tune trial's holds no CPU)
         validation = ValidationConfig(fn=validate_checkpoint, ray_remote_kwargs={
             "num_cpus": cfg.eval.cpus, "scheduling_strategy": "DEFAULT"})
-    return TorchTrainer(
+    return _interruptible(TorchTrainer)(
         train_worker,
         train_loop_config=to_dict(cfg),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
@@ -319,21 +347,37 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (folder / RUN_ID_FILE).unlink()  # a new run never reopens an older run's MLflow run
     try:
-        with session.sigterm_raises():
+        with session.sigterm_raises(), _sigint_restored():
             result = build_trainer(cfg).fit()
         if result.error:
             raise result.error
         validated = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val_")}
     except BaseException as exc:
         # `ray job stop` and Ctrl-C end the driver; its workers die with it, before they can close the run
-        _close_mlflow_run(cfg, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        _close_mlflow_run(cfg, "KILLED" if stopped else "FAILED")
         if not resume:
             session.discard_failed_start(cfg)
+        if stopped and session.run_exists(cfg):
+            session.say(f"stopped. Continue with: byol-ray train --resume {cfg.run_name} output_dir={given.output_dir}")
         raise
     outcome = outcome_of(cfg)
     outcome.metrics.update(validated)  # the final checkpoint's validation, as Ray Train's result carries it
     session.print_summary(cfg, outcome)
     return outcome
+
+
+@contextlib.contextmanager
+def _sigint_restored():
+    """Whatever SIGINT handler ``fit()`` installs is gone when it returns (a later Ctrl-C is Python's again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _alive_nodes() -> int:

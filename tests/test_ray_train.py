@@ -260,3 +260,31 @@ def test_embedded_default_starts_a_lean_in_process_ray(ray_cluster, tmp_path):
     assert (tmp_path / "ray" / "embedded" / "checkpoints" / "epoch_0001" / "state.pt").exists()
     # quiet by default: our progress lines, not Ray Train's per-report dumps
     assert "step " in log and "Reporting training result" not in log, log[-3000:]
+
+
+def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(ray_cluster, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole foreground group) to the embedded default: Ray aborts
+    the workers, the driver exits 130 with the line that resumes the run, and that line, run as printed,
+    continues from the run's checkpoint to the end."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=3", "run_name=ctrlc",
+           f"output_dir={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache", "mlflow.enabled=false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    first = tmp_path / "runs" / "ctrlc" / "checkpoints" / "epoch_0001" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "byol-ray train: interrupted" in err and "Traceback" not in err, err[-3000:]
+    resume = f"byol-ray train --resume ctrlc output_dir={tmp_path}/runs"
+    assert f"Continue with: {resume}" in err
+    done = subprocess.run([*resume.split(), "mlflow.enabled=false"], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming ctrlc from its checkpoint epoch_000" in done.stderr and "run ctrlc finished: epoch 3" in done.stderr
