@@ -279,7 +279,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     Checkpoints land in :func:`session.checkpoint_dir` (``<storage root>/<run_name>/checkpoints``), the same
     place a ``--no-ray`` run writes them.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.validation_config import ValidationConfig
 
@@ -312,6 +312,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
                                          max_preemption_failures=-1, relax_collectives_on_preemption=True),
             # Train V2 re-routes print() through its logger, which shows every progress line twice.
             worker_runtime_env={"env_vars": env},
+            # the controller's INFO lines (resource requests, worker group, each validation task) behind --verbose
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,34 @@ def require_ffcv(hint: str) -> None:
         raise ImportError(f"FFCV is not importable here ({type(exc).__name__}: {exc}); {hint}") from exc
     finally:
         torch.set_num_threads(threads)
+    _ignore_numba_finalizer_race()
+
+
+def _ignore_numba_finalizer_race() -> None:
+    """Drop one harmless message: when a loader's compiled pipeline is garbage-collected while another thread
+    compiles, numba's dispatcher finalizer iterates a dict that changes under it and ends with
+    ``Exception ignored in: <finalize object ...> KeyError: (Array(uint8, ...)...)`` (it was only releasing
+    compiled code; the process is fine). Every other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "byol_ray_numba_filter", False):
+        return
+
+    def in_numba_finalizer(tb) -> bool:
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "finalizer" and code.co_filename.endswith(os.path.join("numba", "core",
+                                                                                      "dispatcher.py")):
+                return True
+            tb = tb.tb_next
+        return False
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is KeyError and in_numba_finalizer(unraisable.exc_traceback):
+            return
+        previous(unraisable)
+
+    hook.byol_ray_numba_filter = True
+    sys.unraisablehook = hook
 
 
 def validate_beton(path: str | Path) -> dict:
