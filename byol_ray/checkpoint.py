@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from byol_ray.config import ConfigError
-from byol_ray.storage import NoSpaceError
+from byol_ray.config import ConfigError, NoSpaceError
 
 CHECKPOINT_NAME = "state.pt"
 REQUIRED_KEYS = ("online", "target", "optimizer", "scaler", "step", "epoch", "rng", "config")

@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """A configuration problem, raised before any work starts; the message names key and fix."""
 
 
+class NoSpaceError(OSError):
+    """A disk filled up while a file was written (the partial file is removed; what was there before is intact)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 @dataclass
 class ModelConfig:
     """Networks: encoder f, projector g, predictor q (docs/recipe.md, "Networks")."""

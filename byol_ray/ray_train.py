@@ -342,7 +342,7 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
     session.check_new_or_resume(cfg, resume)
     check_resources(cfg)
     if resume:
-        session.announce_resume(cfg)
+        session.announce_resume(cfg, ray_picks=True)
     folder = session.run_dir(cfg)
     folder.mkdir()
     if not resume:  # saved before any worker starts, so --resume works even after an early crash

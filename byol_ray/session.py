@@ -238,13 +238,17 @@ def check_new_or_resume(cfg: Config, resume: bool) -> None:
                           f"and output_dir={cfg.output_dir}")
 
 
-def announce_resume(cfg: Config) -> "Path | Location | None":
+def announce_resume(cfg: Config, *, ray_picks: bool = False) -> "Path | Location | None":
     """Say, from the driver, where ``--resume`` continues ``cfg.run_name``; return its newest checkpoint.
 
     A run interrupted before its first checkpoint is started again from step 0 under its name, with its saved
     config: its epoch history is cleared (its unfinished MLflow run is reopened, as after a crash), so the
     new attempt's history holds every epoch once."""
     latest = latest_checkpoint(cfg)
+    if latest is not None and ray_picks:  # Ray Train restores the newest one its controller recorded as complete
+        say(f"resuming {cfg.run_name} from the latest checkpoint Ray Train recorded as complete (newest in "
+            f"{checkpoint_dir(cfg)}: {location(latest).parent.name})")
+        return latest
     if latest is not None:
         say(f"resuming {cfg.run_name} from its checkpoint {location(latest).parent.name} in {checkpoint_dir(cfg)}")
         return latest

@@ -31,13 +31,6 @@ _CHUNK = 64 * 2**20  # streaming copies move 64 MiB per read: each read is a ran
 PROBE_TIMEOUT_S = 60.0  # a store that has not answered a small write by then is unreachable for our purposes
 
 
-class NoSpaceError(OSError):
-    """A disk filled up while a file was written (the partial file is removed; what was there before is intact)."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
-
-
 def is_uri(value: str) -> bool:
     """``scheme://...`` other than ``file://`` (which is a local path)."""
     return "://" in value and not value.startswith("file://")

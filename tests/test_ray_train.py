@@ -287,4 +287,4 @@ def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(ray_cluster, tmp_path
     done = subprocess.run([*resume.split(), "mlflow.enabled=false"], capture_output=True, text=True, timeout=600,
                           env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming ctrlc from its checkpoint epoch_000" in done.stderr and "run ctrlc finished: epoch 3" in done.stderr
+    assert "resuming ctrlc from the latest checkpoint Ray Train recorded" in done.stderr and "run ctrlc finished: epoch 3" in done.stderr

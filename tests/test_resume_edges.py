@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from byol_ray.checkpoint import load_checkpoint, save_checkpoint
-from byol_ray.config import load_config
-from byol_ray.storage import NoSpaceError
+from byol_ray.config import NoSpaceError, load_config
 from byol_ray.train import train_local
 from disks import tmpfs
 
