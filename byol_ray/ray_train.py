@@ -280,8 +280,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     place a ``--no-ray`` run writes them.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.train.v2.api.validation_config import ValidationConfig
+
+    from byol_ray.process_group import BoundTorchConfig
 
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, ""),
            SUBMISSION_ID_ENV: ray_job_submission_id()}
@@ -296,7 +298,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     return _interruptible(TorchTrainer)(
         train_worker,
         train_loop_config=to_dict(cfg),
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        torch_config=BoundTorchConfig(backend="nccl" if r.use_gpu else "gloo"),  # store on the node address only
         scaling_config=ScalingConfig(num_workers=(r.min_workers, r.num_workers) if elastic else r.num_workers,
                                      use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker},
                                      elastic_resize_monitor_interval_s=r.resize_check_s),

@@ -114,3 +114,12 @@ def test_downstream_and_registry_do_not_reach_into_launchers_or_the_cli():
             upward = sorted(t for t in targets if t in ("byol_ray.cli", "byol_ray.session", "byol_ray.train",
                                                         "byol_ray.ray_train", "byol_ray.tune"))
             assert not upward, f"{name} imports upward: {upward}"
+
+
+def test_design_module_map_names_every_module():
+    """docs/design.md's module map is where a reader looks a module up: a new file must appear there."""
+    design = (PACKAGE.parent / "docs" / "design.md").read_text()
+    files = [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py"]
+    assert files
+    missing = [f for f in files if f"`{f}`" not in design]
+    assert not missing, f"docs/design.md's module map does not name {missing}"

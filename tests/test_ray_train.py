@@ -1,6 +1,7 @@
 """Ray Train on a real local cluster (head + second node on loopback): DDP, sharding, faults, resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -133,7 +134,20 @@ def test_each_rank_sees_a_disjoint_half(ray_cluster, workdir, tmp_path):
     assert seen[0] | seen[1] == set(range(n))
 
 
-def test_multi_node_run_places_workers_on_both_nodes(ray_cluster, workdir):
+def _watch_worker_listeners(done: threading.Event, seen: set[str]) -> None:
+    """Every listening TCP address of the training workers, polled until ``done``."""
+    import psutil
+
+    while not done.is_set():
+        for proc in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    seen.update(c.laddr.ip for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+        time.sleep(0.3)
+
+
+def test_multi_node_run_places_workers_on_both_nodes_and_listens_on_loopback_only(ray_cluster, workdir):
+    """The process group's rendezvous store binds the node address (loopback here), not every interface."""
     from ray.util.state import list_actors
 
     from byol_ray.ray_train import launch
@@ -143,10 +157,21 @@ def test_multi_node_run_places_workers_on_both_nodes(ray_cluster, workdir):
         return list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)
 
     before = {a.actor_id for a in workers()}
-    launch(cfg)  # 2 CPUs per worker and 2 CPUs per node: one worker on each node
+    done, listening = threading.Event(), set()
+    watcher = threading.Thread(target=_watch_worker_listeners, args=(done, listening))
+    watcher.start()
+    try:
+        launch(cfg)  # 2 CPUs per worker and 2 CPUs per node: one worker on each node
+    finally:
+        done.set()
+        watcher.join()
     nodes = {a.node_id for a in workers() if a.actor_id not in before}
     assert len(nodes) == 2, f"workers ran on {len(nodes)} node(s)"
     assert _final_state(cfg)["epoch"] == 1
+    assert listening, "no listening socket of a training worker was seen"
+    everywhere = listening & {"0.0.0.0", "::"}
+    assert not everywhere, f"a training worker listened on every interface ({sorted(listening)})"
+    assert all(ip.removeprefix("::ffff:") == "127.0.0.1" for ip in listening), sorted(listening)
 
 
 def _kill_a_worker_after_first_checkpoint(cfg, done: threading.Event, killed: list):
