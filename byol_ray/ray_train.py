@@ -234,18 +234,40 @@ def init_ray(address: str = "") -> None:
     recorded on the machine, another user's or a dead one): the embedded default is private. Says which it uses.
     """
     address = address or os.environ.get("RAY_ADDRESS", "")
-    if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)  # a user's own setting wins
     import ray
 
     if ray.is_initialized():
         return
+    local = {}
+    if not address:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)  # a user's own setting wins
+        # Ray's own processes (Train's controller, its placement-group cleaner) find the State API through
+        # RAY_API_SERVER_ADDRESS, else the cluster `ray start` last recorded on the machine: a stale record
+        # made the cleaner hang and print a traceback at the end of a successful run. Pin this cluster's
+        # dashboard (8265 when free) and tell them; Ray's processes inherit this environment.
+        port = _free_port(8265)
+        local = {"dashboard_port": port}
+        os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     context = ray.init(address=address or "local", log_to_driver=True,
-                       logging_level=logging.INFO if verbose() else logging.WARNING)
+                       logging_level=logging.INFO if verbose() else logging.WARNING, **local)
     where = (f"the cluster at {address}" if address else
              "an in-process local Ray of its own (set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
     session.say(f"Ray: {where}; dashboard {getattr(context, 'dashboard_url', '') or 'off'}")
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it at 127.0.0.1, else a port the kernel says is free."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def _interruptible(trainer_cls):
