@@ -77,14 +77,15 @@ class Location:
         return str(Path(self.uri.removeprefix("file://")).expanduser())
 
     # ------------------------------------------------------------------ the filesystem
+    # Local paths go through os and pathlib: the pure core (a --no-ray run, a GPU machine with torch alone)
+    # must not need pyarrow. Object-store URIs go through pyarrow's filesystem, as Ray Train's storage does.
 
     @cached_property
     def _fs_path(self) -> tuple[Any, str]:
         import pyarrow.fs as pafs
 
         if not self.remote:
-            path = str(Path(self.uri.removeprefix("file://")).expanduser().resolve())
-            return pafs.LocalFileSystem(), path
+            return pafs.LocalFileSystem(), self.path
         if urlsplit(self.uri).username or urlsplit(self.uri).password:
             raise ConfigError(f"{redact(self.uri)} carries credentials in the URI, which would be written to "
                               "config.yaml and MLflow; remove them and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
@@ -102,41 +103,54 @@ class Location:
         """The pyarrow filesystem (what Ray's ``storage_filesystem`` takes)."""
         return self._fs_path[0]
 
-    @property
+    @cached_property
     def path(self) -> str:
         """The path inside :attr:`fs` (``bucket/prefix`` for an object store, absolute for a local path)."""
+        if not self.remote:
+            return str(Path(self.uri.removeprefix("file://")).expanduser().resolve())
         return self._fs_path[1]
 
     def _info(self):
         return self.fs.get_file_info(self.path)
 
-    def exists(self) -> bool:
+    def _type(self) -> str:
+        """'file', 'dir' or 'missing'."""
+        if not self.remote:
+            local = Path(self.path)
+            return "file" if local.is_file() else "dir" if local.is_dir() else "missing"
         import pyarrow.fs as pafs
 
-        return self._info().type != pafs.FileType.NotFound
+        kind = self._info().type
+        return "file" if kind == pafs.FileType.File else "dir" if kind == pafs.FileType.Directory else "missing"
+
+    def exists(self) -> bool:
+        return self._type() != "missing"
 
     def is_file(self) -> bool:
-        import pyarrow.fs as pafs
-
-        return self._info().type == pafs.FileType.File
+        return self._type() == "file"
 
     def is_dir(self) -> bool:
-        import pyarrow.fs as pafs
-
-        return self._info().type == pafs.FileType.Directory
+        return self._type() == "dir"
 
     def size(self) -> int:
+        if not self.remote:
+            return Path(self.path).stat().st_size
         return int(self._info().size or 0)
 
     def children(self) -> list[str]:
         """Names directly inside this folder ([] when it does not exist)."""
+        if not self.remote:
+            return sorted(os.listdir(self.path)) if self.is_dir() else []
         import pyarrow.fs as pafs
 
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
+    def _open_read(self):
+        return open(self.path, "rb") if not self.remote else self.fs.open_input_stream(self.path)
+
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as fh:
+        with self._open_read() as fh:
             return fh.read()
 
     def read_text(self) -> str:
@@ -171,7 +185,10 @@ class Location:
         self.write_text(before + line.rstrip("\n") + "\n")
 
     def unlink(self) -> None:
-        if self.is_file():
+        if not self.remote:
+            if self.is_file():
+                Path(self.path).unlink(missing_ok=True)
+        elif self.is_file():
             self.fs.delete_file(self.path)
 
     def mkdir(self) -> None:
@@ -180,16 +197,19 @@ class Location:
             Path(self.path).mkdir(parents=True, exist_ok=True)
 
     def remove_tree(self) -> None:
-        if self.is_dir():
+        if not self.remote:
+            if self.is_dir():
+                shutil.rmtree(self.path)
+        elif self.is_dir():
             self.fs.delete_dir(self.path)
 
     def upload_tree(self, local: str | Path) -> None:
         """Copy the local folder ``local`` into this location (files overwritten, nothing else removed)."""
-        import pyarrow.fs as pafs
-
-        if not self.remote:  # pyarrow's local copy does not create the destination's folders
+        if not self.remote:
             shutil.copytree(local, self.path, dirs_exist_ok=True)
             return
+        import pyarrow.fs as pafs
+
         pafs.copy_files(str(Path(local).resolve()), self.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 
@@ -203,7 +223,7 @@ class Location:
             digest: a hashlib object updated with every byte (a checksum without a second read).
         """
         copied = 0
-        with self.fs.open_input_stream(self.path) as src, open(dest, "wb") as out:
+        with self._open_read() as src, open(dest, "wb") as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
                 if digest is not None:
@@ -215,14 +235,17 @@ class Location:
 
     def download_tree(self, dest: str | Path) -> Path:
         """Copy this folder (or file) to the local ``dest`` folder; returns the local copy's path."""
-        import pyarrow.fs as pafs
-
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         if self.is_file():
             target = dest / self.name
             self.download(target)
             return target
+        if not self.remote:
+            shutil.copytree(self.path, dest, dirs_exist_ok=True)
+            return dest
+        import pyarrow.fs as pafs
+
         pafs.copy_files(self.path, str(dest.resolve()), source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
         return dest

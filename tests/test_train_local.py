@@ -158,3 +158,46 @@ def test_sigterm_to_a_local_run_flushes_marks_it_killed_and_says_how_to_resume(t
     assert client.get_run(run_id).info.status == "KILLED"
     logged = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert logged and max(logged) >= 1  # the queue was flushed before the run closed
+
+
+_WITHOUT_EDGES = """
+import sys
+
+class _Absent:  # a machine with torch alone (a GPU box where Ray, MLflow, FFCV and pyarrow cannot be installed)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "mlflow", "ffcv", "numba", "pyarrow", "boto3"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, _Absent())
+from byol_ray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_local_run_needs_torch_alone(tmp_path):
+    """`train --no-ray` with tracking off, its resume, and held-out validation import none of Ray, MLflow, FFCV
+    or pyarrow (a GPU machine with torch alone runs the core this way)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from byol_ray.data.demo import load_demo
+
+    images, labels, _ = load_demo(32)
+    for split, rows in (("train", range(0, 600)), ("val", range(600, 800))):  # real digit scans as ImageFolders
+        for i in rows:
+            (tmp_path / split / f"d{labels[i]}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(tmp_path / split / f"d{labels[i]}" / f"{i}.png")
+    run = [sys.executable, "-c", _WITHOUT_EDGES, "train", "--no-ray", "--config", "demo", *TINY,
+           "train.epochs=1", f"output_dir={tmp_path / 'runs'}", "run_name=bare", f"data.train={tmp_path / 'train'}",
+           f"data.val={tmp_path / 'val'}", "eval.every_epochs=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run bare finished: epoch 1" in out.stderr and "held-out kNN top-1" in out.stderr, out.stderr[-3000:]
+    again = subprocess.run([sys.executable, "-c", _WITHOUT_EDGES, "train", "--no-ray", "--resume", "bare",
+                            f"output_dir={tmp_path / 'runs'}"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming bare from its checkpoint epoch_0001" in again.stderr, again.stderr[-3000:]
+    assert (tmp_path / "runs" / "bare" / "checkpoints" / "epoch_0001" / "state.pt").is_file()
