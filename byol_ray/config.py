@@ -297,6 +297,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     if origin is Literal:
         allowed = typing.get_args(typ)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (as typed on the command line) as a bool
         if value not in allowed:
             raise ConfigError(f"config key {key!r} = {value!r} is not allowed; choose one of {list(allowed)}")
         return value

@@ -222,9 +222,10 @@ class BYOLEngine:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
+        # RNG states are CPU byte tensors, wherever map_location put the rest of the checkpoint
+        torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
 
@@ -248,8 +249,10 @@ def _epoch_means(sums: dict[str, torch.Tensor], steps: int, batch: int) -> dict[
     """Epoch means over the WHOLE group, weighted by each rank's samples (not rank 0's shard alone); with
     several ranks, also the spread of the loss over ranks (``epoch_loss_rank_min/max``). A collective call."""
     keys = sorted(sums)
-    local = torch.stack([sums[k].detach().float() / max(steps, 1) for k in keys]
-                        + [torch.tensor(float(steps * batch), device=sums[keys[0]].device)])
+    # the step's metrics live on the device, except lr and tau (host floats, never copied to the GPU per step)
+    device = next((v.device for v in sums.values() if v.device.type != "cpu"), torch.device("cpu"))
+    local = torch.stack([sums[k].detach().float().to(device) / max(steps, 1) for k in keys]
+                        + [torch.tensor(float(steps * batch), device=device)])
     table = dist.gather(local)  # [world, keys + 1]
     weights = table[:, -1]
     means = (table[:, :-1] * weights[:, None]).sum(0) / weights.sum().clamp_min(1.0)

@@ -108,3 +108,12 @@ def test_batch_larger_than_data_set_fails():
     cfg = load_config(["demo"], ["train.batch_size=4096"])
     with pytest.raises(ConfigError, match="larger than the data set"):
         derive(cfg, num_samples=1797)
+
+
+def test_on_and_off_choices_survive_yaml_booleans():
+    """YAML 1.1 reads a bare on/off as true/false: `model.sync_bn=on`, as the error messages suggest it, must
+    still mean "on" (it was refused with "True is not allowed; choose one of ['auto', 'on', 'off']")."""
+    from byol_ray.config import load_config
+
+    assert load_config(["demo"], ["model.sync_bn=off"]).model.sync_bn == "off"
+    assert load_config(["demo"], ["model.sync_bn=on", "ray.use_gpu=true"]).model.sync_bn == "on"
