@@ -185,11 +185,12 @@ class Location:
         self.write_text(before + line.rstrip("\n") + "\n")
 
     def unlink(self) -> None:
-        if not self.remote:
-            if self.is_file():
-                Path(self.path).unlink(missing_ok=True)
-        elif self.is_file():
+        if not self.is_file():
+            return
+        if self.remote:
             self.fs.delete_file(self.path)
+        else:
+            Path(self.path).unlink(missing_ok=True)
 
     def mkdir(self) -> None:
         """Create the folder (a no-op in an object store, which has no folders until something is in them)."""
@@ -197,11 +198,12 @@ class Location:
             Path(self.path).mkdir(parents=True, exist_ok=True)
 
     def remove_tree(self) -> None:
-        if not self.remote:
-            if self.is_dir():
-                shutil.rmtree(self.path)
-        elif self.is_dir():
+        if not self.is_dir():
+            return
+        if self.remote:
             self.fs.delete_dir(self.path)
+        else:
+            shutil.rmtree(self.path)
 
     def upload_tree(self, local: str | Path) -> None:
         """Copy the local folder ``local`` into this location (files overwritten, nothing else removed)."""
