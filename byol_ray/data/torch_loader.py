@@ -12,6 +12,7 @@ import torch
 from byol_ray.data.order import CROP_DRAWS, CropLaw, crop_box, shard_order
 from byol_ray.dist import batch_share
 from byol_ray.data.sources import Source
+from byol_ray.preprocess import eval_crop
 
 
 def view_boxes(seed: int, epoch: int, index: int, height: int, width: int, law: CropLaw,
@@ -85,9 +86,7 @@ class SourceDataset(torch.utils.data.Dataset):
         label = int(self.source.labels[index])
         height, width = image.shape[:2]
         if self.views == 1:  # evaluation: FFCV's centre crop (ratio * shorter side), resized
-            side = int(self.crop_ratio * min(height, width))
-            box = ((height - side) // 2, (width - side) // 2, side, side)
-            return _resized_crop(image, box, self.resolution, False), label
+            return eval_crop(image, self.resolution, self.crop_ratio), label
         view1, view2 = (_resized_crop(image, (top, left, h, w), self.resolution, flip) for top, left, h, w, flip in
                         view_boxes(self.seed, epoch, index, height, width, self.law, self.flip_prob))
         return view1, view2, label

@@ -1,4 +1,5 @@
-"""Subcommands ``linear-eval``, ``finetune``, ``knn``, ``promote``, ``register``: parse, dispatch, report.
+"""Subcommands ``linear-eval``, ``finetune``, ``knn``, ``embed``, ``serve``, ``promote``, ``register``: parse, dispatch,
+report.
 
 Each command returns ``(exit code, result)``; ``byol-ray`` prints the result with ``--json`` and maps errors
 to exit codes. Human text goes to stderr.
@@ -7,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import logging
+import os
 import sys
 
 from byol_ray.config import ConfigError
@@ -55,14 +59,15 @@ def _given(args, key: str) -> bool:
     return any(item.partition("=")[0].strip() == key for item in args.overrides)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="models:/<name>@<alias>, models:/<name>/<version>, <name>@<alias> or <name>:<version>")
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="models:/<name>@<alias>, models:/<name>/<version>, <name>@<alias> or <name>:<version>"
+                        + ("" if required else " (optional when --train and --test are `byol-ray embed` outputs)"))
     p.add_argument("--expect-arch", default=None, help="fail unless the version's architecture tag is this")
 
 
 def _job_args(p: argparse.ArgumentParser, epochs: int | None) -> None:
-    _model_args(p)
+    _model_args(p, required=epochs is not None)
     p.add_argument("--train", default="demo", help="'demo', an ImageFolder split folder, a CIFAR folder or a .beton")
     p.add_argument("--test", default=None,
                    help="test data (same kinds); omitted or equal to --train: a seeded --test-fraction holdout of it")
@@ -105,11 +110,55 @@ def register(subparsers) -> None:
                    help="class-balanced label subset, e.g. 0.01, 0.1 (default: all labels)")
     p.set_defaults(func=cmd_finetune)
 
-    p = subparsers.add_parser("knn", help="weighted kNN evaluation of a registered encoder (tags knn_top1)")
+    p = subparsers.add_parser("knn", help="weighted kNN evaluation of a registered encoder (tags knn_top1); "
+                                          "--train/--test may be two `byol-ray embed` outputs (no re-encoding)")
     _job_args(p, epochs=None)
     p.add_argument("--k", type=int, default=200, help="neighbours that vote")
     p.add_argument("--temperature", type=float, default=0.1, help="T of the exp(similarity / T) vote weights")
     p.set_defaults(func=cmd_knn)
+
+    p = subparsers.add_parser("embed", help="embeddings of an image set on Ray Data, as Parquet shards (restartable)")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="an image folder (any depth; first-level folders are the classes "
+                                                 "when every image is inside one), a prepared .beton, or an "
+                                                 "object-store prefix (s3://bucket/images/)")
+    p.add_argument("--out", required=True, help="a new or empty folder / object-store prefix for the shards; the "
+                                                "same command again continues an unfinished one")
+    p.add_argument("--labels", choices=("auto", "none"), default="auto",
+                   help="auto: a label column from first-level class folders when every image is in one")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
+    p.add_argument("--concurrency", type=int, default=1, help="encoder actors (one per GPU on a GPU cluster)")
+    p.add_argument("--num-gpus", default="auto", help="GPUs per encoder actor; auto: 1 when the cluster has GPUs")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per encoder actor")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--shard-size", type=int, default=10000, help="rows per Parquet shard (the unit of restart)")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the model card's)")
+    p.add_argument("--center-crop-ratio", type=float, default=None,
+                   help="eval centre crop / shorter side (default: the model card's, 224/256)")
+    _settings_args(p, JOB_KEYS)
+    p.set_defaults(func=cmd_embed)
+
+    p = subparsers.add_parser("serve", help="serve a registered encoder over HTTP on Ray Serve: clients POST JPEG/PNG "
+                                            "bytes or uint8 arrays and get embeddings (Ctrl-C/SIGTERM: exit 0)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address of Serve's proxy (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
+    p.add_argument("--route", default="/embed", help="route prefix of the application")
+    p.add_argument("--name", default="byol-ray-encoder", help="Serve application name")
+    p.add_argument("--replicas", type=int, default=1, help="replicas (the minimum when autoscaling)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    p.add_argument("--max-batch-size", type=int, default=32, help="images encoded together per replica call")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--num-gpus", default="auto", help="GPUs per replica; auto: 1 when the cluster has GPUs")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the model card's)")
+    p.add_argument("--center-crop-ratio", type=float, default=None,
+                   help="eval centre crop / shorter side (default: the model card's, 224/256)")
+    p.add_argument("--detach", action="store_true", help="deploy, print the URL and exit, leaving the app running "
+                                                         "on the cluster (`serve shutdown` or `serve delete` ends it)")
+    _settings_args(p, ("mlflow.tracking_uri", "output_dir"))
+    p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("promote", help="move an alias to a version if its metric beats the holder's "
                                               "(exit 3 when it does not)")
@@ -210,7 +259,14 @@ def cmd_finetune(args) -> tuple[int, dict]:
 
 
 def cmd_knn(args) -> tuple[int, dict]:
+    from byol_ray.downstream.embed import is_embeddings
     from byol_ray.downstream.knn import knn_eval
+
+    if args.test and (is_embeddings(args.train) or is_embeddings(args.test)):
+        return _knn_of_embeddings(args)
+    if not args.model:
+        raise ConfigError("byol-ray knn needs --model (a registered encoder), unless --train and --test are two "
+                          "`byol-ray embed` outputs")
 
     def evaluate(encoder, train, test, settings):
         return knn_eval(encoder, train, test, settings, k=args.k, temperature=args.temperature)
@@ -247,3 +303,212 @@ def cmd_register(args) -> tuple[int, dict]:
     _say(f"registered models:/{version.name}/{version.version} (source {version.source})")
     return 0, {"name": version.name, "version": str(version.version), "model_uri": f"models:/{version.name}/"
                f"{version.version}", "run_id": version.run_id, "source": version.source}
+
+
+def _knn_of_embeddings(args) -> tuple[int, dict]:
+    """kNN from two ``embed`` outputs: the train set is the memory bank; nothing is re-encoded."""
+    from byol_ray.downstream.embed import is_embeddings, read_embeddings
+    from byol_ray.downstream.knn import knn_top1
+    from byol_ray.downstream.record import JobRecord
+    from byol_ray.registry import describe
+
+    for flag, spec in (("--train", args.train), ("--test", args.test)):
+        if not is_embeddings(spec):
+            raise ConfigError(f"{flag} {spec} is not a `byol-ray embed` output (no manifest.json) while the other "
+                              f"split is: pass two embed outputs, or two image sources")
+    train_x, train_y, train_m = read_embeddings(args.train)
+    test_x, test_y, test_m = read_embeddings(args.test)
+    if train_m["model"] != test_m["model"]:
+        raise ConfigError(f"--train was embedded by {train_m['model']} and --test by {test_m['model']}: kNN needs "
+                          f"one encoder's embeddings on both sides")
+    if train_y is None or test_y is None:
+        raise ConfigError(f"{args.train if train_y is None else args.test} has no label column (its source had no "
+                          f"class folders); kNN needs labels on both sides")
+    cfg = _settings(args, JOB_KEYS)
+    experiment = cfg.mlflow.experiment if _given(args, "mlflow.experiment") else DEFAULT_EXPERIMENT
+    uri = _store(cfg)
+    info = describe(train_m["model"], tracking_uri=uri)
+    if args.model:
+        asked = describe(args.model, tracking_uri=uri)
+        if (asked.name, asked.version) != (info.name, info.version):
+            raise ConfigError(f"--model {args.model} is models:/{asked.name}/{asked.version}, but the embeddings "
+                              f"were made by {train_m['model']}; drop --model or embed with it")
+    top1 = knn_top1(train_x, train_y, test_x, test_y, k=args.k, temperature=args.temperature)
+    result = {"knn_top1": top1, "knn_k": min(args.k, len(train_y)), "knn_temperature": args.temperature,
+              "num_train": len(train_y), "num_test": len(test_y)}
+    params = {"model": train_m["model"], "train": args.train, "test": args.test, "k": args.k,
+              "temperature": args.temperature, "from_embeddings": True}
+    data = {"train": train_m["source"], "test": test_m["source"], "train_sha256": train_m["source_digest"],
+            "test_sha256": test_m["source_digest"], "test_note": "separate test split (embeddings)"}
+    with JobRecord(uri, experiment, "knn", info, train_m["model"], params, data) as record:
+        record.finish(result, {k: result[k] for k in ("knn_top1", "knn_k", "knn_temperature")})
+    _say(f"knn of {train_m['model']} from embeddings: knn_top1 {top1:.4f} (MLflow run {record.run_id} in {uri})")
+    return 0, {"job": "knn", "model": f"{info.name}/{info.version}", "model_name": info.name,
+               "model_version": str(info.version), "run_id": record.run_id, "tracking_uri": uri,
+               "test": data["test_note"], **result}
+
+
+def _num_gpus(value: str) -> float:
+    if value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"--num-gpus {value!r} is not a number; pass e.g. 1, 0.5 or auto") from None
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def cmd_embed(args) -> tuple[int, dict]:
+    """Embed ``--data`` with a registered encoder into ``--out`` (see :mod:`byol_ray.downstream.embed`)."""
+    import time
+
+    import torch
+
+    from byol_ray.downstream.embed import (MANIFEST, EmbedSettings, Plan, check_on_every_node, list_images, open_dest,
+                                           run_embed, shown, summarise)
+    from byol_ray.downstream.record import JobRecord
+    from byol_ray.preprocess import EVAL_CROP_RATIO, to_model_input
+    from byol_ray.ray_train import init_ray
+    from byol_ray.registry import load_encoder
+    from byol_ray.run_tags import ray_job_submission_id
+    from byol_ray.storage import check_writable, is_uri
+
+    for flag, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency),
+                        ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be at least 1")
+    cfg = _settings(args, JOB_KEYS)
+    experiment = cfg.mlflow.experiment if _given(args, "mlflow.experiment") else DEFAULT_EXPERIMENT
+    uri = _store(cfg)
+    encoder, info = load_encoder(args.model, tracking_uri=uri, expect_arch=args.expect_arch)
+    images = list_images(args.data, args.labels)
+    card = json.loads(info.tags.get("eval_transform") or "{}")
+    resolution = args.resolution or info.resolution or 224
+    ratio = args.center_crop_ratio or float(card.get("center_crop_ratio", EVAL_CROP_RATIO))
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"--center-crop-ratio {ratio} must lie in (0, 1]")
+    plan = Plan(model=info.uri, source=images.root, source_kind=images.kind, source_digest=images.digest,
+                num_images=len(images), resolution=resolution, center_crop_ratio=ratio, shard_size=args.shard_size,
+                transform={**card, "center_crop_ratio": ratio, "resize_to": [resolution, resolution]},
+                class_names=images.class_names)
+    if ray_job_submission_id() and not is_uri(args.out) and not os.path.isabs(os.path.expanduser(args.out)):
+        raise ConfigError(f"--out {args.out} is a relative path: a Ray job's working directory is a temporary copy "
+                          f"that Ray deletes; pass an absolute path on shared storage or an object-store prefix")
+    out, manifest, done = open_dest(args.out, plan)
+    if manifest is not None:
+        plan.shard_size = int(manifest["shard_size"])  # the DEST's own plan, whatever --shard-size says now
+        if manifest.get("status") == "complete":
+            _say(f"{shown(out)} already holds the complete embeddings of {plan.model} for {plan.source} "
+                 f"({manifest['rows']:,} rows); nothing to do")
+            return 0, {"job": "embed", "out": shown(out), "already_complete": True, **manifest}
+        _say(f"continuing {shown(out)}: {len(done)}/{plan.num_shards} shards already complete")
+    check_writable(out, "--out")
+    with torch.no_grad():
+        dim = int(encoder.eval()(to_model_input(torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8))).shape[1])
+    init_ray()
+    check_on_every_node(images)
+    settings = EmbedSettings(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=_num_gpus(args.num_gpus),
+                             cpus_per_actor=args.cpus_per_actor, precision=args.precision)
+    created = manifest is None
+    if created:
+        (out / MANIFEST).write_text(json.dumps(plan.manifest(status="running", feature_dim=dim), indent=1))
+    params = {"model": args.model, "data": args.data, "out": shown(out), "batch_size": args.batch_size,
+              "concurrency": args.concurrency, "num_gpus": settings.num_gpus, "precision": args.precision,
+              "shard_size": plan.shard_size, "resolution": resolution, "center_crop_ratio": ratio}
+    data = {"source": plan.source, "source_sha256": plan.source_digest, "num_images": plan.num_images,
+            "dest": shown(out)}
+    _say(f"embed {plan.model} over {plan.num_images:,} images of {plan.source} -> {shown(out)} "
+         f"({plan.num_shards} shards of {plan.shard_size}; {settings.concurrency} encoder actor(s), "
+         f"{settings.num_gpus:g} GPU each)")
+    with JobRecord(uri, experiment, "embed", info, args.model, params, data) as record:
+        stats = run_embed(encoder, images, plan, out, done, settings, dim)
+        totals = summarise(out, plan)
+        if totals["rows"] == 0:
+            if created:
+                out.remove_tree()
+            example = "; ".join(f"{p}: {r}" for p, r in totals["skipped_examples"][:2])
+            raise ConfigError(f"--data {plan.source}: none of its {plan.num_images:,} images could be read "
+                              f"({example}); nothing was written")
+        final = plan.manifest(status="complete", feature_dim=dim, rows=totals["rows"], skipped=totals["skipped"],
+                              skipped_examples=totals["skipped_examples"], images_per_s=round(stats["images_per_s"], 2),
+                              seconds=round(stats["seconds"], 2), nodes=stats["nodes"], mlflow_run_id=record.run_id,
+                              tracking_uri=uri, completed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        (out / MANIFEST).write_text(json.dumps(final, indent=1))
+        result = {"embed_rows": totals["rows"], "embed_skipped": totals["skipped"],
+                  "embed_images_per_s": round(stats["images_per_s"], 2), "embed_seconds": round(stats["seconds"], 2),
+                  "embed_shards_written": stats["shards_written"], "embed_nodes": len(stats["nodes"]),
+                  "embed_dest": shown(out)}
+        record.finish(result, {k: result[k] for k in ("embed_rows", "embed_images_per_s", "embed_dest")})
+    if totals["skipped"]:
+        example = "; ".join(f"{p}: {r}" for p, r in totals["skipped_examples"][:3])
+        _say(f"skipped {totals['skipped']} unreadable image(s) (listed in {shown(out)}/{MANIFEST}), e.g. {example}")
+    _say(f"embedded {totals['rows']:,} images of {plan.source} with {plan.model} into {shown(out)} "
+         f"({stats['images_per_s']:,.1f} img/s this run; MLflow run {record.run_id})")
+    return 0, {"job": "embed", "out": shown(out), "model": plan.model, "model_name": info.name,
+               "model_version": str(info.version), "run_id": record.run_id, "tracking_uri": uri,
+               "rows": totals["rows"], "skipped": totals["skipped"], "feature_dim": dim,
+               "nodes": stats["nodes"], **result}
+
+
+def cmd_serve(args) -> tuple[int, dict]:
+    """Deploy the encoder as a Ray Serve application; block until Ctrl-C or SIGTERM, then delete it."""
+    import signal
+    import threading
+
+    from byol_ray.preprocess import EVAL_CROP_RATIO
+    from byol_ray.ray_train import init_ray
+    from byol_ray.registry import describe
+
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise ConfigError(f"--replicas {args.replicas} must be at least 1 and --max-replicas at least --replicas")
+    if args.max_batch_size < 1 or args.batch_wait_ms < 0:
+        raise ConfigError("--max-batch-size must be at least 1 and --batch-wait-ms at least 0")
+    if not args.route.startswith("/"):
+        raise ConfigError(f"--route {args.route!r} must start with '/', e.g. /embed")
+    uri = _store(_settings(args, ("mlflow.tracking_uri", "output_dir")))
+    info = describe(args.model, tracking_uri=uri)  # pinned: replicas load this version even if the alias moves
+    if args.expect_arch is not None and info.architecture != args.expect_arch:
+        raise ConfigError(f"{args.model} (version {info.version}) is a {info.architecture or 'untagged'} encoder, "
+                          f"not the expected {args.expect_arch}")
+    card = json.loads(info.tags.get("eval_transform") or "{}")
+    resolution = args.resolution or info.resolution or 224
+    ratio = args.center_crop_ratio or float(card.get("center_crop_ratio", EVAL_CROP_RATIO))
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"--center-crop-ratio {ratio} must lie in (0, 1]")
+    init_ray()
+    from ray import serve
+
+    from byol_ray.downstream.serve import build_app
+
+    app = build_app(info.uri, uri, resolution=resolution, center_crop_ratio=ratio, precision=args.precision,
+                    max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                    num_replicas=args.replicas, max_replicas=args.max_replicas or args.replicas,
+                    num_gpus=_num_gpus(args.num_gpus), num_cpus=args.cpus_per_replica)
+    from byol_ray.ray_train import verbose
+
+    quiet = {} if verbose() else {"logging_config": {"log_level": "WARNING"}}  # Serve's INFO behind BYOL_RAY_VERBOSE
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": args.host, "port": args.port}, **quiet)
+    serve.run(app, name=args.name, route_prefix=args.route, blocking=False, **quiet)
+    url = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}{args.route}"
+    out = {"job": "serve", "model": info.uri, "model_name": info.name, "model_version": str(info.version),
+           "url": url, "app": args.name, "resolution": resolution, "center_crop_ratio": ratio}
+    _say(f"serving {info.uri} at {url} ({args.replicas}"
+         f"{'' if not args.max_replicas or args.max_replicas == args.replicas else f'..{args.max_replicas}'} "
+         f"replica(s)); try: curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @image.jpg {url}")
+    if args.detach:
+        return 0, out
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _say(f"stopping: deleting Serve application {args.name!r}")
+        serve.delete(args.name)
+    _say(f"stopped serving {info.uri}")
+    return 0, out
