@@ -476,6 +476,7 @@ def cmd_serve(args) -> tuple[int, dict]:
     ratio = args.center_crop_ratio or float(card.get("center_crop_ratio", EVAL_CROP_RATIO))
     if not 0 < ratio <= 1:
         raise ConfigError(f"--center-crop-ratio {ratio} must lie in (0, 1]")
+    embedded = not os.environ.get("RAY_ADDRESS")
     init_ray()
     from ray import serve
 
@@ -508,7 +509,13 @@ def cmd_serve(args) -> tuple[int, dict]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _say(f"stopping: deleting Serve application {args.name!r}")
-        serve.delete(args.name)
+        if embedded:  # the app lives and ends with this process's own Ray
+            import ray
+
+            _say("stopping: shutting down the embedded Ray and its Serve application")
+            ray.shutdown()
+        else:
+            _say(f"stopping: deleting Serve application {args.name!r} from the cluster")
+            serve.delete(args.name)
     _say(f"stopped serving {info.uri}")
     return 0, out

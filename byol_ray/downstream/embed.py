@@ -352,7 +352,7 @@ class EmbedSettings:
     concurrency: int = 1  # encoder actors
     num_gpus: float = 0.0  # per encoder actor
     cpus_per_actor: float = 1.0
-    decode_block: int = 256  # images per decode task
+    decode_block: int = 256  # at most this many images per decode task
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     progress_every_s: float = 10.0
 
@@ -421,9 +421,12 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
     if not verbose():  # Ray Data's own INFO lines and notices behind BYOL_RAY_VERBOSE=1
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     labels = images.labels
+    # Enough decode blocks to keep every CPU and every encoder actor busy, never more than decode_block images each
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_block = max(1, min(settings.decode_block, -(-len(todo) // max(4 * settings.concurrency, 2 * cpus))))
     blocks = []
-    for start in range(0, len(todo), settings.decode_block):
-        idx = todo[start:start + settings.decode_block]
+    for start in range(0, len(todo), per_block):
+        idx = todo[start:start + per_block]
         blocks.append(pa.table({
             "index": pa.array(idx, pa.int64()),
             "path": pa.array([images.paths[i] for i in idx], pa.string()),
@@ -512,11 +515,13 @@ def read_embeddings(spec: str):
     if manifest.get("status") != "complete":
         raise ConfigError(f"{spec} is an unfinished embed output (status {manifest.get('status')!r}); re-run its "
                           f"`byol-ray embed` command to complete it")
+    import pyarrow as pa
+
     tables = []
     for shard in range(int(manifest["num_shards"])):
-        with (root / f"{shard_name(shard)}.parquet")._open_read() as fh:
-            tables.append(pq.read_table(fh))
-    import pyarrow as pa
+        part = root / f"{shard_name(shard)}.parquet"
+        # Parquet needs a seekable file: pyarrow's own filesystem (random-access reads) for an object store
+        tables.append(pq.read_table(part.path, filesystem=part.fs) if part.remote else pq.read_table(part.path))
 
     table = pa.concat_tables(tables)
     dim = table.schema.field("embedding").type.list_size
