@@ -89,69 +89,100 @@ def registered(mlflow_server, tmp_path_factory):
     torch.manual_seed(0)
     mv = register_encoder(build_encoder("tiny", cifar_stem=True), name=NAME, cfg_dict=to_dict(cfg), run_id=None,
                           tracking_uri=mlflow_server, metadata={"epochs": 0})
+    _client(mlflow_server).set_registered_model_alias(NAME, "champion", mv.version)  # the README pulls @champion
     return {"uri": mlflow_server, "ref": f"models:/{NAME}/{mv.version}", "version": str(mv.version)}
 
 
 @pytest.fixture(scope="module")
-def dirty_train(cifar_small, tmp_path_factory) -> Path:
-    """The real train JPEGs plus two files that are not images: a truncated JPEG and text named .jpg."""
-    root = tmp_path_factory.mktemp("dirty") / "train"
-    shutil.copytree(cifar_small[0], root)
+def dirty_val(cifar_small, tmp_path_factory) -> Path:
+    """The real val JPEGs plus two files that are not images: a truncated JPEG and text named .jpg."""
+    root = tmp_path_factory.mktemp("dirty") / "val"
+    shutil.copytree(cifar_small[1], root)
     good = sorted((root / "cat").iterdir())[0].read_bytes()
     (root / "cat" / "zz-truncated.jpg").write_bytes(good[: len(good) // 3])
     (root / "dog" / "zz-text.jpg").write_text("not an image")
     return root
 
 
+def _readme_commands() -> list[str]:
+    """The commands of the README's embeddings section, in order, each joined into one line."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Embeddings at scale", 1)[1].split("\n### ", 1)[0]
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                found.append(line.split(" #", 1)[0].strip())
+    return found
+
+
+def _readme(kind: str, **fill: str) -> list[str]:
+    """The README's command that starts with ``kind``, its placeholders filled in for this machine (nothing else
+    of it changes): the model, the /data paths, the bucket, the head's and the server's addresses."""
+    import re
+    import shlex
+
+    command = next(c for c in _readme_commands() if c.startswith(kind))
+    command = command.replace("byol-demo-encoder@champion", f"{NAME}@champion")
+    for placeholder, value in fill.items():
+        if isinstance(value, str):
+            command = command.replace(placeholder, value)
+    if "s3" in fill:
+        command = re.sub(r"s3://BUCKET/(\S+)", lambda m: shlex.quote(fill["s3"](m.group(1))), command)
+    return shlex.split(command)
+
+
 @pytest.fixture(scope="module")
-def train_embeddings(registered, dirty_train, tmp_path_factory):
-    """The README's embed command on the embedded default (its own in-process Ray), as a user runs it."""
-    out = tmp_path_factory.mktemp("emb") / "train"
-    proc = _byol_ray("embed", "--model", registered["ref"], "--data", str(dirty_train), "--out", str(out),
-                     "--shard-size", "150", "--batch-size", "64", "--json", env_uri=registered["uri"])
+def val_embeddings(registered, dirty_val, tmp_path_factory):
+    """The README's local embed command on the embedded default (its own in-process Ray), as a user runs it."""
+    out = tmp_path_factory.mktemp("emb") / "val"
+    command = _readme("byol-ray embed", **{"/data/images/val": str(dirty_val), "/data/embeddings/val": str(out)})
+    proc = _byol_ray(*command[1:], "--json", env_uri=registered["uri"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "result": json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
-def test_embeddings_equal_the_registered_model_on_the_cards_transform(registered, train_embeddings, dirty_train):
-    out, result = train_embeddings["out"], train_embeddings["result"]
+def test_embeddings_equal_the_registered_model_on_the_cards_transform(registered, val_embeddings, dirty_val):
+    out, result = val_embeddings["out"], val_embeddings["result"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["model"] == registered["ref"]
-    assert manifest["rows"] == result["rows"] == 600 and manifest["skipped"] == 2 and manifest["num_shards"] == 5
+    assert manifest["rows"] == result["rows"] == 200 and manifest["skipped"] == 2 and manifest["num_shards"] == 1
     assert {Path(p).name for p, _ in manifest["skipped_examples"]} == {"zz-truncated.jpg", "zz-text.jpg"}
-    assert "skipped 2 unreadable image(s)" in train_embeddings["stderr"]
-    assert "Traceback" not in train_embeddings["stderr"]
+    assert "skipped 2 unreadable image(s)" in val_embeddings["stderr"]
+    assert "Traceback" not in val_embeddings["stderr"]
     table = _table(out)
-    assert len(table["path"]) == 600 and len(set(table["path"])) == 600
+    assert len(table["path"]) == 200 and len(set(table["path"])) == 200
     classes = manifest["class_names"]
-    assert classes == sorted(p.name for p in dirty_train.iterdir())
+    assert classes == sorted(p.name for p in dirty_val.iterdir())
     assert all(classes[label] == path.split("/")[0] for path, label in zip(table["path"], table["label"]))
 
-    model = _load_model(registered["uri"], registered["ref"])
+    model = _load_model(registered["uri"], f"models:/{NAME}@champion")
     card = _client(registered["uri"]).get_model_version(NAME, registered["version"]).tags
     transform = json.loads(card["eval_transform"])
-    picks = list(range(0, 600, 37))
-    x = torch.stack([_card_transform(dirty_train / table["path"][i], transform) for i in picks])
+    picks = list(range(0, 200, 13))
+    x = torch.stack([_card_transform(dirty_val / table["path"][i], transform) for i in picks])
     with torch.no_grad():
         expected = model(x).numpy()
     got = np.array([table["embedding"][i] for i in picks], dtype=np.float32)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
     tags = _client(registered["uri"]).get_model_version(NAME, registered["version"]).tags
-    assert tags["embed_rows"] == "600" and float(tags["embed_images_per_s"]) > 0
+    assert int(tags["embed_rows"]) in (200, 600) and float(tags["embed_images_per_s"]) > 0
     run = _client(registered["uri"]).get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["model_version"] == registered["version"]
-    assert run.data.tags["data.source"] == str(dirty_train) and run.data.metrics["embed_rows"] == 600
+    assert run.data.tags["data.source"] == str(dirty_val) and run.data.metrics["embed_rows"] == 200
 
 
-def test_the_same_command_again_does_nothing_and_another_source_is_refused(registered, train_embeddings,
+def test_the_same_command_again_does_nothing_and_another_source_is_refused(registered, val_embeddings, dirty_val,
                                                                            cifar_small):
-    out = train_embeddings["out"]
+    out = val_embeddings["out"]
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    proc = _byol_ray("embed", "--model", registered["ref"], "--data", str(Path(out).parent / "x"), "--out", str(out),
-                     env_uri=registered["uri"])
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = _byol_ray("embed", "--model", registered["ref"], "--data", str(cifar_small[1]), "--out", str(out),
+    command = _readme("byol-ray embed", **{"/data/images/val": str(dirty_val), "/data/embeddings/val": str(out)})
+    proc = _byol_ray(*command[1:], env_uri=registered["uri"])
+    assert proc.returncode == 0 and "already holds the complete embeddings" in proc.stderr, proc.stderr[-2000:]
+    proc = _byol_ray("embed", "--model", registered["ref"], "--data", str(cifar_small[0]), "--out", str(out),
                      env_uri=registered["uri"])
     assert proc.returncode == 2, proc.stderr
     error = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -187,6 +218,7 @@ def test_bad_inputs_are_one_line_and_exit_2(case, registered, ray_cluster, tmp_p
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_killed_embed_resumes_without_recomputing_complete_shards(registered, cifar_small, tmp_path):
     out = tmp_path / "val"
     args = [str(BIN / "byol-ray"), "embed", "--model", registered["ref"], "--data", str(cifar_small[0]), "--out",
@@ -217,49 +249,60 @@ def test_a_killed_embed_resumes_without_recomputing_complete_shards(registered, 
                                                  cifar_small[0].rglob("*.jpg"))
 
 
-def test_job_submit_on_two_nodes_reads_and_writes_the_object_store_and_knn_needs_no_reencoding(
-        registered, train_embeddings, cifar_small, ray_cluster, s3_server, capsys):
+@pytest.mark.slow
+def test_readme_job_submit_on_two_nodes_with_a_bucket_and_knn_without_reencoding(
+        registered, val_embeddings, cifar_small, ray_cluster, s3_server, capsys):
     from byol_ray import cli
     from byol_ray.storage import Location
 
     _, dashboard = ray_cluster
     bucket = s3_server.bucket("embed")
-    Location(s3_server.uri(bucket, "images/val")).upload_tree(cifar_small[1])
-    dest = s3_server.uri(bucket, "embeddings/val")
-    entry = (f"byol-ray embed --model {registered['ref']} --data {s3_server.uri(bucket, 'images/val')} --out {dest} "
-             f"--concurrency 2 --batch-size 16 mlflow.tracking_uri={registered['uri']}")
-    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", *entry.split()],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    Location(s3_server.uri(bucket, "images/train")).upload_tree(cifar_small[0])
+    in_bucket = {"s3": lambda key: s3_server.uri(bucket, key)}
+    command = _readme("ray job submit", **{"http://HEAD:8265": dashboard, "http://MLFLOW:5000": registered["uri"]},
+                      **in_bucket)
+    proc = subprocess.run([str(BIN / "ray"), *command[1:]], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    manifest = json.loads(Location(dest).__truediv__("manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["rows"] == 200
-    assert len(manifest["nodes"]) == 2 and sum(manifest["nodes"].values()) == 200  # rows from both nodes
+    dest = Location(s3_server.uri(bucket, "embeddings/train"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["rows"] == 600
+    assert len(manifest["nodes"]) == 2 and sum(manifest["nodes"].values()) == 600, proc.stdout[-5000:]  # rows from both nodes
+    assert manifest["source"] == s3_server.uri(bucket, "images/train")
 
-    code = cli.main(["knn", "--train", str(train_embeddings["out"]), "--test", dest, "--k", "20", "--json",
-                     f"mlflow.tracking_uri={registered['uri']}"])
-    printed = capsys.readouterr()
-    assert code == 0, printed.err[-3000:]
-    from_embeddings = json.loads(printed.out.strip().splitlines()[-1])
-    code2 = cli.main(["knn", "--model", registered["ref"], "--train", str(cifar_small[0]), "--test",
-                      str(cifar_small[1]), "--k", "20", "--json", f"mlflow.tracking_uri={registered['uri']}"])
+    knn = _readme("byol-ray knn", **{"/data/embeddings/val": str(val_embeddings["out"])}, **in_bucket)
+    proc = _byol_ray(*knn[1:], env_uri=registered["uri"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "from embeddings: knn_top1" in line]
+    assert len(said) == 1, proc.stderr[-3000:]
+    top1, run_id = float(said[0].split("knn_top1 ")[1].split()[0]), said[0].split("MLflow run ")[1].split()[0]
+    code = cli.main(["knn", "--model", registered["ref"], "--train", str(cifar_small[0]), "--test",
+                     str(cifar_small[1]), "--json", f"mlflow.tracking_uri={registered['uri']}"])
     reencoded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == code2 == 0
-    assert (from_embeddings["num_train"], from_embeddings["num_test"]) == (600, 200)
-    assert from_embeddings["knn_top1"] == pytest.approx(reencoded["knn_top1"], abs=1 / 200)
-    run = _client(registered["uri"]).get_run(from_embeddings["run_id"])
+    assert code == 0 and (reencoded["num_train"], reencoded["num_test"]) == (600, 200)
+    assert top1 == pytest.approx(reencoded["knn_top1"], abs=1 / 200)  # the same features: the same votes
+    run = _client(registered["uri"]).get_run(run_id)
     assert run.data.params["from_embeddings"] == "True" and run.data.tags["model_version"] == registered["version"]
+    assert run.data.metrics["num_train"] == 600 and run.data.metrics["num_test"] == 200
 
 
-def test_served_encoder_answers_images_as_clients_hold_them_like_embed(registered, train_embeddings, dirty_train,
-                                                                      tmp_path):
+@pytest.mark.slow
+def test_readme_serve_and_curl_answer_like_embed(registered, val_embeddings, dirty_val, tmp_path):
+    """The README's `byol-ray serve` and `curl` lines; concurrent JPEG requests, base64 PNG and uint8 arrays of
+    another size in JSON, and a body that is not an image."""
+    import io
+
     from PIL import Image
 
-    port = _free_port()
+    from byol_ray.preprocess import eval_crop, to_model_input
+
+    port = str(_free_port())
+    table = _table(val_embeddings["out"])
+    cat = next(i for i, p in enumerate(table["path"]) if p.startswith("cat/"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(BIN / "byol-ray"), "serve", "--model", registered["ref"], "--port", str(port),
-                             "--max-batch-size", "8"], env=env, stdout=log, stderr=subprocess.STDOUT,
+    serve = _readme("byol-ray serve", **{"--port 8000": f"--port {port}"})
+    proc = subprocess.Popen([str(BIN / "byol-ray"), *serve[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/embed"
     try:
@@ -267,34 +310,35 @@ def test_served_encoder_answers_images_as_clients_hold_them_like_embed(registere
         while "serving models:/" not in (tmp_path / "serve.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
-        table = _table(train_embeddings["out"])
-        picks = list(range(0, 600, 50))
+        shutil.copy(dirty_val / table["path"][cat], tmp_path / "cat.jpg")
+        curl = _readme("curl", **{":8000/": f":{port}/"})
+        said = subprocess.run(curl, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert said.returncode == 0, said.stderr
+        answer = json.loads(said.stdout)
+        assert answer["model"] == registered["ref"] and answer["feature_dim"] == len(table["embedding"][cat])
+        np.testing.assert_allclose(answer["embedding"], table["embedding"][cat], rtol=1e-4, atol=1e-5)
 
         def post(body: bytes, kind: str):
             request = urllib.request.Request(url, data=body, headers={"Content-Type": kind})
             with urllib.request.urlopen(request, timeout=60) as reply:
                 return json.load(reply)
 
-        with ThreadPoolExecutor(6) as pool:  # concurrent requests: batched on the replica
-            answers = list(pool.map(lambda i: post((dirty_train / table["path"][i]).read_bytes(), "image/jpeg"),
-                                    picks))
+        picks = list(range(0, 200, 17))
+        with ThreadPoolExecutor(6) as pool:  # concurrent requests, batched on the replica
+            answers = list(pool.map(lambda i: post((dirty_val / table["path"][i]).read_bytes(), "image/jpeg"), picks))
         for i, answer in zip(picks, answers):
-            assert answer["model"] == registered["ref"]
             np.testing.assert_allclose(answer["embedding"], table["embedding"][i], rtol=1e-4, atol=1e-5)
 
-        # uint8 arrays of any size and base64 PNG, in one JSON request
-        with Image.open(dirty_train / table["path"][0]) as image:
-            big = np.array(image.convert("RGB").resize((57, 41)))
-            png = __import__("io").BytesIO()
-            image.save(png, format="PNG")
+        with Image.open(tmp_path / "cat.jpg") as image:
+            odd = np.array(image.convert("RGB").resize((57, 41)))  # another size, as a client holds it
+            png = io.BytesIO()
+            image.save(png, format="PNG")  # lossless: the JPEG's decoded pixels
         reply = post(json.dumps({"images": [base64.b64encode(png.getvalue()).decode()],
-                                 "arrays": [big.tolist()]}).encode(), "application/json")
-        from byol_ray.preprocess import eval_crop, to_model_input
-
+                                 "arrays": [odd.tolist()]}).encode(), "application/json")
         model = _load_model(registered["uri"], registered["ref"])
         with torch.no_grad():
-            expected = model(to_model_input(eval_crop(big, 32, 224 / 256)[None])).numpy()[0]
-        np.testing.assert_allclose(reply["embeddings"][0], table["embedding"][0], rtol=1e-4, atol=1e-5)  # PNG = JPEG's pixels
+            expected = model(to_model_input(eval_crop(odd, 32, 224 / 256)[None])).numpy()[0]
+        np.testing.assert_allclose(reply["embeddings"][0], table["embedding"][cat], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(reply["embeddings"][1], expected, rtol=1e-4, atol=1e-5)
 
         with pytest.raises(urllib.error.HTTPError) as bad:

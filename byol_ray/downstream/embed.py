@@ -355,6 +355,7 @@ class EmbedSettings:
     decode_block: int = 256  # at most this many images per decode task
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     progress_every_s: float = 10.0
+    actor_start_timeout_s: int = 900
 
 
 def _shard_table(rows: list[dict], dim: int, with_labels: bool):
@@ -418,6 +419,10 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress line of our own instead
     ctx.print_on_execution_start = False
+    # Every encoder actor is up before the first batch is handed out: otherwise the first actor to start (the one
+    # on the driver's node, whose Python starts first) takes a small job whole. The wait also covers GPU nodes
+    # that the autoscaler is still bringing up.
+    ctx.wait_for_min_actors_s = settings.actor_start_timeout_s
     if not verbose():  # Ray Data's own INFO lines and notices behind BYOL_RAY_VERBOSE=1
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     labels = images.labels
@@ -432,13 +437,18 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
             "path": pa.array([images.paths[i] for i in idx], pa.string()),
             "label": pa.array(labels[idx] if labels is not None else np.full(len(idx), -1), pa.int64()),
         }))
+    # On CPUs Ray Data fuses decoding into the encoder actors (same resources): one batch at a time per actor, so
+    # a busy actor's queue never holds work an idle one could do. GPU actors get a second batch queued, decoded
+    # by the CPU tasks while the first is encoded.
+    in_flight = 2 if settings.num_gpus > 0 else 1
     encoder_ref = ray.put(encoder)
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", num_cpus=1,
                         fn_kwargs={"root": images.root, "kind": images.kind, "resolution": plan.resolution,
                                    "center_crop_ratio": plan.center_crop_ratio})
     ds = ds.map_batches(EncodeBatch, batch_size=settings.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=settings.concurrency), num_gpus=settings.num_gpus,
+                        compute=ray.data.ActorPoolStrategy(size=settings.concurrency,
+                                                           max_tasks_in_flight_per_actor=in_flight), num_gpus=settings.num_gpus,
                         num_cpus=settings.cpus_per_actor,  # Ray Data spreads actors over the nodes by default
                         fn_constructor_kwargs={"encoder_ref": [encoder_ref], "precision": settings.precision})
     expected = {s: min((s + 1) * plan.shard_size, len(images)) - s * plan.shard_size for s in pending}
