@@ -5,6 +5,11 @@ import sys
 import time
 
 
+def say(message: str) -> None:
+    """One line for a person: stderr, prefixed (stdout is kept for a command's ``--json`` result)."""
+    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

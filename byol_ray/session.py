@@ -29,7 +29,7 @@ from byol_ray.config import Config, ConfigError, Derived, derive, from_dict, to_
 from byol_ray.engine import Reporter, fit
 from byol_ray.history import read_history
 from byol_ray.mlflow_store import is_local_store, resolve_tracking_uri
-from byol_ray.progress import ProgressPrinter
+from byol_ray.progress import ProgressPrinter, say
 from byol_ray.storage import Location, is_uri, location
 from byol_ray.tracker import (RUN_ID_FILE, NullTracker, Tracker, TrackingReporter, build_tracker, logged_through,
                               unfinished_run_id)
@@ -44,11 +44,6 @@ RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.val", "train.log_e
                   "eval.cpus", "eval.knn_k", "eval.knn_temperature", "eval.bank_size", "eval.val_size",
                   "eval.batch_size",
                   "mlflow.register_name", "mlflow.system_metrics_every_s")
-
-
-def say(message: str) -> None:
-    """Human text goes to stderr; stdout is kept for a command's ``--json`` result."""
-    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -18,12 +18,9 @@ from typing import Callable
 
 from byol_ray.config import ConfigError
 from byol_ray.storage import Location, check_readable_file, free_bytes, redact
+from byol_ray.progress import say
 
 DISK_MARGIN = 256 * 2**20  # bytes left free beside a staged file
-
-
-def say(message: str) -> None:
-    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
 
 
 def temp_name(out: Path, pid: int) -> Path:

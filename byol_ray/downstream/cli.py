@@ -11,9 +11,9 @@ import difflib
 import json
 import logging
 import os
-import sys
 
 from byol_ray.config import ConfigError
+from byol_ray.progress import say as _say
 
 DEFAULT_EXPERIMENT = "byol-ray-downstream"
 EXIT_DECLINED = 3  # promote kept the alias where it was (see byol-ray --help)
@@ -29,10 +29,6 @@ _KEY_HELP = {
     "output_dir": "where the default store lives (default: runs)",
     "mlflow.register_name": "the registered model name (default: the checkpoint's own mlflow.register_name)",
 }
-
-
-def _say(message: str) -> None:
-    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
 
 
 def _settings_args(p: argparse.ArgumentParser, keys: tuple[str, ...]) -> None:
@@ -144,7 +140,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP address of Serve's proxy (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
     p.add_argument("--route", default="/embed", help="route prefix of the application")
-    p.add_argument("--name", default="byol-ray-encoder", help="Serve application name")
+    p.add_argument("--app-name", default="byol-ray-encoder", help="the Ray Serve application's name")
     p.add_argument("--replicas", type=int, default=1, help="replicas (the minimum when autoscaling)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     p.add_argument("--max-batch-size", type=int, default=32, help="images encoded together per replica call")
@@ -369,7 +365,7 @@ def cmd_embed(args) -> tuple[int, dict]:
                                            run_embed, shown, summarise)
     from byol_ray.downstream.record import JobRecord
     from byol_ray.preprocess import EVAL_CROP_RATIO, to_model_input
-    from byol_ray.ray_train import init_ray
+    from byol_ray.ray_connect import init_ray
     from byol_ray.registry import load_encoder
     from byol_ray.run_tags import ray_job_submission_id
     from byol_ray.storage import check_writable, is_uri
@@ -457,7 +453,7 @@ def cmd_serve(args) -> tuple[int, dict]:
     import threading
 
     from byol_ray.preprocess import EVAL_CROP_RATIO
-    from byol_ray.ray_train import init_ray
+    from byol_ray.ray_connect import init_ray
     from byol_ray.registry import describe
 
     if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
@@ -486,16 +482,16 @@ def cmd_serve(args) -> tuple[int, dict]:
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                     num_replicas=args.replicas, max_replicas=args.max_replicas or args.replicas,
                     num_gpus=_num_gpus(args.num_gpus), num_cpus=args.cpus_per_replica)
-    from byol_ray.ray_train import verbose
+    from byol_ray.ray_connect import verbose
 
     quiet = {} if verbose() else {"logging_config": {"log_level": "WARNING"}}  # Serve's INFO behind BYOL_RAY_VERBOSE
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port}, **quiet)
-    serve.run(app, name=args.name, route_prefix=args.route, blocking=False, **quiet)
+    serve.run(app, name=args.app_name, route_prefix=args.route, blocking=False, **quiet)
     url = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}{args.route}"
     out = {"job": "serve", "model": info.uri, "model_name": info.name, "model_version": str(info.version),
-           "url": url, "app": args.name, "resolution": resolution, "center_crop_ratio": ratio}
+           "url": url, "app": args.app_name, "resolution": resolution, "center_crop_ratio": ratio}
     _say(f"serving {info.uri} at {url} ({args.replicas}"
          f"{'' if not args.max_replicas or args.max_replicas == args.replicas else f'..{args.max_replicas}'} "
          f"replica(s)); try: curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @image.jpg {url}")
@@ -515,7 +511,7 @@ def cmd_serve(args) -> tuple[int, dict]:
             _say("stopping: shutting down the embedded Ray and its Serve application")
             ray.shutdown()
         else:
-            _say(f"stopping: deleting Serve application {args.name!r} from the cluster")
-            serve.delete(args.name)
+            _say(f"stopping: deleting Serve application {args.app_name!r} from the cluster")
+            serve.delete(args.app_name)
     _say(f"stopped serving {info.uri}")
     return 0, out

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import posixpath
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -34,14 +33,11 @@ import numpy as np
 from byol_ray.config import ConfigError
 from byol_ray.data.sources import IMAGE_EXTENSIONS
 from byol_ray.storage import Location, is_uri, location
+from byol_ray.progress import say as _say
 
 FORMAT = "byol-ray-embeddings/1"
 MANIFEST = "manifest.json"
 MAX_SKIPPED_LISTED = 100  # unreadable files named in the manifest; the count is always complete
-
-
-def _say(message: str) -> None:
-    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the source listing
@@ -414,7 +410,7 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
     stats = {"rows_written": 0, "skipped": 0, "skipped_examples": [], "nodes": {}, "shards_written": 0}
     if len(todo) == 0:
         return {**stats, "images_per_s": 0.0, "seconds": 0.0}
-    from byol_ray.ray_train import verbose
+    from byol_ray.ray_connect import verbose
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress line of our own instead
