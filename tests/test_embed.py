@@ -219,6 +219,29 @@ def test_bad_inputs_are_one_line_and_exit_2(case, registered, ray_cluster, tmp_p
 
 
 @pytest.mark.slow
+def test_a_prepared_beton_is_embedded_with_its_labels(registered, cifar_small, ray_cluster, tmp_path, capsys):
+    from ffcv.reader import Reader
+
+    from byol_ray import cli
+    from byol_ray.data.prepare import prepare
+
+    beton = tmp_path / "val.beton"
+    prepare(str(cifar_small[1]), str(beton), progress=False, num_workers=1)
+    out = tmp_path / "emb"
+    code = cli.main(["embed", "--model", registered["ref"], "--data", str(beton), "--out", str(out), "--json",
+                     f"mlflow.tracking_uri={registered['uri']}"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    table = _table(out)
+    reader = Reader(str(beton))
+    labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+    assert table["path"] == [f"#{i}" for i in range(200)] and table["label"] == [int(v) for v in labels]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source_kind"] == "beton" and manifest["rows"] == 200
+    assert manifest["class_names"] == sorted(p.name for p in cifar_small[1].iterdir())
+
+
+@pytest.mark.slow
 def test_a_killed_embed_resumes_without_recomputing_complete_shards(registered, cifar_small, tmp_path):
     out = tmp_path / "val"
     args = [str(BIN / "byol-ray"), "embed", "--model", registered["ref"], "--data", str(cifar_small[0]), "--out",

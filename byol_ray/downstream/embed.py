@@ -195,17 +195,17 @@ def shown(where: Location) -> str:
 
 
 def check_on_every_node(images: ImageList) -> None:
-    """On a multi-node cluster, a local ``--data`` folder must be readable on every node (a shared mount): the
-    decode tasks run wherever Ray places them. One tiny task per alive node reads the first image's size."""
+    """On a multi-node cluster, a local ``--data`` folder or .beton must be readable on every node (a shared mount):
+    the decode tasks run wherever Ray places them. One tiny task per alive node looks for the first image."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if images.kind != "folder" or is_uri(images.root):
+    if is_uri(images.root):
         return
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
-    first = os.path.join(images.root, images.paths[0])
+    first = images.root if images.kind == "beton" else os.path.join(images.root, images.paths[0])
     probe = ray.remote(num_cpus=0)(os.path.isfile)
     found = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(first)
                      for n in nodes])
@@ -398,8 +398,8 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
         dim: the encoder's output width D.
 
     Returns:
-        {rows_written, skipped (count), skipped_examples, images_per_s, seconds, nodes {node id: rows}}
-        for this invocation (shards done before are not counted).
+        {rows_written, skipped (count), skipped_examples, images_per_s, seconds, nodes {node id: rows}, startup_s
+        (until the first rows came back)} for this invocation (shards done before are not counted).
     """
     import pyarrow as pa
     import ray
@@ -409,7 +409,7 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
                            for s in pending]) if pending else np.zeros(0, np.int64)
     stats = {"rows_written": 0, "skipped": 0, "skipped_examples": [], "nodes": {}, "shards_written": 0}
     if len(todo) == 0:
-        return {**stats, "images_per_s": 0.0, "seconds": 0.0}
+        return {**stats, "images_per_s": 0.0, "seconds": 0.0, "startup_s": 0.0}
     from byol_ray.ray_connect import verbose
 
     ctx = ray.data.DataContext.get_current()
@@ -453,7 +453,10 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
     seen = {s: 0 for s in pending}
     began = last_said = time.monotonic()
     processed = 0
+    first = None  # when the first rows came back: the pipeline's start-up (actors, model, first decode) is over
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first = (time.monotonic() - began,)
         for j in range(len(batch["index"])):
             index = int(batch["index"][j])
             shard = index // plan.shard_size
@@ -484,7 +487,8 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
                            f"{[expected[s] for s in buffers]} rows came back); they were not written")
     for shard in pending:
         stats["skipped_examples"].extend(bad[shard][:MAX_SKIPPED_LISTED - len(stats["skipped_examples"])])
-    return {**stats, "images_per_s": processed / seconds if seconds > 0 else 0.0, "seconds": seconds}
+    return {**stats, "images_per_s": processed / seconds if seconds > 0 else 0.0, "seconds": seconds,
+            "startup_s": first[0] if first else 0.0}
 
 
 def summarise(out: Location, plan: Plan) -> dict[str, Any]:
