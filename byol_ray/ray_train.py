@@ -23,6 +23,7 @@ from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
 from byol_ray.ray_connect import VERBOSE_ENV, init_ray, verbose  # noqa: F401 - also this module's public names
 from byol_ray.run_tags import SUBMISSION_ID_ENV, ray_job_submission_id
+from byol_ray.signals import sigterm_raises
 from byol_ray.storage import Location, check_writable, is_uri
 from byol_ray.tracker import RUN_ID_FILE
 
@@ -311,7 +312,7 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (folder / RUN_ID_FILE).unlink()  # a new run never reopens an older run's MLflow run
     try:
-        with session.sigterm_raises(), _sigint_restored():
+        with sigterm_raises(), _sigint_restored():
             result = build_trainer(cfg).fit()
         if result.error:
             raise result.error

@@ -7,15 +7,12 @@ to resume from, and the reporter that saves checkpoints their way.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shlex
-import signal
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,25 +41,6 @@ RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.val", "train.log_e
                   "eval.cpus", "eval.knn_k", "eval.knn_temperature", "eval.bank_size", "eval.val_size",
                   "eval.batch_size",
                   "mlflow.register_name", "mlflow.system_metrics_every_s")
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """SIGTERM (`timeout`, `docker stop`, Kubernetes, `ray job stop`) as ``SystemExit(143)``: the run can flush its
-    metrics and close its MLflow run KILLED before the process ends (Python's default is to die on the spot).
-    `ray job stop` sends SIGKILL a few seconds later, so what follows must be quick."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- where a run lives

@@ -16,6 +16,7 @@ from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
 from byol_ray.run_tags import ray_job_submission_id
 from byol_ray.storage import is_uri
+from byol_ray.signals import sigterm_raises
 
 
 class LocalReporter:
@@ -87,7 +88,7 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         state = session.load_resume_state(cfg, map_location=device)
     folder = session.run_dir(cfg)
     try:
-        with session.sigterm_raises():
+        with sigterm_raises():
             outcome = session.run(cfg, session.Placement(device), state=state,
                                   make_reporter=lambda printer: LocalReporter(folder, checkpoints, printer,
                                                                               num_to_keep=cfg.ray.num_to_keep, cfg=cfg))

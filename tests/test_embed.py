@@ -6,6 +6,7 @@ model card's evaluation transform, rebuilt here from the card's own words (not f
 from __future__ import annotations
 
 import base64
+import re
 import json
 import os
 import shutil
@@ -144,6 +145,7 @@ def val_embeddings(registered, dirty_val, tmp_path_factory):
     return {"out": out, "result": json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
+@pytest.mark.slow
 def test_embeddings_equal_the_registered_model_on_the_cards_transform(registered, val_embeddings, dirty_val):
     out, result = val_embeddings["out"], val_embeddings["result"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -175,6 +177,7 @@ def test_embeddings_equal_the_registered_model_on_the_cards_transform(registered
     assert run.data.tags["data.source"] == str(dirty_val) and run.data.metrics["embed_rows"] == 200
 
 
+@pytest.mark.slow
 def test_the_same_command_again_does_nothing_and_another_source_is_refused(registered, val_embeddings, dirty_val,
                                                                            cifar_small):
     out = val_embeddings["out"]
@@ -379,3 +382,51 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- pure parts, no Ray
+
+
+def test_listing_reaches_any_depth_and_labels_only_class_folders(tmp_path):
+    from PIL import Image
+
+    from byol_ray.downstream.embed import list_images
+
+    for rel in ("b/x.png", "a/deep/er/y.jpg", "a/z.JPEG"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (5, 7)).save(tmp_path / rel)
+    (tmp_path / "a" / "notes.txt").write_text("skip me")
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"skip me")
+    listed = list_images(str(tmp_path))
+    assert listed.paths == ["a/deep/er/y.jpg", "a/z.JPEG", "b/x.png"] and listed.class_names == ["a", "b"]
+    assert listed.labels.tolist() == [0, 0, 1]
+    assert list_images(str(tmp_path), labels="none").labels is None
+    Image.new("RGB", (5, 7)).save(tmp_path / "loose.png")  # an image beside the folders: no classes
+    loose = list_images(str(tmp_path))
+    assert loose.labels is None and len(loose) == 4 and loose.digest != listed.digest
+
+
+def test_served_requests_decode_images_as_clients_send_them():
+    import io
+
+    from PIL import Image
+
+    from byol_ray.downstream.serve import decode_request
+
+    png = io.BytesIO()
+    Image.new("RGBA", (9, 4), (10, 20, 30, 40)).save(png, format="PNG")
+    images, single = decode_request(png.getvalue(), "image/png")
+    assert single and images[0].shape == (4, 9, 3) and images[0][0, 0].tolist() == [10, 20, 30]
+    grey = [[0, 255], [7, 9]]
+    body = json.dumps({"images": [base64.b64encode(png.getvalue()).decode()], "arrays": [grey]}).encode()
+    images, single = decode_request(body, "application/json; charset=utf-8")
+    assert not single and images[1].shape == (2, 2, 3) and images[1][1, 0].tolist() == [7, 7, 7]
+    for body, kind, said in ((b"", "image/jpeg", "empty body"), (b"GIF?", "image/gif", "not an image format"),
+                             (b"{", "application/json", "does not parse"),
+                             (b'{"pixels": []}', "application/json", '{"images"'),
+                             (b'{"images": ["%%%"]}', "application/json", "images[0] is not base64"),
+                             (b'{"arrays": [[[[1, 2]]]]}', "application/json", "arrays[0]: an array image must be"),
+                             (b'{"arrays": [[[300]]]}', "application/json", "arrays[0]"),
+                             (b'{"arrays": [[[0, 0], [0, 256]]]}', "application/json", "0..255")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            decode_request(body, kind)

@@ -368,6 +368,7 @@ def cmd_embed(args) -> tuple[int, dict]:
     from byol_ray.ray_connect import init_ray
     from byol_ray.registry import load_encoder
     from byol_ray.run_tags import ray_job_submission_id
+    from byol_ray.signals import sigterm_raises
     from byol_ray.storage import check_writable, is_uri
 
     for flag, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency),
@@ -417,8 +418,14 @@ def cmd_embed(args) -> tuple[int, dict]:
     _say(f"embed {plan.model} over {plan.num_images:,} images of {plan.source} -> {shown(out)} "
          f"({plan.num_shards} shards of {plan.shard_size}; {settings.concurrency} encoder actor(s), "
          f"{settings.num_gpus:g} GPU each)")
-    with JobRecord(uri, experiment, "embed", info, args.model, params, data) as record:
-        stats = run_embed(encoder, images, plan, out, done, settings, dim)
+    with sigterm_raises(), JobRecord(uri, experiment, "embed", info, args.model, params, data) as record:
+        try:
+            stats = run_embed(encoder, images, plan, out, done, settings, dim)
+        except (KeyboardInterrupt, SystemExit):
+            complete = len(open_dest(args.out, plan)[2])
+            _say(f"stopped: {complete}/{plan.num_shards} shards of {shown(out)} are complete and kept; the same "
+                 f"command continues with the rest")
+            raise
         totals = summarise(out, plan)
         if totals["rows"] == 0:
             if created:

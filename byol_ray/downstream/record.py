@@ -75,4 +75,5 @@ class JobRecord:
         if self.run_id is not None and not self._finished:
             with contextlib.suppress(Exception):
                 self.client.set_tag(self.run_id, "error", f"{exc_type.__name__ if exc_type else 'unfinished'}: {exc}")
-                self.client.set_terminated(self.run_id, status="FAILED" if exc_type else "KILLED")
+                stopped = exc_type is None or issubclass(exc_type, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM
+                self.client.set_terminated(self.run_id, status="KILLED" if stopped else "FAILED")
