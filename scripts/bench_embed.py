@@ -15,6 +15,12 @@ Part 2, the served encoder (``byol-ray serve``'s deployment on the same in-proce
 posting JPEGs.
 
     .venv/bin/python scripts/bench_embed.py --images 1500 --rounds 3 [--write]
+
+Part 3 (``--scaling``, on its own): scaling with encoder actors across nodes. A loopback Ray cluster of two nodes
+with one CPU each (a head and a second node, separate raylets); paired rounds of ``run_embed`` with 1 actor
+(one node) and 2 actors (both nodes) on the same ``--images`` images, reported as images/s and the median ratio.
+
+    .venv/bin/python scripts/bench_embed.py --scaling --images 2000 --rounds 3 [--write]
 """
 from __future__ import annotations
 
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="encoder actors of the Ray Data path (1 CPU each)")
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes of the plain loop")
     parser.add_argument("--serve-batch-sizes", default="1,8,32")
+    parser.add_argument("--scaling", action="store_true", help="only part 3: 1 vs 2 actors on a two-node cluster")
     parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -176,6 +183,8 @@ def main() -> None:
     plan_args = dict(model=info.uri, source=every.root, source_kind="folder", source_digest=every.digest,
                      num_images=len(every), resolution=resolution, center_crop_ratio=224 / 256, shard_size=100000,
                      transform=eval_transform(resolution), class_names=every.class_names, dim=dim)
+    if args.scaling:
+        return scaling(args, encoder, small, plan_args, work)
     init_ray()
     import ray
 
@@ -237,6 +246,56 @@ def main() -> None:
               "| max_batch_size | p50 latency, ms | p95 latency, ms | 16 clients, images/s |", "|---|---|---|---|"]
     lines += [f"| {r['max_batch_size']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['concurrent16_img_s']:.1f} |"
               for r in serve_rows]
+    with open(REPO / "docs" / "benchmarks.md", "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("appended to docs/benchmarks.md", file=sys.stderr)
+
+
+def scaling(args, encoder, images, plan_args: dict, work: Path) -> None:
+    """Part 3: 1 vs 2 encoder actors on a loopback two-node cluster of one CPU per node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from byol_ray.downstream.embed import EmbedSettings
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        one = EmbedSettings(batch_size=args.batch_size, concurrency=1, progress_every_s=1e9)
+        two = EmbedSettings(batch_size=args.batch_size, concurrency=2, progress_every_s=1e9)
+        ray_path(encoder, images, plan_args, two, work / "scale-warm")
+        load_start = os.getloadavg()
+        rounds = []
+        for r in range(args.rounds):
+            a = len(images) / ray_path(encoder, images, plan_args, one, work / f"scale{r}-1")
+            b = len(images) / ray_path(encoder, images, plan_args, two, work / f"scale{r}-2")
+            rounds.append((a, b))
+            print(f"round {r + 1}: 1 actor {a:.1f} img/s, 2 actors on 2 nodes {b:.1f} img/s, ratio {b / a:.3f}",
+                  flush=True)
+        load_end = os.getloadavg()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    ratios = [b / a for a, b in rounds]
+    med = statistics.median
+    print(json.dumps({"one": med(a for a, _ in rounds), "two": med(b for _, b in rounds), "median_ratio": med(ratios),
+                      "range": [min(ratios), max(ratios)], "load_start": load_start, "load_end": load_end}))
+    if not args.write:
+        return
+    lines = [f"\n## Embeddings: scaling with encoder actors on a two-node loopback cluster ({time.strftime('%Y-%m-%d')})\n",
+             f"`.venv/bin/python scripts/bench_embed.py --scaling --images {len(images)} --rounds {args.rounds} "
+             f"--write`: a head and a second node (separate raylets) of 1 CPU each on the 2-core machine; "
+             f"`run_embed` on {len(images)} real CIFAR-10 JPEGs, {args.encoder} at 32 px, batch {args.batch_size}, "
+             f"with 1 encoder actor (one node) and with 2 (one per node), {args.rounds} interleaved paired rounds "
+             f"after a warm-up; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end (1 min). The two "
+             f"nodes share the machine's two cores, so 2.0x is the ceiling.\n",
+             "| round | 1 actor, images/s | 2 actors on 2 nodes, images/s | ratio |", "|---|---|---|---|"]
+    lines += [f"| {i + 1} | {a:.1f} | {b:.1f} | {b / a:.3f} |" for i, (a, b) in enumerate(rounds)]
+    lines += [f"| **median** | {med(a for a, _ in rounds):.1f} | {med(b for _, b in rounds):.1f} | "
+              f"**{med(ratios):.3f}** (range {min(ratios):.3f}–{max(ratios):.3f}) |"]
     with open(REPO / "docs" / "benchmarks.md", "a") as fh:
         fh.write("\n".join(lines) + "\n")
     print("appended to docs/benchmarks.md", file=sys.stderr)
