@@ -10,7 +10,7 @@ def say(message: str) -> None:
     print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
 
 
-def _fmt_eta(seconds: float) -> str:
+def fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -35,7 +35,7 @@ class ProgressPrinter:
                  f"proj_std {metrics['projection_std']:.4f}"]
         if "classifier_acc" in metrics:
             parts.append(f"probe_acc {metrics['classifier_acc']:.3f}")
-        parts += [f"{metrics.get('images_per_s', 0):.0f} img/s", f"ETA {_fmt_eta(eta)}"]
+        parts += [f"{metrics.get('images_per_s', 0):.0f} img/s", f"ETA {fmt_eta(eta)}"]
         return " | ".join(parts)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:

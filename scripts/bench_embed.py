@@ -189,10 +189,10 @@ def main() -> None:
     import ray
 
     settings = EmbedSettings(batch_size=args.batch_size, concurrency=args.concurrency, progress_every_s=1e9)
+    load_start = os.getloadavg()  # before the warm-up: how quiet the machine was
     # warm-up of both (worker processes, imports, page cache), not timed
     ray_path(encoder, small, plan_args, settings, work / "warm")
     plain_loop(encoder, root, small.paths, resolution, args.batch_size, args.loader_workers)
-    load_start = os.getloadavg()
     rounds = []
     for r in range(args.rounds):
         t = {"A": {}, "B": {}}
@@ -229,7 +229,8 @@ def main() -> None:
              f"decode into them), Parquet written. B: a DataLoader with {args.loader_workers} decode processes and "
              f"the model in the main process. Each of {args.rounds} interleaved paired rounds times A and B on N = "
              f"{n} and 2N = {2 * n} images, after one warm-up of each; whole = N / T(N), marginal = N / (T(2N) - "
-             f"T(N)), the rate once each path's fixed start-up is paid. Load average {load_start[0]:.2f} at start, "
+             f"T(N)), the rate once each path's fixed start-up is paid. Load average {load_start[0]:.2f} before the "
+             f"warm-up, "
              f"{load_end[0]:.2f} at end (1 min; the benchmark itself keeps both cores busy).\n",
              "| round | A whole | B whole | A/B whole | A marginal | B marginal | A/B marginal |",
              "|---|---|---|---|---|---|---|"]
@@ -266,8 +267,8 @@ def scaling(args, encoder, images, plan_args: dict, work: Path) -> None:
     try:
         one = EmbedSettings(batch_size=args.batch_size, concurrency=1, progress_every_s=1e9)
         two = EmbedSettings(batch_size=args.batch_size, concurrency=2, progress_every_s=1e9)
+        load_start = os.getloadavg()  # before the warm-up: how quiet the machine was
         ray_path(encoder, images, plan_args, two, work / "scale-warm")
-        load_start = os.getloadavg()
         rounds = []
         for r in range(args.rounds):
             a = len(images) / ray_path(encoder, images, plan_args, one, work / f"scale{r}-1")
@@ -290,7 +291,7 @@ def scaling(args, encoder, images, plan_args: dict, work: Path) -> None:
              f"--write`: a head and a second node (separate raylets) of 1 CPU each on the 2-core machine; "
              f"`run_embed` on {len(images)} real CIFAR-10 JPEGs, {args.encoder} at 32 px, batch {args.batch_size}, "
              f"with 1 encoder actor (one node) and with 2 (one per node), {args.rounds} interleaved paired rounds "
-             f"after a warm-up; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end (1 min). The two "
+             f"after a warm-up; load average {load_start[0]:.2f} before the warm-up, {load_end[0]:.2f} at end (1 min). The two "
              f"nodes share the machine's two cores, so 2.0x is the ceiling.\n",
              "| round | 1 actor, images/s | 2 actors on 2 nodes, images/s | ratio |", "|---|---|---|---|"]
     lines += [f"| {i + 1} | {a:.1f} | {b:.1f} | {b / a:.3f} |" for i, (a, b) in enumerate(rounds)]

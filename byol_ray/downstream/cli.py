@@ -344,6 +344,19 @@ def _knn_of_embeddings(args) -> tuple[int, dict]:
                "test": data["test_note"], **result}
 
 
+def _eval_settings(args, info) -> tuple[dict, int, float]:
+    """(the card's eval transform, resolution, centre-crop ratio): ``--resolution``/``--center-crop-ratio`` when
+    given, else the model card's."""
+    from byol_ray.preprocess import EVAL_CROP_RATIO
+
+    card = json.loads(info.tags.get("eval_transform") or "{}")
+    resolution = args.resolution or info.resolution or 224
+    ratio = args.center_crop_ratio or float(card.get("center_crop_ratio", EVAL_CROP_RATIO))
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"--center-crop-ratio {ratio} must lie in (0, 1]")
+    return card, resolution, ratio
+
+
 def _num_gpus(value: str) -> float:
     if value != "auto":
         try:
@@ -364,7 +377,7 @@ def cmd_embed(args) -> tuple[int, dict]:
     from byol_ray.downstream.embed import (MANIFEST, EmbedSettings, Plan, check_on_every_node, list_images, open_dest,
                                            run_embed, shown, summarise)
     from byol_ray.downstream.record import JobRecord
-    from byol_ray.preprocess import EVAL_CROP_RATIO, to_model_input
+    from byol_ray.preprocess import to_model_input
     from byol_ray.ray_connect import init_ray
     from byol_ray.registry import load_encoder
     from byol_ray.run_tags import ray_job_submission_id
@@ -380,11 +393,7 @@ def cmd_embed(args) -> tuple[int, dict]:
     uri = _store(cfg)
     encoder, info = load_encoder(args.model, tracking_uri=uri, expect_arch=args.expect_arch)
     images = list_images(args.data, args.labels)
-    card = json.loads(info.tags.get("eval_transform") or "{}")
-    resolution = args.resolution or info.resolution or 224
-    ratio = args.center_crop_ratio or float(card.get("center_crop_ratio", EVAL_CROP_RATIO))
-    if not 0 < ratio <= 1:
-        raise ConfigError(f"--center-crop-ratio {ratio} must lie in (0, 1]")
+    card, resolution, ratio = _eval_settings(args, info)
     plan = Plan(model=info.uri, source=images.root, source_kind=images.kind, source_digest=images.digest,
                 num_images=len(images), resolution=resolution, center_crop_ratio=ratio, shard_size=args.shard_size,
                 transform={**card, "center_crop_ratio": ratio, "resize_to": [resolution, resolution]},
@@ -459,7 +468,6 @@ def cmd_serve(args) -> tuple[int, dict]:
     import signal
     import threading
 
-    from byol_ray.preprocess import EVAL_CROP_RATIO
     from byol_ray.ray_connect import init_ray
     from byol_ray.registry import describe
 
@@ -474,11 +482,7 @@ def cmd_serve(args) -> tuple[int, dict]:
     if args.expect_arch is not None and info.architecture != args.expect_arch:
         raise ConfigError(f"{args.model} (version {info.version}) is a {info.architecture or 'untagged'} encoder, "
                           f"not the expected {args.expect_arch}")
-    card = json.loads(info.tags.get("eval_transform") or "{}")
-    resolution = args.resolution or info.resolution or 224
-    ratio = args.center_crop_ratio or float(card.get("center_crop_ratio", EVAL_CROP_RATIO))
-    if not 0 < ratio <= 1:
-        raise ConfigError(f"--center-crop-ratio {ratio} must lie in (0, 1]")
+    _, resolution, ratio = _eval_settings(args, info)
     embedded = not os.environ.get("RAY_ADDRESS")
     init_ray()
     from ray import serve

@@ -33,7 +33,7 @@ import numpy as np
 from byol_ray.config import ConfigError
 from byol_ray.data.sources import IMAGE_EXTENSIONS
 from byol_ray.storage import Location, is_uri, location
-from byol_ray.progress import say as _say
+from byol_ray.progress import fmt_eta, say as _say
 
 FORMAT = "byol-ray-embeddings/1"
 MANIFEST = "manifest.json"
@@ -321,19 +321,20 @@ class EncodeBatch:
         import ray
         import torch
 
+        from byol_ray.downstream.features import wants_bf16
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder = ray.get(encoder_ref[0]).to(self.device).eval()
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.bf16 = wants_bf16(precision, self.device)
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from byol_ray.preprocess import to_model_input
+        from byol_ray.downstream.features import encode
 
         images = torch.from_numpy(np.require(batch.pop("image"), requirements="W")).to(self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            embedding = self.encoder(to_model_input(images)).float().cpu().numpy()
+        embedding = encode(self.encoder, images, bf16=self.bf16).numpy()
         return {**batch, "embedding": embedding, "node": np.array([self.node] * len(embedding), dtype=object)}
 
 
@@ -378,11 +379,6 @@ def _write_shard(out: Location, shard: int, rows: list[dict], skipped: list[list
     (out / f"{shard_name(shard)}.json").write_text(json.dumps({"shard": shard, "rows": len(rows),
                                                                  "skipped": skipped}))
 
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[int],
@@ -479,7 +475,7 @@ def run_embed(encoder, images: ImageList, plan: Plan, out: Location, done: set[i
             last_said = now
             rate = processed / (now - began)
             _say(f"embed: {processed:,}/{len(todo):,} images ({processed / len(todo):.0%}), {rate:,.0f} img/s, "
-                 f"ETA {_fmt_duration((len(todo) - processed) / max(rate, 1e-9))}; "
+                 f"ETA {fmt_eta((len(todo) - processed) / max(rate, 1e-9))}; "
                  f"{len(done) + stats['shards_written']}/{plan.num_shards} shards written")
     seconds = time.monotonic() - began
     if buffers:  # every row is accounted for when the stream ends; anything left is a bug, not a partial shard

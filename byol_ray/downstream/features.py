@@ -35,3 +35,16 @@ def extract_features(encoder: nn.Module, loader: Iterable[tuple[torch.Tensor, to
     if not feats:
         raise ValueError("the eval loader yielded no batches; is the split empty or the batch larger than it?")
     return torch.cat(feats), torch.cat(labels)
+
+
+def wants_bf16(precision: str, device: torch.device) -> bool:
+    """``embed``/``serve``'s ``--precision``: 'bf16', 'fp32', or 'auto' (bf16 on CUDA, fp32 elsewhere)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, images: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """uint8 [B, 3, R, R] eval crops on the encoder's device -> float32 [B, D] features on the CPU (bf16 autocast
+    when asked). The per-batch step of ``embed``'s encoder actors and ``serve``'s replicas."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return encoder(to_model_input(images)).float().cpu()

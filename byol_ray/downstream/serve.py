@@ -101,12 +101,13 @@ class EncoderService:
                  precision: str = "auto", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01) -> None:
         import torch
 
+        from byol_ray.downstream.features import wants_bf16
         from byol_ray.registry import load_encoder
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         encoder, info = load_encoder(model_uri, tracking_uri=tracking_uri, map_location=self.device)
         self.encoder = encoder.to(self.device).eval()
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.bf16 = wants_bf16(precision, self.device)
         self.resolution, self.center_crop_ratio = resolution, center_crop_ratio
         self.card = {"model": info.uri, "feature_dim": info.feature_dim, "resolution": resolution,
                      "center_crop_ratio": center_crop_ratio, "device": str(self.device),
@@ -119,12 +120,9 @@ class EncoderService:
         """uint8 [3, R, R] crops from concurrent requests -> one encoder call -> a [D] list per crop."""
         import torch
 
-        from byol_ray.preprocess import to_model_input
+        from byol_ray.downstream.features import encode
 
-        x = torch.stack(crops).to(self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            y = self.encoder(to_model_input(x)).float().cpu()
-        return y.tolist()
+        return encode(self.encoder, torch.stack(crops).to(self.device), bf16=self.bf16).tolist()
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
