@@ -40,6 +40,7 @@ def git_commit(folder: str | Path | None = None) -> dict[str, str]:
 SUBMISSION_ID_ENV = "BYOL_RAY_SUBMISSION_ID"  # the driver's Ray job submission id, handed to its workers
 IMAGE_ENV = "BYOL_RAY_IMAGE"  # set in the runtime image (Dockerfile): its tag
 IMAGE_COMMIT_ENV = "BYOL_RAY_GIT_COMMIT"  # baked into the image: the commit it was built from
+IMAGE_DIRTY_ENV = "BYOL_RAY_GIT_DIRTY"  # baked into the image: 'true' when built from uncommitted changes
 
 
 def ray_job_submission_id() -> str:
@@ -53,12 +54,19 @@ def ray_job_submission_id() -> str:
     return str((config.get("metadata") or {}).get("job_submission_id", ""))
 
 
+def image_dirty() -> str:
+    """'true' when the runtime image was built from a tree with uncommitted changes (`make image
+    ALLOW_DIRTY=1`), else 'false'. Anything but an explicit true/1/yes reads as clean: the image
+    records what `make image` passed, and an image built without the variable predates it."""
+    return "true" if os.environ.get(IMAGE_DIRTY_ENV, "").strip().lower() in ("true", "1", "yes") else "false"
+
+
 def code_version(folder: str | Path | None = None) -> dict[str, str]:
-    """The code a run used: the checkout's commit, else the commit baked into the runtime image; and the
-    image's tag when the run is inside one."""
+    """The code a run used: the checkout's commit, else the commit baked into the runtime image (and
+    whether that image was built from uncommitted changes); and the image's tag when the run is inside one."""
     tags = git_commit(folder)
     if not tags and os.environ.get(IMAGE_COMMIT_ENV):
-        tags = {"git_commit": os.environ[IMAGE_COMMIT_ENV], "git_dirty": "false"}
+        tags = {"git_commit": os.environ[IMAGE_COMMIT_ENV], "git_dirty": image_dirty()}
     if os.environ.get(IMAGE_ENV):
         tags["image"] = os.environ[IMAGE_ENV]
     return tags
