@@ -7,8 +7,16 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-# The runtime image the cluster manifests name (cluster/); ghcr.io/byol-ray is a placeholder registry.
-IMAGE ?= ghcr.io/byol-ray/byol-ray:$(VERSION)
+# The runtime image the cluster manifests name (cluster/), tagged with the commit it is built from
+# (12 hex digits), so a tag names one build of one tree; the version is only a label on it.
+# ghcr.io/byol-ray is a placeholder registry. What the image is built from: the Dockerfile and the
+# .dockerignore allowlist; uncommitted changes there (untracked files included) make the tree dirty,
+# edits elsewhere (cluster/, docs/) do not change the image. Evaluated only when used (make image).
+IMAGE_REPO ?= ghcr.io/byol-ray/byol-ray
+IMAGE_INPUTS = Dockerfile .dockerignore $(shell sed -n 's/^!//p' .dockerignore)
+GIT_SHA = $(shell git rev-parse --short=12 HEAD 2>/dev/null)
+GIT_DIRTY = $(if $(shell git status --porcelain -- $(IMAGE_INPUTS) 2>/dev/null),true,false)
+IMAGE ?= $(IMAGE_REPO):$(GIT_SHA)$(if $(filter true,$(GIT_DIRTY)),-dirty)
 
 .PHONY: setup demo test test-fast bench lock image clean
 
@@ -42,11 +50,21 @@ lock:
 	 } > requirements.lock.tmp && mv requirements.lock.tmp requirements.lock
 	@echo "wrote requirements.lock ($$(grep -c '==' requirements.lock) pins)"
 
-# The runtime image (Dockerfile). Push it yourself: docker push $(IMAGE)
+# The runtime image (Dockerfile), tagged with HEAD's commit. Refuses uncommitted changes in what the
+# image is built from; ALLOW_DIRTY=1 builds anyway, tags <sha>-dirty and bakes BYOL_RAY_GIT_DIRTY=true
+# in (every run's MLflow tag git_dirty says so). Push it yourself: docker push <the tag it prints>.
 image:
-	@git diff --quiet HEAD -- || echo "make image: warning: uncommitted changes; the image is tagged with HEAD" >&2
+	@test -n "$(GIT_SHA)" || { echo "make image: not a git checkout; the image is tagged with its commit" >&2; exit 2; }
+	@if [ "$(GIT_DIRTY)" = true ] && [ "$(ALLOW_DIRTY)" != 1 ]; then \
+	  echo "make image: uncommitted changes in what the image is built from:" >&2; \
+	  git status --short -- $(IMAGE_INPUTS) >&2; \
+	  echo "make image: commit them (the tag is the commit), or build anyway with ALLOW_DIRTY=1 (tag $(GIT_SHA)-dirty)" >&2; \
+	  exit 2; fi
 	docker build -t $(IMAGE) --build-arg BYOL_RAY_IMAGE=$(IMAGE) \
-	  --build-arg BYOL_RAY_GIT_COMMIT=$$(git rev-parse HEAD) .
+	  --build-arg BYOL_RAY_GIT_COMMIT=$$(git rev-parse HEAD) --build-arg BYOL_RAY_GIT_DIRTY=$(GIT_DIRTY) \
+	  --label org.opencontainers.image.revision=$$(git rev-parse HEAD) \
+	  --label org.opencontainers.image.version=$(VERSION) .
+	@echo "make image: built $(IMAGE); push it and point cluster/ at it (docs/cluster.md, step 1)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

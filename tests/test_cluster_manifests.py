@@ -8,11 +8,16 @@ cloud, a registry, a Docker daemon or a Kubernetes API.
 """
 from __future__ import annotations
 
+import configparser
 import copy
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,7 +32,7 @@ from referencing import Registry, Resource
 
 from byol_ray.cli import build_parser
 from byol_ray.config import PRESETS_DIR, ConfigError, load_config
-from byol_ray.run_tags import IMAGE_COMMIT_ENV, IMAGE_ENV
+from byol_ray.run_tags import IMAGE_COMMIT_ENV, IMAGE_DIRTY_ENV, IMAGE_ENV
 from byol_ray.session import check_outputs_outlive_job, storage_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +74,35 @@ def _under_shared(value: str) -> bool:
     return value.startswith(SHARED + "/")
 
 
+PLACEHOLDER_TAG = "GIT_SHA"  # what the committed manifests carry until `make image`'s tag is put in (docs, step 1)
+
+
+def image_repo() -> str:
+    """The repository `make image` tags into (the Makefile's IMAGE_REPO)."""
+    match = re.search(r"^IMAGE_REPO \?= (\S+)$", MAKEFILE.read_text(), flags=re.M)
+    assert match, "Makefile no longer sets a default IMAGE_REPO ?= ..."
+    return match.group(1)
+
+
+def image_ref_problems(image: str) -> list[str]:
+    """A runtime-image reference as `make image` writes it: the Makefile's repository, tagged with a commit (12 hex
+    digits) or the manifests' placeholder; never a version tag, `latest` or a -dirty build."""
+    repo, _, tag = image.rpartition(":")
+    if "@sha256:" in image:
+        repo, tag = image.split("@", 1)[0], PLACEHOLDER_TAG  # a digest pin is as good as a commit tag
+    problems = []
+    if repo != image_repo():
+        problems.append(f"{image}: not the repository `make image` tags ({image_repo()})")
+    if not re.fullmatch(rf"[0-9a-f]{{12}}|{PLACEHOLDER_TAG}", tag):
+        problems.append(f"{image}: tag {tag!r} is not a commit tag from `make image` (12 hex digits, or {PLACEHOLDER_TAG})")
+    return problems
+
+
 def pinned_image() -> str:
-    """The runtime image every node runs: `make image`'s default tag, at pyproject's version."""
-    match = re.search(r"^IMAGE \?= (\S+)$", MAKEFILE.read_text(), flags=re.M)
-    assert match, "Makefile no longer sets a default IMAGE ?= ..."
-    return match.group(1).replace("$(VERSION)", _pyproject()["project"]["version"])
+    """The runtime image every node runs: the one aws-gpu.yaml names (every other manifest must name the same)."""
+    image = _load(AWS_YAML)["docker"]["image"]
+    assert image_ref_problems(image) == [], image_ref_problems(image)
+    return image
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -112,7 +141,7 @@ def core_validators() -> dict[str, jsonschema.Validator]:
     """Structural subsets for the core kinds (tests/schemas/core/SOURCE.md), not the API server's schema."""
     docs, registry = _schema_registry()
     out = {}
-    for kind in ("Deployment", "Service", "Job"):
+    for kind in ("Deployment", "Service", "Job", "ConfigMap", "NetworkPolicy"):
         schema = docs[f"core/{kind.lower()}.schema.json"]
         jsonschema.Draft202012Validator.check_schema(schema)
         out[kind] = jsonschema.Draft202012Validator(schema, registry=registry)
@@ -327,13 +356,66 @@ def _dockerignore_allows(path: str, ignore_text: str) -> bool:
     return allowed
 
 
-def dockerfile_problems(text: str, ignore_text: str) -> list[str]:
+def dockerfile_stages(text: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(base image, stage name or '', instructions) per FROM."""
+    stages: list[tuple[str, str, list]] = []
+    for instr, args in dockerfile_instructions(text):
+        if instr == "FROM":
+            words = args.split()
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else ""
+            stages.append((words[0], name, []))
+        elif stages:
+            stages[-1][2].append((instr, args))
+    return stages
+
+
+def _copy_parts(args: str) -> tuple[dict[str, str], list[str], str]:
+    flags = dict(f[2:].split("=", 1) for f in args.split() if f.startswith("--") and "=" in f)
+    parts = [p for p in args.split() if not p.startswith("--")]
+    return flags, parts[:-1], parts[-1]
+
+
+def neutralise_with_stage(run_args: str, pyproject_text: str) -> str | None:
+    """Run the `sed` of a Dockerfile RUN on pyproject text, as the build would; None when there is none."""
+    segment = next((seg.strip() for seg in run_args.split("&&") if seg.strip().startswith("sed ")), None)
+    if segment is None or shutil.which("sed") is None:
+        return None
+    tokens = shlex.split(segment.split(">", 1)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pyproject.toml"
+        path.write_text(pyproject_text)
+        argv = [tokens[0]] + [t for t in tokens[1:-1]] + [str(path)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        return path.read_text() if "-i" in tokens else out.stdout
+
+
+def lock_cuda(lock_text: str) -> str:
+    """The CUDA (major.minor) the locked torch runs on: its +cuXYZ variant, else the CUDA runtime wheels it pins
+    (cuda-toolkit, nvidia-cuda-runtime). Raises for a CPU-only torch: the GPU image needs a CUDA build."""
+    pins = lock_entries(lock_text)
+    torch_pin = pins.get("torch", "")
+    local = torch_pin.partition("+")[2]
+    if local == "cpu":
+        raise AssertionError(f"the lock pins a CPU-only torch ({torch_pin}); the GPU image needs a CUDA build")
+    if re.fullmatch(r"cu\d{3,}", local):
+        return f"{local[2:-1]}.{local[-1]}"
+    for name in ("cuda-toolkit", "nvidia-cuda-runtime", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime-cu13"):
+        if name in pins:
+            return ".".join(pins[name].split(".")[:2])
+    raise AssertionError("the lock pins no CUDA runtime for torch (cuda-toolkit / nvidia-cuda-runtime)")
+
+
+def dockerfile_problems(text: str, ignore_text: str, lock_text: str | None = None) -> list[str]:
     problems = []
-    instructions = dockerfile_instructions(text)
-    froms = [args for instr, args in instructions if instr == "FROM"]
-    if len(froms) != 1:
-        return [f"expected one FROM (one stage), found {len(froms)}"]
-    base = froms[0].split()[0]
+    stages = dockerfile_stages(text)
+    if not stages:
+        return ["no FROM"]
+    base = stages[-1][0]
+    for other, name, _ in stages[:-1]:
+        if other != base:
+            problems.append(f"stage {name or '?'} is FROM {other}, not the runtime base {base} (one base, one pull)")
     match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu", base)
     if not match:
         problems.append(f"base image {base} is not Ray's official GPU image rayproject/ray:X.Y.Z-pyXY-gpu")
@@ -348,12 +430,19 @@ def dockerfile_problems(text: str, ignore_text: str) -> list[str]:
             problems.append(f"base image Python {py[0]}.{py[1]} != the Python the tests run "
                             f"({sys.version_info.major}.{sys.version_info.minor})")
 
+    stage_runs = {name: [a for i, a in instrs if i == "RUN"] for _, name, instrs in stages[:-1] if name}
+    final = stages[-1][2]
     copied: list[str] = []
     setup_runs = []
-    for instr, args in instructions:
+    for instr, args in final:
         if instr in ("COPY", "ADD"):
-            parts = [p for p in args.split() if not p.startswith("--")]
-            for source in parts[:-1]:
+            flags, sources, dest = _copy_parts(args)
+            if "from" in flags:
+                for source in sources:
+                    if Path(source).name == "pyproject.toml":
+                        copied.append(f"pyproject.toml@{flags['from']}")
+                continue
+            for source in sources:
                 copied.append(source)
                 if not _dockerignore_allows(source, ignore_text):
                     problems.append(f"COPY {source}: excluded from the build context by .dockerignore")
@@ -361,25 +450,70 @@ def dockerfile_problems(text: str, ignore_text: str) -> list[str]:
             if re.search(r"\bpip3?\s+install\b|\bapt(-get)?\s+install\b|\bconda\s+install\b", args):
                 problems.append(f"RUN installs outside scripts/setup.sh (one source of truth): {args}")
             if "scripts/setup.sh" in args:
-                setup_runs.append((args, set(copied)))
+                setup_runs.append((args, list(copied)))
+                if not re.search(r"&&\s*(python3? -m )?pip3? check\b", args):
+                    problems.append(f"no `pip check` after this install: {args}")
     full = [(args, seen) for args, seen in setup_runs if "--system" in args.split() and "--deps-only" not in args]
+    deps = [(args, seen) for args, seen in setup_runs if "--deps-only" in args]
     if not full:
         problems.append("no RUN of `scripts/setup.sh --system` (the script make setup and CI run)")
     for args, seen in setup_runs:
-        missing = {"requirements.lock", "scripts/setup.sh", "pyproject.toml"} - seen
+        have = {"pyproject.toml" if c.startswith("pyproject.toml@") else c for c in seen}
+        missing = {"requirements.lock", "scripts/setup.sh", "pyproject.toml"} - have
         if missing:
             problems.append(f"setup.sh runs before {sorted(missing)} are copied in: {args}")
     for args, seen in full:
         if "byol_ray" not in seen:
             problems.append("the full setup.sh run comes before the byol_ray source is copied in")
+        if "pyproject.toml" not in seen:
+            problems.append("the full setup.sh run installs without the real pyproject.toml (its version)")
 
-    args_declared = {args.split("=")[0] for instr, args in instructions if instr == "ARG"}
-    env_text = " ".join(a for instr, a in instructions if instr == "ENV")
-    for var in (IMAGE_ENV, IMAGE_COMMIT_ENV):
+    # The dependency layer must not change with the version: its pyproject.toml is a neutralised copy.
+    if not deps:
+        problems.append("no cached dependency layer (`scripts/setup.sh --system --deps-only`)")
+    for args, seen in deps:
+        if "pyproject.toml" in seen:
+            problems.append("the dependency layer copies pyproject.toml itself: a version bump rebuilds it")
+        spec = [c.split("@", 1)[1] for c in seen if c.startswith("pyproject.toml@")]
+        if not spec:
+            problems.append("the dependency layer has no pyproject.toml copied from a version-neutralising stage")
+            continue
+        text_now = (REPO / "pyproject.toml").read_text()
+        bumped = re.sub(r'^version = "[^"]*"$', 'version = "99.1.2"', text_now, count=1, flags=re.M)
+        outs = []
+        for run in stage_runs.get(spec[-1], []):
+            a, b = neutralise_with_stage(run, text_now), neutralise_with_stage(run, bumped)
+            if a is not None:
+                outs.append((a, b))
+        if not outs:
+            problems.append(f"stage {spec[-1]} runs no sed over pyproject.toml")
+            continue
+        a, b = outs[-1]
+        import tomllib
+
+        if a != b:
+            problems.append(f"stage {spec[-1]}'s pyproject.toml still changes with the version: the 6 GB layer is rebuilt")
+        elif tomllib.loads(a)["project"]["dependencies"] != _pyproject()["project"]["dependencies"]:
+            problems.append(f"stage {spec[-1]} changes the dependency list, not only the version")
+
+    args_declared = {args.split("=")[0] for instr, args in final if instr == "ARG"}
+    env_text = " ".join(a for instr, a in final if instr == "ENV")
+    for var in (IMAGE_ENV, IMAGE_COMMIT_ENV, IMAGE_DIRTY_ENV):
         if var not in args_declared:
             problems.append(f"no build ARG {var}")
         if not re.search(rf"\b{var}=\$\{{?{var}\}}?", env_text):
             problems.append(f"ENV {var} is not set from its build ARG (the run tags read it)")
+
+    cuda = re.search(r'\bNVIDIA_REQUIRE_CUDA="?cuda>=([0-9]+\.[0-9]+)"?', env_text)
+    try:
+        want = lock_cuda(lock_text if lock_text is not None else LOCK.read_text())
+    except AssertionError as exc:
+        problems.append(str(exc))
+        want = None
+    if not cuda:
+        problems.append("no ENV NVIDIA_REQUIRE_CUDA=\"cuda>=X.Y\" (the CUDA the locked torch needs)")
+    elif want and cuda.group(1) != want:
+        problems.append(f"NVIDIA_REQUIRE_CUDA asks for cuda>={cuda.group(1)}, the locked torch is built for CUDA {want}")
     return problems
 
 
@@ -510,10 +644,73 @@ def mlflow_service_url(service: dict) -> str:
     return f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
 
 
-def mlflow_k8s_problems(deploy: dict, service: dict, claim: str) -> list[str]:
+def mlflow_image() -> str:
+    """MLflow's own image at the MLflow version the lock pins, its -full variant (basic auth needs Flask-WTF and
+    S3 artifacts boto3, which the plain image, `pip install mlflow` alone, lacks)."""
+    return f"ghcr.io/mlflow/mlflow:v{lock_entries(LOCK.read_text())['mlflow']}-full"
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _from_secret(env: dict[str, dict], name: str) -> tuple[str, str] | None:
+    ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref and "value" not in env.get(name, {}) else None
+
+
+def mlflow_auth_problems(docs: dict[str, dict], where: str = "mlflow.yaml") -> list[str]:
+    """Basic auth: the basic-auth app, admin credentials and the CSRF key from a Secret, the users' store where the
+    runs' store is (a file from the ConfigMap names it), MLflow's own image at the locked version, pulled at start."""
+    problems = []
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    if container["image"] != mlflow_image():
+        problems.append(f"{where}: image {container['image']} is not {mlflow_image()} (MLflow's own, locked version)")
+    if container.get("imagePullPolicy") != "Always" and "@sha256:" not in container["image"]:
+        problems.append(f"{where}: the MLflow image is neither pulled at every start nor pinned by digest")
+    if pod.get("enableServiceLinks") is not False:
+        problems.append(f"{where}: enableServiceLinks is not false (the Service mlflow sets MLFLOW_PORT in the pod)")
+    try:
+        params = mlflow_server_params(_container_command(container))
+    except Exception as exc:  # noqa: BLE001 - click's usage errors
+        return problems + [f"{where}: mlflow server does not parse: {exc}"]
+    if params.get("app_name") != "basic-auth":
+        problems.append(f"{where}: the server runs without authentication (--app-name basic-auth)")
+    env = _env(container)
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        if _from_secret(env, var) is None:
+            problems.append(f"{where}: {var} does not come from a Secret")
+    path = env.get("MLFLOW_AUTH_CONFIG_PATH", {}).get("value", "")
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    volume = volumes.get(mounts.get(str(Path(path).parent), ""), {})
+    cm_name = volume.get("configMap", {}).get("name")
+    cm = docs.get("ConfigMap", {})
+    if not path or cm_name is None or cm.get("metadata", {}).get("name") != cm_name:
+        problems.append(f"{where}: MLFLOW_AUTH_CONFIG_PATH={path!r} is not a file of the ConfigMap in this manifest")
+        return problems
+    ini = configparser.ConfigParser()
+    try:
+        ini.read_string(cm.get("data", {}).get(Path(path).name, ""))
+        db = ini["mlflow"]["database_uri"]
+        ini["mlflow"]["default_permission"]
+    except (KeyError, configparser.Error) as exc:
+        return problems + [f"{where}: {Path(path).name} is not a usable basic-auth config: {exc!r}"]
+    store_dir = str(Path(params["backend_store_uri"].split(":///", 1)[-1]).parent)
+    if db.startswith("sqlite:") and not (db.startswith("sqlite:////")
+                                         and str(Path(db.split(":///", 1)[1]).parent) == store_dir):
+        problems.append(f"{where}: the users' store {db} is not beside the runs' store ({store_dir}): lost with the pod")
+    if ini["mlflow"].get("admin_password"):
+        problems.append(f"{where}: an admin password is written in the ConfigMap")
+    return problems
+
+
+def mlflow_k8s_problems(docs: dict[str, dict], claim: str) -> list[str]:
     from mlflow.server.security_utils import is_allowed_host_header
 
-    problems = []
+    deploy, service = docs["Deployment"], docs["Service"]
+    problems = mlflow_auth_problems(docs)
     spec = deploy["spec"]
     if spec.get("replicas", 1) != 1 or spec.get("strategy", {}).get("type") != "Recreate":
         problems.append("the MLflow Deployment must be one replica with strategy Recreate (one SQLite writer)")
@@ -563,12 +760,17 @@ def test_aws_config_survives_ray_ups_own_preparation(aws):
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
+SPOT = "ray.worker.gpu.spot"  # aws-gpu.yaml's spot GPU node type
+ONDEMAND = "ray.worker.gpu.ondemand"
+
 AWS_MUTATIONS = {
     "typo'd top-level key": lambda c: c.update(setup_command=c.pop("setup_commands")),
-    "min_workers as a string": lambda c: c["available_node_types"]["ray.worker.gpu"].update(min_workers="2"),
+    "min_workers as a string": lambda c: c["available_node_types"][SPOT].update(min_workers="2"),
     "unknown docker key": lambda c: c["docker"].update(imagee=c["docker"]["image"]),
-    "node type without resources": lambda c: c["available_node_types"]["ray.worker.gpu"].pop("resources"),
-    "fractional GPU resource": lambda c: c["available_node_types"]["ray.worker.gpu"]["resources"].update(GPU=0.5),
+    "node type without resources": lambda c: c["available_node_types"][SPOT].pop("resources"),
+    "fractional GPU resource": lambda c: c["available_node_types"][SPOT]["resources"].update(GPU=0.5),
+    "unknown security_group key": lambda c: c["provider"]["security_group"].update(GroupId="sg-0123"),
+    "pull_before_run as a string": lambda c: c["docker"].update(pull_before_run="true"),
     "command list holding a mapping": lambda c: c["setup_commands"].append({"run": "pip install x"}),
 }
 
@@ -588,7 +790,7 @@ def test_aws_semantic_checks_reject_a_broken_config(aws, mutation):
     if mutation == "head type missing":
         broken["head_node_type"] = "ray.head.typo"
     else:
-        broken["available_node_types"]["ray.worker.gpu"]["min_workers"] = broken["max_workers"] + 1
+        broken["available_node_types"][SPOT]["min_workers"] = broken["max_workers"] + 1
     with pytest.raises((ValueError, KeyError, AssertionError)):
         validate_config(prepare_config(broken))
 
@@ -642,27 +844,163 @@ def aws_problems(cfg: dict) -> list[str]:
     return problems
 
 
-def aws_capacity_problems(cfg: dict, ray_cfg) -> list[str]:
-    """What is up when `ray up` returns: byol-ray checks it before starting workers (no autoscaling wait)."""
-    gpus = cpus = 0
+def _gpu_worker_types(cfg: dict) -> dict[str, dict]:
+    return {name: node for name, node in cfg["available_node_types"].items()
+            if name != cfg["head_node_type"] and node["resources"].get("GPU", 0) > 0}
+
+
+def _is_spot(node: dict) -> bool:
+    return node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+
+def ray_picks(cfg: dict, bundles: list[dict]) -> dict[str, int]:
+    """The node types Ray 2.60's autoscaler launches for these bundles from nothing (its own get_nodes_for)."""
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    scorer = partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
+    types = copy.deepcopy(cfg["available_node_types"])
+    picked, _ = get_nodes_for(types, {}, cfg["head_node_type"], cfg.get("max_workers", 0), bundles, scorer)
+    return dict(picked)
+
+
+def spot_problems(cfg: dict) -> list[str]:
+    """Scale to zero on spot: an on-demand head without GPUs; GPU types at min_workers 0, spot first; idle nodes
+    released; a spot watcher on every worker after `ray start`; IMDS reachable; the nodes' security group by name."""
     problems = []
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    if _is_spot(head):
+        problems.append("the head is a spot instance: a reclaim ends every run and the MLflow server")
+    if head["resources"].get("GPU", 0):
+        problems.append("the head advertises GPUs")
+    gpu_types = _gpu_worker_types(cfg)
+    if not any(_is_spot(n) for n in gpu_types.values()):
+        problems.append("no spot GPU node type (InstanceMarketOptions: MarketType: spot)")
+    for name, node in gpu_types.items():
+        if node.get("min_workers", 0) != 0:
+            problems.append(f"{name}: min_workers {node.get('min_workers')}: GPU nodes stay up with nothing to run")
+        if node["node_config"].get("MetadataOptions", {}).get("HttpEndpoint") == "disabled":
+            problems.append(f"{name}: the instance metadata service is off; spot-watch cannot see notices")
+    if gpu_types:
+        one_node = max(n["resources"]["GPU"] for n in gpu_types.values())
+        picked = ray_picks(cfg, [{"GPU": 1}] * int(one_node))
+        if not picked or not all(_is_spot(cfg["available_node_types"][t]) for t in picked):
+            problems.append(f"Ray's autoscaler would start {picked} for one node's worth of GPUs, not a spot node")
+    if not cfg.get("idle_timeout_minutes", 5) > 0:
+        problems.append("idle_timeout_minutes is 0: idle GPU nodes are never released")
+    if not cfg["provider"].get("cache_stopped_nodes", True) is False:
+        problems.append("cache_stopped_nodes is not false: idle GPU nodes are stopped (EBS bills), not terminated")
+    if not cfg["provider"].get("security_group", {}).get("GroupName"):
+        problems.append("no provider.security_group.GroupName: the EFS mount target cannot admit the nodes' group "
+                        "before the first `ray up`")
     for name, node in cfg["available_node_types"].items():
+        if "SecurityGroupIds" in node["node_config"]:
+            problems.append(f"{name}: SecurityGroupIds bypass provider.security_group (no intra-cluster rules)")
+    if cfg["docker"].get("pull_before_run") is not True:
+        problems.append("docker.pull_before_run is not true: a node may run a stale local copy of the tag")
+
+    head_port = re.search(r"ray start --head\b.*?--port=(\d+)", " ".join(cfg["head_start_ray_commands"]))
+    commands = cfg.get("worker_start_ray_commands", [])
+    start = next((i for i, c in enumerate(commands) if re.search(r"\bray start\b", c)), None)
+    watch = [(i, c) for i, c in enumerate(commands) if "byol-ray spot-watch" in c]
+    if not watch:
+        problems.append("worker_start_ray_commands does not start `byol-ray spot-watch`")
+    for i, command in watch:
+        if start is None or i < start:
+            problems.append("spot-watch starts before `ray start` (there is no node to drain yet)")
+        line = command[command.index("byol-ray spot-watch"):]
+        line = re.split(r"\s[>&|;]|\)", line)[0]
+        if not re.search(r"nohup byol-ray spot-watch[^&]*&", command):
+            problems.append("spot-watch does not run in the background under nohup (it would block or die with `ray up`)")
+        try:
+            args = parse_cli_command(line)
+        except SystemExit:
+            problems.append(f"`{line}` does not parse")
+            continue
+        if getattr(args, "cloud", None) != "aws" or getattr(args, "drain_now", False):
+            problems.append(f"`{line}`: not the AWS watcher (--cloud aws, no --drain-now)")
+        address = getattr(args, "address", None)
+        if head_port and address != f"$RAY_HEAD_IP:{head_port.group(1)}":
+            problems.append(f"`{line}`: --address {address} is not the head's GCS ($RAY_HEAD_IP:{head_port.group(1)})")
+    return problems
+
+
+def aws_capacity_problems(cfg: dict, ray_cfg) -> list[str]:
+    """What the cluster can grow to: byol-ray asks the autoscaler for its workers and waits (ray.wait_for_workers_s),
+    so max_workers x GPUs per node must cover ray.num_workers, and one worker (1 GPU, ray.cpus_per_worker CPUs) must
+    fit every GPU node type (a request no type holds is refused at once)."""
+    problems = []
+    gpu_types = _gpu_worker_types(cfg)
+    for name, node in gpu_types.items():
         res = node["resources"]
-        n = node.get("min_workers", 0) if name != cfg["head_node_type"] else 1
-        gpus += n * res.get("GPU", 0)
-        cpus += n * res.get("CPU", 0)
-        if res.get("GPU", 0) * ray_cfg.cpus_per_worker > res.get("CPU", 0):
-            problems.append(f"{name}: {res.get('GPU')} GPU workers x {ray_cfg.cpus_per_worker} CPUs "
-                            f"exceed its {res.get('CPU')} CPUs")
-    if ray_cfg.use_gpu and gpus < ray_cfg.num_workers:
-        problems.append(f"min_workers give {gpus} GPUs at start, ray.num_workers={ray_cfg.num_workers}")
-    if cpus < ray_cfg.num_workers * ray_cfg.cpus_per_worker:
-        problems.append(f"min_workers give {cpus} CPUs, the run needs {ray_cfg.num_workers * ray_cfg.cpus_per_worker}")
+        if res.get("CPU", 0) < ray_cfg.cpus_per_worker:
+            problems.append(f"{name}: one worker needs {ray_cfg.cpus_per_worker} CPUs, the node has {res.get('CPU', 0)}")
+        elif res["GPU"] * ray_cfg.cpus_per_worker > res.get("CPU", 0):
+            problems.append(f"{name}: {res['GPU']} GPU workers x {ray_cfg.cpus_per_worker} CPUs exceed its "
+                            f"{res.get('CPU')} CPUs")
+    if ray_cfg.use_gpu:
+        room, gpus = cfg.get("max_workers", 0), 0
+        for node in sorted(gpu_types.values(), key=lambda n: -n["resources"]["GPU"]):
+            n = min(node.get("max_workers", 0), room)
+            gpus, room = gpus + n * node["resources"]["GPU"], room - n
+        if gpus < ray_cfg.num_workers:
+            problems.append(f"max_workers allow {gpus} GPUs, ray.num_workers={ray_cfg.num_workers}")
+    else:
+        cpus = sum(n.get("max_workers", 0) * n["resources"].get("CPU", 0)
+                   for name, n in cfg["available_node_types"].items() if name != cfg["head_node_type"])
+        if cpus < ray_cfg.num_workers * ray_cfg.cpus_per_worker:
+            problems.append(f"max_workers allow {cpus} CPUs, the run needs {ray_cfg.num_workers * ray_cfg.cpus_per_worker}")
     return problems
 
 
 def test_aws_cross_file_facts_hold(aws):
     assert aws_problems(aws) == []
+
+
+def test_aws_scales_to_zero_on_spot(aws):
+    assert spot_problems(aws) == []
+
+
+def _edit_worker_start(old: str, new: str):
+    def mutate(c):
+        assert any(old in x for x in c["worker_start_ray_commands"]), f"stale mutation: {old!r}"
+        c["worker_start_ray_commands"] = [x.replace(old, new) for x in c["worker_start_ray_commands"]]
+    return mutate
+
+
+AWS_SPOT_MUTATIONS = {
+    "GPU nodes kept up": lambda c: c["available_node_types"][SPOT].update(min_workers=2),
+    "on-demand fallback kept up": lambda c: c["available_node_types"][ONDEMAND].update(min_workers=1),
+    "no spot type": lambda c: c["available_node_types"][SPOT]["node_config"].pop("InstanceMarketOptions"),
+    "spot head": lambda c: c["available_node_types"][c["head_node_type"]]["node_config"].update(
+        InstanceMarketOptions={"MarketType": "spot"}),
+    "on-demand preferred": lambda c: c["available_node_types"].update(
+        {"ray.worker.gpu.x": c["available_node_types"].pop(ONDEMAND)}),
+    "idle nodes never released": lambda c: c.update(idle_timeout_minutes=0),
+    "idle nodes stopped, not terminated": lambda c: c["provider"].update(cache_stopped_nodes=True),
+    "security group left to ray up": lambda c: c["provider"].pop("security_group"),
+    "node type with its own groups": lambda c: c["available_node_types"][SPOT]["node_config"].update(
+        SecurityGroupIds=["sg-0123456789abcdef0"]),
+    "no pull before run": lambda c: c["docker"].update(pull_before_run=False),
+    "IMDS off": lambda c: c["available_node_types"][SPOT]["node_config"]["MetadataOptions"].update(HttpEndpoint="disabled"),
+    "no spot watcher": lambda c: c.update(worker_start_ray_commands=[
+        x for x in c["worker_start_ray_commands"] if "spot-watch" not in x]),
+    "watcher before ray start": lambda c: c["worker_start_ray_commands"].reverse(),
+    "watcher in the foreground": _edit_worker_start("(nohup byol-ray spot-watch", "(byol-ray spot-watch"),
+    "watcher for another cloud": _edit_worker_start("--cloud aws", "--cloud gcp"),
+    "watcher on another port": _edit_worker_start("--address $RAY_HEAD_IP:6379", "--address $RAY_HEAD_IP:6380"),
+    "watcher with a typo'd flag": _edit_worker_start("--cloud aws", "--clouds aws"),
+    "drain-now instead of watching": _edit_worker_start("--cloud aws", "--drain-now"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(AWS_SPOT_MUTATIONS), ids=list(AWS_SPOT_MUTATIONS))
+def test_aws_spot_checks_catch_breakage(aws, mutation):
+    broken = copy.deepcopy(aws)
+    AWS_SPOT_MUTATIONS[mutation](broken)
+    assert spot_problems(broken), f"not caught: {mutation}"
 
 
 _FFCV_APT = ("sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
@@ -676,7 +1014,7 @@ AWS_CROSS_MUTATIONS = {
     "shared dir not in container": lambda c: c["docker"]["run_options"].remove("-v /mnt/shared:/mnt/shared"),
     "stock Ray image (nothing baked in)": lambda c: c["docker"].update(image="rayproject/ray:2.60.0-py311-gpu"),
     "another tag of the image": lambda c: c["docker"].update(image=pinned_image() + "-rc1"),
-    "worker type overrides the image": lambda c: c["available_node_types"]["ray.worker.gpu"].update(
+    "worker type overrides the image": lambda c: c["available_node_types"][SPOT].update(
         docker={"worker_image": "rayproject/ray:2.60.0-py311-gpu"}),
     "apt-get of FFCV's packages at node start": lambda c: c["setup_commands"].append(_FFCV_APT),
     "pip install of the checkout at node start": lambda c: (
@@ -724,17 +1062,31 @@ def test_dockerfile_builds_on_the_tested_ray_and_python_and_runs_setup_sh(docker
     assert dockerfile_problems(dockerfile, DOCKERIGNORE.read_text()) == []
 
 
+_FINAL_FROM = "FROM rayproject/ray:2.60.0-py311-gpu\n"
+_DEPS_COPY = "COPY --from=deps-spec --chown=ray:users /tmp/deps-spec/pyproject.toml ./pyproject.toml\n"
+
 DOCKERFILE_MUTATIONS = {
-    "other Ray in the base": ("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.59.0-py311-gpu"),
-    "other Python in the base": ("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.60.0-py312-gpu"),
-    "not Ray's GPU image": ("rayproject/ray:2.60.0-py311-gpu", "python:3.11-slim"),
-    "setup.sh not run": ("PYTHON=python bash scripts/setup.sh --system\n", "pip install .\n"),
+    "other Ray in the base": (_FINAL_FROM, "FROM rayproject/ray:2.59.0-py311-gpu\n"),
+    "other Python in the base": (_FINAL_FROM, "FROM rayproject/ray:2.60.0-py312-gpu\n"),
+    "not Ray's GPU image": (_FINAL_FROM, "FROM python:3.11-slim\n"),
+    "helper stage on another base": ("FROM rayproject/ray:2.60.0-py311-gpu AS deps-spec",
+                                     "FROM python:3.11-slim AS deps-spec"),
+    "setup.sh not run": ("PYTHON=python bash scripts/setup.sh --system && python -m pip check\n", "pip install .\n"),
+    "version in the dependency layer": (_DEPS_COPY, "COPY --chown=ray:users pyproject.toml ./\n"),
+    "sed that keeps the version": ("'s/^version = \"[^\"]*\"$/version = \"0\"/'", "'s/^versio = \"[^\"]*\"$/version = \"0\"/'"),
+    "sed that drops the dependencies": ("'s/^version = \"[^\"]*\"$/version = \"0\"/'", "'/^dependencies/,/^]/d'"),
+    "no pip check after the full install": ("PYTHON=python bash scripts/setup.sh --system && python -m pip check\n",
+                                            "PYTHON=python bash scripts/setup.sh --system\n"),
+    "no pip check after the dependencies": ("--system --deps-only && python -m pip check\n", "--system --deps-only\n"),
+    "CUDA requirement dropped": ('ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0"\n', ""),
+    "CUDA requirement of another torch": ('NVIDIA_REQUIRE_CUDA="cuda>=13.0"', 'NVIDIA_REQUIRE_CUDA="cuda>=12.4"'),
+    "dirty ARG dropped": ("ARG BYOL_RAY_GIT_DIRTY\n", ""),
+    "dirty flag not baked in": ("BYOL_RAY_GIT_DIRTY=${BYOL_RAY_GIT_DIRTY}", "BYOL_RAY_GIT_DIRTY=false"),
     "own pip install beside setup.sh": ("ARG BYOL_RAY_IMAGE\n",
                                         "RUN pip install torch==2.14.1\nARG BYOL_RAY_IMAGE\n"),
     "apt-get in the Dockerfile": ("ARG BYOL_RAY_IMAGE\n",
                                   "RUN sudo apt-get install -y libopencv-dev\nARG BYOL_RAY_IMAGE\n"),
-    "lock not copied": ("COPY --chown=ray:users pyproject.toml requirements.lock ./",
-                        "COPY --chown=ray:users pyproject.toml ./"),
+    "lock not copied": ("COPY --chown=ray:users requirements.lock ./\n", ""),
     "image tag not baked in": ("BYOL_RAY_IMAGE=${BYOL_RAY_IMAGE}", "BYOL_RAY_IMAGE=latest"),
     "commit ARG dropped": ("ARG BYOL_RAY_GIT_COMMIT\n", ""),
     "source never copied in": ("COPY --chown=ray:users byol_ray byol_ray\n", ""),
@@ -746,6 +1098,27 @@ def test_dockerfile_checks_catch_breakage(dockerfile, mutation):
     old, new = DOCKERFILE_MUTATIONS[mutation]
     assert old in dockerfile, f"stale mutation: {old!r} not in the Dockerfile"
     assert dockerfile_problems(dockerfile.replace(old, new), DOCKERIGNORE.read_text()), f"not caught: {mutation}"
+
+
+@pytest.mark.parametrize("edit", [
+    (r"^cuda-toolkit==.*$", "cuda-toolkit==12.8.1"),                  # a torch built for another CUDA
+    (r"^torch==.*$", "torch==2.14.1+cpu"),                             # a CPU-only torch in the GPU image
+])
+def test_cuda_requirement_check_follows_the_lock(dockerfile, edit):
+    lock = re.sub(edit[0], edit[1], LOCK.read_text(), count=1, flags=re.M)
+    assert lock != LOCK.read_text()
+    assert dockerfile_problems(dockerfile, DOCKERIGNORE.read_text(), lock_text=lock), edit
+
+
+def test_the_dependency_layer_does_not_depend_on_the_version(dockerfile):
+    """The deps-spec stage's sed, run as the build runs it: two versions give the same file, with every dependency."""
+    stage = next(instrs for _, name, instrs in dockerfile_stages(dockerfile) if name == "deps-spec")
+    (run,) = [a for i, a in stage if i == "RUN"]
+    text = (REPO / "pyproject.toml").read_text()
+    a = neutralise_with_stage(run, text)
+    b = neutralise_with_stage(run, text.replace(f'version = "{_pyproject()["project"]["version"]}"', 'version = "7.7.7"'))
+    assert a is not None and a == b
+    assert 'version = "0"' in a
 
 
 def test_dockerignore_check_catches_an_excluded_source(dockerfile):
@@ -809,6 +1182,97 @@ def test_lock_check_catches_a_stale_lock():
     text = LOCK.read_text()
     stale = {canonicalize_name("numpy"): "0.0.1"}
     assert lock_problems(text, installed=lambda n: stale.get(n, _installed_version(n)))
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", *args], cwd=repo,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_image_problems(makefile_text: str) -> list[str]:
+    """`make image` in a scratch checkout with a stand-in `docker` that records its arguments: a clean tree builds
+    <IMAGE_REPO>:<12-hex HEAD> with BYOL_RAY_GIT_DIRTY=false; an edit outside what the image is built from changes
+    nothing; a modified or untracked source file is refused (no docker call); ALLOW_DIRTY=1 builds <sha>-dirty with
+    BYOL_RAY_GIT_DIRTY=true. Every build passes the commit and the tag it is built under."""
+    if not (shutil.which("make") and shutil.which("git")):
+        pytest.skip("needs make and git")
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo, bin_dir = Path(tmp) / "repo", Path(tmp) / "bin"
+        (repo / "byol_ray").mkdir(parents=True)
+        (repo / "docs").mkdir()
+        bin_dir.mkdir()
+        for name in ("Dockerfile", ".dockerignore", "pyproject.toml"):
+            shutil.copy(REPO / name, repo / name)
+        (repo / "Makefile").write_text(makefile_text)
+        (repo / "byol_ray" / "__init__.py").write_text("")
+        (repo / "docs" / "cluster.md").write_text("x\n")
+        docker = bin_dir / "docker"
+        docker.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$DOCKER_ARGS"\n')
+        docker.chmod(0o755)
+        _git(repo, "init", "-q")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "x")
+        sha, full = _git(repo, "rev-parse", "--short=12", "HEAD"), _git(repo, "rev-parse", "HEAD")
+
+        def make(**env) -> tuple[int, list[str] | None]:
+            record = Path(tmp) / "docker.args"
+            record.unlink(missing_ok=True)
+            run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DOCKER_ARGS": str(record), **env}
+            run_env.pop("IMAGE", None)
+            if "ALLOW_DIRTY" not in env:
+                run_env.pop("ALLOW_DIRTY", None)
+            out = subprocess.run(["make", "-s", "image"], cwd=repo, env=run_env, capture_output=True, text=True,
+                                 timeout=60)
+            return out.returncode, (record.read_text().split("\n") if record.exists() else None)
+
+        def expect_build(what: str, argv, tag: str, dirty: str) -> None:
+            if argv is None:
+                problems.append(f"{what}: docker build was not run")
+                return
+            want = [f"{image_repo()}:{tag}", f"{IMAGE_ENV}={image_repo()}:{tag}", f"{IMAGE_COMMIT_ENV}={full}",
+                    f"{IMAGE_DIRTY_ENV}={dirty}"]
+            problems.extend(f"{what}: docker build lacks {w}" for w in want if w not in argv)
+
+        rc, argv = make()
+        expect_build("clean tree", argv, sha, "false")
+        (repo / "docs" / "cluster.md").write_text("edited\n")
+        rc, argv = make()
+        expect_build("edit outside the image's inputs", argv, sha, "false")
+        for what, change in (("modified source", lambda: (repo / "byol_ray" / "__init__.py").write_text("x = 1\n")),
+                             ("untracked source", lambda: (repo / "byol_ray" / "new.py").write_text("y = 2\n"))):
+            _git(repo, "checkout", "-q", "--", ".")
+            _git(repo, "clean", "-qfd")
+            change()
+            rc, argv = make()
+            if rc == 0 or argv is not None:
+                problems.append(f"{what}: make image built a dirty tree without ALLOW_DIRTY=1")
+            rc, argv = make(ALLOW_DIRTY="1")
+            expect_build(f"{what} with ALLOW_DIRTY=1", argv, f"{sha}-dirty", "true")
+    return problems
+
+
+def test_make_image_tags_by_commit_and_refuses_a_dirty_tree():
+    assert make_image_problems(MAKEFILE.read_text()) == []
+
+
+MAKEFILE_MUTATIONS = {
+    "no refusal": ('[ "$(GIT_DIRTY)" = true ] && [ "$(ALLOW_DIRTY)" != 1 ]', "false"),
+    "tagged by version": ("IMAGE ?= $(IMAGE_REPO):$(GIT_SHA)", "IMAGE ?= $(IMAGE_REPO):$(VERSION)"),
+    "dirty build without -dirty": ("$(GIT_SHA)$(if $(filter true,$(GIT_DIRTY)),-dirty)", "$(GIT_SHA)"),
+    "dirty flag not passed": ("--build-arg BYOL_RAY_GIT_DIRTY=$(GIT_DIRTY)", "--build-arg BYOL_RAY_GIT_DIRTY=false"),
+    "untracked files ignored": ("git status --porcelain -- $(IMAGE_INPUTS)",
+                                "git status --porcelain --untracked-files=no -- $(IMAGE_INPUTS)"),
+    "the whole tree counts": ("git status --porcelain -- $(IMAGE_INPUTS)", "git status --porcelain"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MAKEFILE_MUTATIONS), ids=list(MAKEFILE_MUTATIONS))
+def test_make_image_checks_catch_breakage(mutation):
+    old, new = MAKEFILE_MUTATIONS[mutation]
+    text = MAKEFILE.read_text()
+    assert old in text, f"stale mutation: {old!r}"
+    assert make_image_problems(text.replace(old, new)), f"not caught: {mutation}"
 
 
 def test_makefile_regenerates_the_lock_and_builds_the_tagged_image():
@@ -1106,7 +1570,7 @@ def test_pvc_is_shared_read_write_many(pvc, raycluster):
 
 
 def test_core_manifests_match_the_structural_schemas(core_validators, mlflow_docs, stage):
-    assert set(mlflow_docs) == {"Deployment", "Service"}
+    assert set(mlflow_docs) == {"ConfigMap", "Deployment", "Service", "NetworkPolicy"}
     for kind, doc in mlflow_docs.items():
         assert _errors(core_validators[kind], doc) == [], kind
     assert _errors(core_validators["Job"], stage) == []
@@ -1128,6 +1592,17 @@ CORE_SCHEMA_MUTATIONS = {
     "Job: backoffLimit as a string": ("Job", lambda d: d["spec"].update(backoffLimit="1")),
     "Job: typo'd volumeMount": ("Job", lambda d: d["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
                                 .update(mountpath="/x")),
+    "Job: enableServiceLinks as a string": ("Job", lambda d: d["spec"]["template"]["spec"].update(
+        enableServiceLinks="false")),
+    "ConfigMap: a spec": ("ConfigMap", lambda d: d.update(spec={})),
+    "ConfigMap: a value that is no string": ("ConfigMap", lambda d: d["data"].update(workers=1)),
+    "NetworkPolicy: typo'd spec key": ("NetworkPolicy", lambda d: d["spec"].update(podselector={})),
+    "NetworkPolicy: unknown policy type": ("NetworkPolicy", lambda d: d["spec"].update(policyTypes=["Inbound"])),
+    "NetworkPolicy: typo'd peer key": ("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["from"][0].update(
+        podSelectors={})),
+    "NetworkPolicy: unknown protocol": ("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["ports"][0].update(
+        protocol="HTTP")),
+    "NetworkPolicy: old apiVersion": ("NetworkPolicy", lambda d: d.update(apiVersion="extensions/v1beta1")),
 }
 
 
@@ -1141,12 +1616,21 @@ def test_core_schemas_reject_broken_manifests(core_validators, mlflow_docs, stag
 
 def test_mlflow_server_serves_artifacts_from_the_shared_volume_to_every_pod(mlflow_docs, pvc):
     deploy, service = mlflow_docs["Deployment"], mlflow_docs["Service"]
-    assert mlflow_k8s_problems(deploy, service, pvc["metadata"]["name"]) == []
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == pinned_image()
+    assert mlflow_k8s_problems(mlflow_docs, pvc["metadata"]["name"]) == []
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == mlflow_image()
 
 
 def _mlflow_args(d: dict) -> list[str]:
     return d["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _mlflow_container(docs: dict) -> dict:
+    return docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def basic_auth_ini_swap(data: dict, old: str, new: str) -> dict:
+    assert old in data["basic_auth.ini"], f"stale mutation: {old!r}"
+    return {"basic_auth.ini": data["basic_auth.ini"].replace(old, new)}
 
 
 def _edit_args(old: str, new: str):
@@ -1172,6 +1656,23 @@ MLFLOW_MUTATIONS = {
         0, re.sub(r"--allowed-hosts '[^']*'", "", _mlflow_args(d["Deployment"])[0])),
     "typo'd flag": _edit_args("--artifacts-destination", "--artifact-destination"),
     "PVC not mounted": lambda d: d["Deployment"]["spec"]["template"]["spec"].update(volumes=[]),
+    "byol-ray's image (no Flask-WTF)": lambda d: _mlflow_container(d).update(image=pinned_image()),
+    "plain MLflow image (no Flask-WTF, no boto3)": lambda d: _mlflow_container(d).update(
+        image=mlflow_image().removesuffix("-full")),
+    "another MLflow than the lock's": lambda d: _mlflow_container(d).update(image="ghcr.io/mlflow/mlflow:v3.16.0-full"),
+    "image not pulled at start": lambda d: _mlflow_container(d).update(imagePullPolicy="IfNotPresent"),
+    "service links on": lambda d: d["Deployment"]["spec"]["template"]["spec"].pop("enableServiceLinks"),
+    "no authentication": _edit_args("exec mlflow server --app-name basic-auth", "exec mlflow server"),
+    "admin password in the manifest": lambda d: _env(_mlflow_container(d))["MLFLOW_AUTH_ADMIN_PASSWORD"].update(
+        value="hunter2hunter2"),
+    "CSRF key missing": lambda d: _mlflow_container(d).update(env=[
+        e for e in _mlflow_container(d)["env"] if e["name"] != "MLFLOW_FLASK_SERVER_SECRET_KEY"]),
+    "auth config not mounted": lambda d: _mlflow_container(d).update(volumeMounts=[
+        m for m in _mlflow_container(d)["volumeMounts"] if m["mountPath"] != "/etc/mlflow"]),
+    "users' store inside the pod": lambda d: d["ConfigMap"]["data"].update(basic_auth_ini_swap(
+        d["ConfigMap"]["data"], "sqlite:////mnt/shared/mlflow/basic_auth.db", "sqlite:///basic_auth.db")),
+    "admin password in the ConfigMap": lambda d: d["ConfigMap"]["data"].update(basic_auth_ini_swap(
+        d["ConfigMap"]["data"], "default_permission = READ", "default_permission = READ\nadmin_password = hunter2hunter2")),
 }
 
 
@@ -1179,7 +1680,110 @@ MLFLOW_MUTATIONS = {
 def test_mlflow_checks_catch_breakage(mlflow_docs, pvc, mutation):
     broken = copy.deepcopy(mlflow_docs)
     MLFLOW_MUTATIONS[mutation](broken)
-    assert mlflow_k8s_problems(broken["Deployment"], broken["Service"], pvc["metadata"]["name"]), \
+    assert mlflow_k8s_problems(broken, pvc["metadata"]["name"]), \
+        f"not caught: {mutation}"
+
+
+def kuberay_pod_labels(cluster_name: str, node_type: str, group: dict) -> dict[str, str]:
+    """The labels KubeRay 1.5.1 gives a Ray pod (controllers/ray/common/pod.go, labelPod): its own, then the
+    template's, except ray.io/node-type, ray.io/group and ray.io/cluster, which the template cannot override."""
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster_name, "ray.io/node-type": node_type,
+              "ray.io/group": group.get("groupName", "headgroup"), "app.kubernetes.io/name": "kuberay",
+              "app.kubernetes.io/created-by": "kuberay-operator"}
+    for key, value in group["template"].get("metadata", {}).get("labels", {}).items():
+        if key not in ("ray.io/node-type", "ray.io/group", "ray.io/cluster"):
+            labels[key] = value
+    return labels
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector with matchLabels only (the policy's peers use nothing else; others are refused)."""
+    return selector.get("matchLabels", {}).items() <= labels.items() and not selector.get("matchExpressions")
+
+
+def network_policy_problems(policy: dict, docs: dict, clusters: dict[str, dict], stage: dict) -> list[str]:
+    """Only byol-ray's pods reach the MLflow port: the Ray pods (as KubeRay labels them) and the staging Job."""
+    problems = []
+    spec = policy["spec"]
+    mlflow_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    if not spec["podSelector"].get("matchLabels") or not _selects(spec["podSelector"], mlflow_labels):
+        problems.append("the NetworkPolicy does not select the MLflow pods")
+    if "Ingress" not in spec.get("policyTypes", ["Ingress"]):
+        problems.append("the NetworkPolicy does not restrict ingress")
+    port = docs["Service"]["spec"]["ports"][0].get("targetPort", docs["Service"]["spec"]["ports"][0]["port"])
+    peers = []
+    for rule in spec.get("ingress", []):
+        if not rule.get("from"):
+            problems.append("an ingress rule without `from` admits every pod and address")
+        for peer in rule.get("from", []):
+            if set(peer) != {"podSelector"} or not peer["podSelector"].get("matchLabels") \
+                    or peer["podSelector"].get("matchExpressions"):
+                problems.append(f"peer {peer} admits more than pods of this namespace with given labels")
+            else:
+                peers.append(peer["podSelector"])
+        ports = rule.get("ports", [])
+        if [(p.get("protocol", "TCP"), p.get("port")) for p in ports] != [("TCP", port)]:
+            problems.append(f"an ingress rule opens {ports or 'every port'}, not TCP {port} alone")
+    pods = {}
+    for doc_name, (cluster_name, cluster_spec) in clusters.items():
+        for group_name, group in _groups(cluster_spec):
+            node_type = "head" if group_name == "head" else "worker"
+            pods[f"{doc_name} {group_name}"] = kuberay_pod_labels(cluster_name, node_type, group)
+    pods["stage.yaml"] = stage["spec"]["template"]["metadata"]["labels"]
+    for where, labels in pods.items():
+        if not any(_selects(sel, labels) for sel in peers):
+            problems.append(f"the NetworkPolicy refuses {where} (labels {labels})")
+    strangers = {"another app": {"app.kubernetes.io/name": "other"},
+                 "another team's Ray pod": {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay"}}
+    for where, labels in strangers.items():
+        if any(_selects(sel, labels) for sel in peers):
+            problems.append(f"the NetworkPolicy admits {where} ({labels})")
+    return problems
+
+
+def _policy_clusters(raycluster: dict, rayjob: dict) -> dict[str, tuple[str, dict]]:
+    # A RayJob's cluster is named <RayJob name>-<5 random characters>.
+    return {"raycluster.yaml": (raycluster["metadata"]["name"], raycluster["spec"]),
+            "rayjob.yaml": (rayjob["metadata"]["name"] + "-x7k2q", rayjob["spec"]["rayClusterSpec"])}
+
+
+def test_only_byol_ray_pods_reach_the_mlflow_port(mlflow_docs, raycluster, rayjob, stage):
+    assert network_policy_problems(mlflow_docs["NetworkPolicy"], mlflow_docs, _policy_clusters(raycluster, rayjob),
+                                   stage) == []
+
+
+def _ingress(d: dict) -> dict:
+    return d["spec"]["ingress"][0]
+
+
+NETWORK_POLICY_MUTATIONS = {
+    "selects no MLflow pod": lambda d: d["spec"]["podSelector"]["matchLabels"].update(
+        {"app.kubernetes.io/name": "mlfow"}),
+    "selects every pod": lambda d: d["spec"].update(podSelector={}),
+    "egress only": lambda d: d["spec"].update(policyTypes=["Egress"]),
+    "rule from anywhere": lambda d: _ingress(d).pop("from"),
+    "every pod in the namespace": lambda d: _ingress(d)["from"].append({"podSelector": {}}),
+    "every namespace": lambda d: _ingress(d)["from"].append({"namespaceSelector": {}}),
+    "an address block": lambda d: _ingress(d)["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+    "another port": lambda d: _ingress(d)["ports"][0].update(port=5001),
+    "every port": lambda d: _ingress(d).pop("ports"),
+    "Ray label KubeRay does not set": lambda d: _ingress(d)["from"][0]["podSelector"]["matchLabels"].update(
+        {"ray.io/is-ray-node": "true"}),
+    "KubeRay's own app label (overridden by the templates)": lambda d: _ingress(d)["from"][0]["podSelector"][
+        "matchLabels"].update({"app.kubernetes.io/name": "kuberay"}),
+    "every Ray pod of every cluster": lambda d: _ingress(d)["from"][0]["podSelector"]["matchLabels"].pop(
+        "app.kubernetes.io/name"),
+    "staging Job refused": lambda d: _ingress(d)["from"].pop(1),
+    "cluster name (the RayJob's is generated)": lambda d: _ingress(d)["from"][0]["podSelector"].update(
+        matchLabels={"ray.io/cluster": "byol-ray"}),
+}
+
+
+@pytest.mark.parametrize("mutation", list(NETWORK_POLICY_MUTATIONS), ids=list(NETWORK_POLICY_MUTATIONS))
+def test_network_policy_checks_catch_breakage(mlflow_docs, raycluster, rayjob, stage, mutation):
+    broken = copy.deepcopy(mlflow_docs["NetworkPolicy"])
+    NETWORK_POLICY_MUTATIONS[mutation](broken)
+    assert network_policy_problems(broken, mlflow_docs, _policy_clusters(raycluster, rayjob), stage), \
         f"not caught: {mutation}"
 
 
@@ -1255,8 +1859,8 @@ def all_images(aws: dict, raycluster: dict, rayjob: dict, mlflow_docs: dict, sta
         for group, g in _groups(_cluster_spec(doc)):
             for c in _containers(g["template"]["spec"]):
                 out[f"{doc_name} {group}/{c['name']}"] = c["image"]
-    for c in mlflow_docs["Deployment"]["spec"]["template"]["spec"]["containers"]:
-        out[f"mlflow.yaml {c['name']}"] = c["image"]
+    for c in rayjob["spec"].get("submitterPodTemplate", {}).get("spec", {}).get("containers", []):
+        out[f"rayjob.yaml submitter/{c['name']}"] = c["image"]
     for c in stage["spec"]["template"]["spec"]["containers"]:
         out[f"stage.yaml {c['name']}"] = c["image"]
     return out
@@ -1265,7 +1869,173 @@ def all_images(aws: dict, raycluster: dict, rayjob: dict, mlflow_docs: dict, sta
 def test_every_node_and_pod_runs_the_pinned_image(aws, raycluster, rayjob, mlflow_docs, stage):
     images = all_images(aws, raycluster, rayjob, mlflow_docs, stage)
     assert {where: i for where, i in images.items() if i != pinned_image()} == {}
-    assert re.fullmatch(r"[a-z0-9.-]+(/[a-z0-9._-]+)+:[0-9]+\.[0-9]+\.[0-9]+", pinned_image()), pinned_image()
+    assert image_ref_problems(pinned_image()) == []
+
+
+@pytest.mark.parametrize("image", [
+    "ghcr.io/byol-ray/byol-ray:0.1.0",                  # the version: one tag for many builds
+    "ghcr.io/byol-ray/byol-ray:latest",
+    "ghcr.io/byol-ray/byol-ray:6276cc03279b-dirty",     # uncommitted code: not reproducible from git
+    "ghcr.io/byol-ray/byol-ray:6276cc0",                # another length than make image's
+    "ghcr.io/other/byol-ray:6276cc03279b",              # not the repository make image tags
+])
+def test_image_reference_check_catches_tags_make_image_does_not_write(image):
+    assert image_ref_problems(image), image
+
+
+def pod_hygiene_problems(doc: dict) -> list[str]:
+    """Every pod: images pulled at start (or pinned by digest), no Service links, /dev/shm in memory for Ray pods;
+    the RayJob's submitter too."""
+    problems = []
+    if doc["kind"] == "Job":
+        templates = [("stage Job", doc["spec"]["template"]["spec"])]
+    else:
+        templates = [(f"{doc['kind']} {name}", g["template"]["spec"]) for name, g in _groups(_cluster_spec(doc))]
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        templates.append(("RayJob submitter", doc["spec"]["submitterPodTemplate"]["spec"]))
+    elif doc["kind"] == "RayJob":
+        problems.append("RayJob: no submitterPodTemplate: KubeRay's default submitter pulls IfNotPresent")
+    for where, pod in templates:
+        if pod.get("enableServiceLinks") is not False:
+            problems.append(f"{where}: enableServiceLinks is not false")
+        for c in _containers(pod):
+            if c.get("imagePullPolicy") != "Always" and "@sha256:" not in c["image"]:
+                problems.append(f"{where}/{c['name']}: image neither pulled at every start nor pinned by digest")
+        if doc["kind"] in ("RayCluster", "RayJob") and "submitter" not in where:
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            shm = [m for m in pod["containers"][0].get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+            if not shm or volumes.get(shm[0]["name"], {}).get("emptyDir", {}).get("medium") != "Memory":
+                problems.append(f"{where}: no memory emptyDir at /dev/shm (the container default is 64 MiB)")
+    return problems
+
+
+def test_every_pod_pulls_its_image_and_keeps_service_links_out(raycluster, rayjob, stage):
+    for doc in (raycluster, rayjob, stage):
+        assert pod_hygiene_problems(doc) == [], doc["kind"]
+
+
+POD_HYGIENE_MUTATIONS = {
+    "head pulls IfNotPresent": ("RayCluster", lambda d: _ray_container(d["spec"]["headGroupSpec"]).update(
+        imagePullPolicy="IfNotPresent")),
+    "worker without a pull policy": ("RayCluster", lambda d: _first_worker_container(d["spec"]).pop("imagePullPolicy")),
+    "head without /dev/shm": ("RayCluster", lambda d: _ray_container(d["spec"]["headGroupSpec"]).update(
+        volumeMounts=[m for m in _ray_container(d["spec"]["headGroupSpec"])["volumeMounts"]
+                      if m["mountPath"] != "/dev/shm"])),
+    "worker /dev/shm on disk": ("RayCluster", lambda d: [v["emptyDir"].pop("medium") for v in
+                                                         _worker(d["spec"])["template"]["spec"]["volumes"]
+                                                         if "emptyDir" in v]),
+    "worker service links on": ("RayCluster", lambda d: _worker(d["spec"])["template"]["spec"].pop(
+        "enableServiceLinks")),
+    "default submitter": ("RayJob", lambda d: d["spec"].pop("submitterPodTemplate")),
+    "submitter pulls IfNotPresent": ("RayJob", lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+                                     .update(imagePullPolicy="IfNotPresent")),
+    "stage pulls IfNotPresent": ("Job", lambda d: d["spec"]["template"]["spec"]["containers"][0].pop(
+        "imagePullPolicy")),
+    "stage service links on": ("Job", lambda d: d["spec"]["template"]["spec"].pop("enableServiceLinks")),
+}
+
+
+@pytest.mark.parametrize("mutation", list(POD_HYGIENE_MUTATIONS), ids=list(POD_HYGIENE_MUTATIONS))
+def test_pod_hygiene_checks_catch_breakage(raycluster, rayjob, stage, mutation):
+    kind, mutate = POD_HYGIENE_MUTATIONS[mutation]
+    broken = copy.deepcopy({"RayCluster": raycluster, "RayJob": rayjob, "Job": stage}[kind])
+    mutate(broken)
+    assert pod_hygiene_problems(broken), f"not caught: {mutation}"
+
+
+def preemption_problems(spec: dict) -> list[str]:
+    """Every GPU worker pod drains itself before it goes: a preStop hook `byol-ray spot-watch --drain-now
+    --deadline-s D` that parses, D below the grace period (which counts from before preStop), and Ray's own
+    SIGTERM drain timeout set to D as well."""
+    problems = []
+    for name, group in _groups(spec)[1:]:
+        pod = group["template"]["spec"]
+        container = _ray_container(group)
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+        if not command:
+            problems.append(f"{name}: no preStop exec hook: a reclaimed pod's Ray node is killed without a drain")
+            continue
+        try:
+            args = parse_cli_command(shlex.join(command))
+        except (SystemExit, AssertionError) as exc:
+            problems.append(f"{name}: preStop {command} does not parse: {exc}")
+            continue
+        if args.command != "spot-watch" or not getattr(args, "drain_now", False):
+            problems.append(f"{name}: preStop {command} is not `byol-ray spot-watch --drain-now`")
+            continue
+        deadline = float(args.deadline_s)
+        if deadline + 10 > grace:
+            problems.append(f"{name}: the drain's {deadline:g} s leave less than 10 s of the "
+                            f"{grace} s grace period for SIGTERM and the shutdown")
+        env = _env(container).get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", {}).get("value")
+        if env is None or float(env) != deadline:
+            problems.append(f"{name}: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S={env}, not the preStop deadline {deadline:g}")
+    return problems
+
+
+def test_gpu_workers_drain_before_they_go(raycluster, rayjob):
+    for doc in (raycluster, rayjob):
+        assert preemption_problems(_cluster_spec(doc)) == []
+
+
+def _pre_stop(spec: dict) -> list[str]:
+    return _first_worker_container(spec)["lifecycle"]["preStop"]["exec"]["command"]
+
+
+PREEMPTION_MUTATIONS = {
+    "no preStop": lambda s: _first_worker_container(s).pop("lifecycle"),
+    "default grace period": lambda s: _worker(s)["template"]["spec"].pop("terminationGracePeriodSeconds"),
+    "deadline past the grace period": lambda s: _pre_stop(s).__setitem__(-1, "130"),
+    "the watcher, not a drain": lambda s: _pre_stop(s).__setitem__(slice(2, None), ["--cloud", "aws"]),
+    "typo'd flag": lambda s: _pre_stop(s).__setitem__(3, "--deadline-ms"),
+    "not byol-ray": lambda s: _pre_stop(s).__setitem__(slice(None), ["ray", "stop"]),
+    "Ray's drain at its 30 s default": lambda s: _first_worker_container(s).update(env=[
+        e for e in _first_worker_container(s)["env"] if e["name"] != "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]),
+}
+
+
+@pytest.mark.parametrize("mutation", list(PREEMPTION_MUTATIONS), ids=list(PREEMPTION_MUTATIONS))
+def test_preemption_checks_catch_breakage(raycluster, mutation):
+    spec = copy.deepcopy(raycluster["spec"])
+    PREEMPTION_MUTATIONS[mutation](spec)
+    assert preemption_problems(spec), f"not caught: {mutation}"
+
+
+def credentials_problems(spec: dict, training_secret: str) -> list[str]:
+    """Every Ray container logs in to MLflow as the training user, from the Secret, never a literal password."""
+    problems = []
+    for name, group in _groups(spec):
+        env = _env(_ray_container(group))
+        for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            if _from_secret(env, var) != (training_secret, key):
+                problems.append(f"{name}: {var} is not key {key!r} of Secret {training_secret!r}")
+    if (spec.get("authOptions") or {}).get("mode") != "token":
+        problems.append("Ray token authentication is off (authOptions.mode: token)")
+    return problems
+
+
+def test_ray_pods_log_in_to_mlflow_and_to_each_other(raycluster, rayjob):
+    for doc in (raycluster, rayjob):
+        assert credentials_problems(_cluster_spec(doc), "mlflow-training") == []
+
+
+CREDENTIALS_MUTATIONS = {
+    "literal password": lambda s: _env(_first_worker_container(s))["MLFLOW_TRACKING_PASSWORD"].update(
+        value="hunter2hunter2"),
+    "head without a user": lambda s: _ray_container(s["headGroupSpec"]).update(env=[
+        e for e in _ray_container(s["headGroupSpec"])["env"] if e["name"] != "MLFLOW_TRACKING_USERNAME"]),
+    "another Secret": lambda s: _env(_first_worker_container(s))["MLFLOW_TRACKING_USERNAME"]["valueFrom"][
+        "secretKeyRef"].update(name="mlflow-admin"),
+    "no Ray auth": lambda s: s.pop("authOptions"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(CREDENTIALS_MUTATIONS), ids=list(CREDENTIALS_MUTATIONS))
+def test_credentials_checks_catch_breakage(raycluster, mutation):
+    spec = copy.deepcopy(raycluster["spec"])
+    CREDENTIALS_MUTATIONS[mutation](spec)
+    assert credentials_problems(spec, "mlflow-training"), f"not caught: {mutation}"
 
 
 # ----------------------------------------------------------------------------- docs/cluster.md
@@ -1350,9 +2120,25 @@ def test_kuberay_version_is_stated_as_1_5_1_everywhere():
     assert ">= 1.5.1" in texts[DOCS]
 
 
-def test_aws_capacity_check_catches_too_few_nodes(aws):
-    _, cfg = resolve_command("byol-ray train --config imagenet_resnet50_300ep ray.num_workers=32")
-    assert aws_capacity_problems(aws, cfg.ray), "32 GPU workers cannot start on 2 x 8 GPUs"
+def test_aws_capacity_check_counts_what_the_cluster_can_grow_to(aws):
+    _, cfg = resolve_command("byol-ray train --config imagenet_resnet50_300ep ray.num_workers=64")
+    assert aws_capacity_problems(aws, cfg.ray) == [], "64 workers = 8 spot nodes, started on demand"
+
+
+@pytest.mark.parametrize("case", [
+    ("ray.num_workers=88 train.batch_size=4096", None),             # 10 nodes x 8 = 80 GPUs at most
+    ("ray.num_workers=16", lambda c: c.update(max_workers=1)),      # the global cap: 8 GPUs
+    ("ray.num_workers=16", lambda c: [n.update(max_workers=0) for n in _gpu_worker_types(c).values()]),
+    ("ray.num_workers=16 ray.cpus_per_worker=100", None),           # one worker fits no node type
+    ("ray.num_workers=16 ray.cpus_per_worker=13", None),            # 8 x 13 CPUs > 96: GPUs left idle
+])
+def test_aws_capacity_check_catches_too_small_a_cluster(aws, case):
+    overrides, mutate = case
+    broken = copy.deepcopy(aws)
+    if mutate:
+        mutate(broken)
+    _, cfg = resolve_command(f"byol-ray train --config imagenet_resnet50_300ep {overrides}")
+    assert aws_capacity_problems(broken, cfg.ray), case
 
 
 # ----------------------------------------------------------------------------- no shared volume: artifacts in S3
@@ -1362,9 +2148,11 @@ def test_mlflow_s3_variant_serves_artifacts_from_the_bucket_and_keeps_its_store_
     """cluster/kuberay/mlflow-s3.yaml: structurally valid; the same reachable, artifact-serving server as mlflow.yaml,
     with artifacts in an object store and SQLite on a ReadWriteOnce claim that only this pod mounts."""
     docs = _by_kind(KUBERAY / "mlflow-s3.yaml")
-    assert set(docs) == {"PersistentVolumeClaim", "Deployment", "Service"}
-    for kind in ("Deployment", "Service"):
+    assert set(docs) == {"PersistentVolumeClaim", "ConfigMap", "Deployment", "Service", "NetworkPolicy"}
+    for kind in ("ConfigMap", "Deployment", "Service", "NetworkPolicy"):
         assert _errors(core_validators[kind], docs[kind]) == [], kind
+    assert mlflow_auth_problems(docs, "mlflow-s3.yaml") == []
+    assert docs["NetworkPolicy"] == _by_kind(KUBERAY / "mlflow.yaml")["NetworkPolicy"], "one policy for both servers"
     deploy, service, claim = docs["Deployment"], docs["Service"], docs["PersistentVolumeClaim"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     spec = deploy["spec"]
@@ -1374,8 +2162,9 @@ def test_mlflow_s3_variant_serves_artifacts_from_the_bucket_and_keeps_its_store_
     assert params["host"] == "0.0.0.0" and params["serve_artifacts"] and not params["artifacts_only"]
     assert params["artifacts_destination"].startswith("s3://") and str(params["workers"]) == "1"
     db_path = params["backend_store_uri"].split(":///", 1)[1]
-    (mount,) = [m["mountPath"] for m in container["volumeMounts"]]
-    (volume,) = spec["template"]["spec"]["volumes"]
+    claims = [v for v in spec["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    (volume,) = claims
+    (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert db_path.startswith(f"{mount}/") and volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert service["spec"]["ports"][0]["targetPort"] == params["port"]
     assert any(e.get("secretRef", {}).get("optional") for e in container.get("envFrom", []))  # or IRSA
