@@ -168,6 +168,19 @@ def cmd_tune(args) -> tuple[int, dict | list]:
     return EXIT_OK, summary
 
 
+def cmd_spot_watch(args) -> tuple[int, dict]:
+    from byol_ray import spot_watch
+
+    if args.drain_now:
+        return EXIT_OK, spot_watch.drain_now(address=args.address, node_id=args.node_id, deadline_s=args.deadline_s,
+                                            reason=args.reason)
+    if not args.cloud:
+        raise ConfigError("byol-ray spot-watch needs --cloud aws|gcp (poll that cloud's metadata) or --drain-now "
+                          "(a Kubernetes preStop hook)")
+    return EXIT_OK, spot_watch.run(cloud=args.cloud, address=args.address, node_id=args.node_id, poll_s=args.poll_s,
+                                   metadata_url=args.metadata_url, rebalance=args.rebalance)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="byol-ray", description="BYOL self-supervised training on Ray.")
     parser.add_argument("--version", action="version", version=f"byol-ray {_version()}")
@@ -218,6 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (YAML; --json: JSON)")
     _config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("spot-watch", help="on a worker node: turn the cloud's spot interruption notice into a Ray "
+                                          "drain (reason PREEMPTION), so that the run checkpoints at once")
+    p.add_argument("--cloud", choices=("aws", "gcp"),
+                   help="poll this cloud's instance metadata (AWS IMDSv2 spot/instance-action and rebalance "
+                        "recommendation; GCP instance/preempted)")
+    p.add_argument("--drain-now", action="store_true",
+                   help="drain this node now and wait until it has left the cluster (a Kubernetes preStop hook)")
+    p.add_argument("--deadline-s", type=float, default=100.0,
+                   help="with --drain-now: the drain's deadline, and the longest wait (keep it under the pod's "
+                        "terminationGracePeriodSeconds)")
+    p.add_argument("--reason", default="pod stopping", help="with --drain-now: the drain's reason message")
+    p.add_argument("--address", default=None,
+                   help="the cluster's GCS address HOST:PORT (default: $RAY_ADDRESS, else the cluster this host's "
+                        "Ray node belongs to)")
+    p.add_argument("--node-id", default=None, help="the Ray node to drain (hex; default: the worker node on this host)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between metadata polls")
+    p.add_argument("--metadata-url", default=None,
+                   help="the metadata service's base URL (default: the cloud's, http://169.254.169.254 or "
+                        "http://metadata.google.internal)")
+    p.add_argument("--rebalance", choices=("log", "drain"), default="log",
+                   help="AWS rebalance recommendation (early warning, no deadline): log it, or drain at once")
+    p.set_defaults(func=cmd_spot_watch)
 
     from byol_ray.downstream.cli import register as register_downstream
 

@@ -39,6 +39,7 @@ class RayReporter:
     def __init__(self, rank: int, printer: ProgressPrinter, folder: Location, cfg: Config) -> None:
         self.rank, self.printer, self.folder, self.cfg = rank, printer, folder, cfg
         self.seen_preemptions: set[tuple[str, ...]] = set()
+        self.pending_notice: dict[str, Any] | None = None  # seen by poll, its checkpoint not yet committed
         self.poll_time_s, self.polls = 0.0, 0
         upload = cfg.ray.checkpoint_upload
         self.upload_async = upload == "async" or (upload == "auto" and is_uri(session.storage_root(cfg)))
@@ -51,17 +52,22 @@ class RayReporter:
         if self.rank == 0:
             append_history(self.folder, metrics)
         self._report(metrics, state, checkpoint_dir_name(epoch), validate=validation_due(self.cfg, epoch))
+        if state is not None and self.pending_notice is not None:  # a notice at an epoch's last step lands here
+            self._await_commit(self.pending_notice, state["step"])
 
     def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
         self._report(metrics, state, checkpoint_dir_name(state["epoch"], state["step"]), validate=False)
-        if notice is None:
-            return
-        # Ray Train commits a checkpoint only once its controller has collected every rank's report; a node that
-        # dies before that takes the checkpoint with it (observed). So wait, well inside the deadline, until
-        # this one is committed: only then is the notice's step safe.
+        if notice is not None:
+            self._await_commit(notice, state["step"])
+
+    def _await_commit(self, notice: dict[str, Any], step: int) -> None:
+        """Ray Train commits a checkpoint only once its controller has collected every rank's report; a node that
+        dies before that takes the checkpoint with it (observed). So wait, well inside the deadline, until the
+        notice's checkpoint is committed: only then is the notice's step safe."""
         import ray.train
         from ray.train import CheckpointConsistencyMode
 
+        self.pending_notice = None
         left = notice.get("deadline_s", float("nan"))
         wait = min(30.0, left / 2) if left == left and left > 0 else 30.0
         start = time.perf_counter()
@@ -69,10 +75,11 @@ class RayReporter:
             ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
                                                    timeout_s=wait)
             committed = f"committed after {time.perf_counter() - start:.1f} s"
+            notice["committed_at"] = time.time()  # MLflow records it (tracker.TrackingReporter)
         except Exception as exc:  # noqa: BLE001 - training goes on; the previous checkpoint still stands
             committed = f"not confirmed within {wait:.0f} s ({type(exc).__name__})"
         if self.rank == 0:
-            session.say(f"{notice['event']} notice at step {state['step']}: checkpoint written now "
+            session.say(f"{notice['event']} notice at step {step}: checkpoint written now "
                         f"({left:.0f} s before the deadline), {committed}")
 
     def poll(self, step: int) -> dict[str, Any] | None:
@@ -88,8 +95,10 @@ class RayReporter:
             return None
         self.seen_preemptions.add(tuple(info.preempted_node_ids))
         deadline_s = info.deadline_ms / 1000 - time.time() if info.deadline_ms else float("nan")
-        return {"event": "preemption", "deadline_s": deadline_s, "ranks": len(info.preempted_ranks),
-                "nodes": ",".join(n[:12] for n in info.preempted_node_ids), "step": step}
+        self.pending_notice = {"event": "preemption", "deadline_s": deadline_s, "ranks": len(info.preempted_ranks),
+                               "nodes": ",".join(n[:12] for n in info.preempted_node_ids), "step": step,
+                               "seen_at": time.time()}
+        return self.pending_notice
 
     def _report(self, metrics: dict[str, float], state: dict[str, Any] | None, name: str, *, validate: bool) -> None:
         import ray.train

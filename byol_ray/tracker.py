@@ -323,6 +323,7 @@ class TrackingReporter:
 
     def __init__(self, inner: Reporter, tracker: Tracker, logged_through: int = -1) -> None:
         self.inner, self.tracker, self.logged_through = inner, tracker, logged_through
+        self.pending_notice: dict[str, Any] | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if step > self.logged_through:
@@ -338,14 +339,18 @@ class TrackingReporter:
         if state is not None and self.tracker.run_id is not None:
             state["mlflow_run_id"] = self.tracker.run_id  # a restarted worker logs into the same run
         self.inner.epoch_end(metrics, epoch, state)
+        if state is not None:
+            self._record_commit(int(metrics["step"]))
 
     def poll(self, step: int) -> dict[str, Any] | None:
         poll = getattr(self.inner, "poll", None)
         notice = poll(step) if poll is not None else None
         if notice is not None:  # the event itself, at the step it was seen (rank 0's tracker; others are null)
+            self.pending_notice = notice
             self.tracker.log_metrics({f"{notice['event']}_notice": 1.0,
                                       **{f"{notice['event']}_{k}": float(v) for k, v in notice.items()
-                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}}, step)
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and not k.endswith("_at")}}, step)  # clock times go in the tag
             self.tracker.set_tags({f"{notice['event']}.last_notice_step": str(step),
                                    f"{notice['event']}.last_notice": json.dumps(notice, default=str)[:4000]})
         return notice
@@ -356,3 +361,14 @@ class TrackingReporter:
         inner = getattr(self.inner, "checkpoint", None)
         if inner is not None:
             inner(metrics, state, notice)
+        self._record_commit(int(state["step"]))
+
+    def _record_commit(self, step: int) -> None:
+        """The moment the pending notice's checkpoint was committed (the launcher's reporter sets
+        ``committed_at`` on the notice once it is): from then on the notice's step is safe."""
+        notice = self.pending_notice
+        if notice is None or "committed_at" not in notice:
+            return
+        self.pending_notice = None
+        self.tracker.set_tags({f"{notice['event']}.last_committed_at": f"{notice['committed_at']:.3f}"})
+        self.tracker.log_metrics({f"{notice['event']}_commit_s": notice["committed_at"] - notice["seen_at"]}, step)

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from byol_ray.schedules import learning_rate, target_decay
+from fake_metadata import FakeMetadata
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +91,17 @@ def _start_run(cluster: SpotCluster, tmp: Path, name: str, cifar_small, mlflow_s
     log = tmp / f"{name}.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
+
+
+def _dead_node(cluster: SpotCluster, node_id: str):
+    """The node's record once it has left the cluster (None while it is alive)."""
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    for info in GcsClient(address=cluster.address).get_all_node_info(timeout=10).values():
+        if info.node_id.hex() == node_id and info.state == GcsNodeInfo.GcsNodeState.DEAD:
+            return info
+    return None
 
 
 def _history(tmp: Path, name: str) -> list[dict]:
@@ -183,28 +195,77 @@ def test_elastic_run_loses_a_node_finishes_on_one_worker_and_grows_back(spot_clu
     assert {m.step for m in val} <= {e * saved["steps_per_epoch"] for e in range(1, 9)}
 
 
-def test_preemption_notice_checkpoints_at_once_and_the_run_finishes(spot_cluster, tmp_path, cifar_small,
-                                                                    mlflow_server):
-    proc, log = _start_run(spot_cluster, tmp_path, "spot", cifar_small, mlflow_server, "train.epochs=5",
-                           "train.checkpoint_every_steps=0", "ray.preemption_poll_steps=1", "data.val=")
-    _wait("an epoch on two workers", lambda: any(r["world_size"] == 2 for r in _history(tmp_path, "spot")), proc, log)
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", spot_cluster.address,
-                    "--node-id", spot_cluster.node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                    "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "20"],
-                   check=True, capture_output=True)
-    client, run_id = _mlflow_run(mlflow_server, tmp_path, "spot")
-    step = int(_wait("the preemption notice in MLflow", lambda: client.get_run(run_id).data.tags.get(
-        "preemption.last_notice_step"), proc, log, timeout=60))
-    # its checkpoint: mid-epoch, or the epoch end's when the notice came at an epoch's last step
-    name = f"epoch_{step // 9:04d}" if step % 9 == 0 else f"epoch_{step // 9:04d}-step_{step:08d}"
-    checkpoint = tmp_path / "runs" / "spot" / "checkpoints" / name / "state.pt"
-    _wait(f"the checkpoint {name}", checkpoint.exists, proc, log, timeout=60)
-    spot_cluster.kill(spot_cluster.node)  # the reclaim itself, inside the deadline
-    text = _finish(proc, log)
+def test_spot_watch_turns_an_ec2_notice_into_a_checkpoint_at_once_and_the_run_finishes(spot_cluster, tmp_path,
+                                                                                      cifar_small, mlflow_server):
+    """The watcher on the worker node polls a metadata service with EC2's paths and IMDSv2 handshake (on
+    loopback); garbage never drains, the interruption notice does, at the notice's deadline."""
+    metadata = FakeMetadata()
+    watch_log = tmp_path / "spot-watch.log"
+    watcher = subprocess.Popen(
+        [str(BYOL_RAY), "spot-watch", "--cloud", "aws", "--metadata-url", metadata.url, "--address",
+         spot_cluster.address, "--node-id", spot_cluster.node, "--poll-s", "0.2", "--json"],
+        stdout=subprocess.PIPE, stderr=open(watch_log, "wb"), text=True, start_new_session=True)
+    try:
+        # garbage first: a malformed notice, then a failing service; one log line each, and nothing drains
+        # (the run below gets a worker on that node)
+        def logged(text: str, count: int = 1):
+            deadline = time.monotonic() + 30
+            while watch_log.read_text().count(text) < count:
+                assert watcher.poll() is None and time.monotonic() < deadline, watch_log.read_text()
+                time.sleep(0.2)
+
+        metadata.instance_action = '{"action": "terminate", "time": "soon"}'
+        logged("malformed spot/instance-action")
+        metadata.instance_action = None
+        logged("metadata readable again")
+        metadata.status = 500
+        logged("HTTP 500")
+        metadata.status = None
+        logged("metadata readable again", 2)
+        polls = metadata.gets("/latest/meta-data/spot/instance-action")
+        time.sleep(1)
+        assert metadata.gets("/latest/meta-data/spot/instance-action") >= polls + 3  # still polling, every 0.2 s
+        lines = watch_log.read_text().splitlines()
+        assert sum("malformed" in line for line in lines) == 1 and sum("HTTP 500" in line for line in lines) == 1
+        proc, log = _start_run(spot_cluster, tmp_path, "spot", cifar_small, mlflow_server, "train.epochs=5",
+                               "train.checkpoint_every_steps=0", "ray.preemption_poll_steps=1", "data.val=")
+        _wait("an epoch on two workers", lambda: any(r["world_size"] == 2 for r in _history(tmp_path, "spot")),
+              proc, log)
+        assert watcher.poll() is None, watch_log.read_text()
+        # the notice: EC2 gives the time the instance goes, two minutes out there, 20 s here
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 20))
+        metadata.instance_action = json.dumps({"action": "terminate", "time": stamp})
+        drained = json.loads(watcher.communicate(timeout=30)[0])
+        assert watcher.returncode == 0 and drained["node_id"] == spot_cluster.node
+        assert 15 <= drained["deadline_s"] <= 20
+        assert f"terminate at {stamp}: drained Ray node {spot_cluster.node[:12]}" in watch_log.read_text()
+
+        client, run_id = _mlflow_run(mlflow_server, tmp_path, "spot")
+        step = int(_wait("the preemption notice in MLflow", lambda: client.get_run(run_id).data.tags.get(
+            "preemption.last_notice_step"), proc, log, timeout=60))
+        # its checkpoint: mid-epoch, or the epoch end's when the notice came at an epoch's last step
+        name = f"epoch_{step // 9:04d}" if step % 9 == 0 else f"epoch_{step // 9:04d}-step_{step:08d}"
+        checkpoint = tmp_path / "runs" / "spot" / "checkpoints" / name / "state.pt"
+        _wait(f"the checkpoint {name}", checkpoint.exists, proc, log, timeout=60)
+        committed = float(_wait("the checkpoint's commit in MLflow", lambda: client.get_run(run_id).data.tags.get(
+            "preemption.last_committed_at"), proc, log, timeout=60))
+        # Ray Train restarts the group without the draining node; the node, idle then, leaves the cluster
+        # before the cloud's deadline, and Ray keeps the cloud's words as the reason
+        gone = _wait("the drained node to leave", lambda: _dead_node(spot_cluster, spot_cluster.node), proc, log,
+                     timeout=60)
+        text = _finish(proc, log)
+    finally:
+        metadata.close()
+        if watcher.poll() is None:
+            os.killpg(watcher.pid, signal.SIGKILL)
 
     tags = client.get_run(run_id).data.tags
     assert int(tags["preemption.last_notice_step"]) == step  # the checkpoint is at the step of the notice
     assert json.loads(tags["preemption.last_notice"])["deadline_s"] <= 20
+    assert gone.death_info.reason == gone.death_info.AUTOSCALER_DRAIN_PREEMPTED
+    assert f"aws spot instance-action: terminate at {stamp}" in gone.death_info.reason_message  # the cloud's words
+    # committed inside the deadline the cloud gave
+    assert drained["drained_at"] < committed < drained["drained_at"] + drained["deadline_s"]
     assert [m.step for m in client.get_metric_history(run_id, "preemption_notice")] == [step]
     # the restarted group (on the remaining node) resumed from that checkpoint: no step before the notice was lost
     restarts = client.get_metric_history(run_id, "restart_step")
@@ -213,3 +274,17 @@ def test_preemption_notice_checkpoints_at_once_and_the_run_finishes(spot_cluster
     assert "run spot finished" in text
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 5 * 9 + 1))
+
+
+def test_drain_now_is_a_prestop_hook_the_node_leaves_before_the_deadline(spot_cluster, tmp_path):
+    """A KubeRay worker pod's preStop: the node is drained now (reason PREEMPTION) and the hook returns once
+    the node has left the cluster, well inside the deadline."""
+    result = subprocess.run([str(BYOL_RAY), "spot-watch", "--drain-now", "--deadline-s", "30", "--reason",
+                             "pod stopping (test)", "--address", spot_cluster.address, "--node-id", spot_cluster.node,
+                             "--json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["left"] is True and answer["waited_s"] < 30
+    gone = _dead_node(spot_cluster, spot_cluster.node)
+    assert gone.death_info.reason == gone.death_info.AUTOSCALER_DRAIN_PREEMPTED
+    assert "pod stopping (test)" in gone.death_info.reason_message
