@@ -2112,6 +2112,203 @@ def test_docs_name_files_that_exist():
         assert in_repo.exists() or in_docs.exists(), path
 
 
+NEWCOMER_ORDER = ("make image", "aws ec2 create-security-group --group-name", "aws efs create-mount-target",
+                  "ray up cluster/aws-gpu.yaml", "byol-ray prepare", "byol-ray train", "byol-ray linear-eval",
+                  "byol-ray promote")  # staging is a `ray job submit`: after `ray up`
+
+
+def docs_flow_problems(markdown: str, aws: dict, raycluster: dict, mlflow_docs: dict) -> list[str]:
+    """The guide as a newcomer follows it: the steps in order; the nodes' security group created under the name
+    aws-gpu.yaml gives, with the EFS group admitting NFS from it, before `ray up`; the KubeRay token Secret named
+    as KubeRay 1.5.1 names it and exported for `ray job submit`; the MLflow Secrets with the keys the manifests
+    read; the image sed aimed at `make image`'s repository."""
+    problems = []
+    lines = doc_shell_lines(markdown)
+    firsts = []
+    for step in NEWCOMER_ORDER:
+        at = next((i for i, line in enumerate(lines) if step in line), None)
+        if at is None:
+            problems.append(f"the guide never runs `{step}`")
+        firsts.append(at)
+    known = [(s, i) for s, i in zip(NEWCOMER_ORDER, firsts) if i is not None]
+    for (a, i), (b, j) in zip(known, known[1:]):
+        if i > j:
+            problems.append(f"the guide runs `{b}` before `{a}`")
+    text = "\n".join(lines)
+    group = aws["provider"].get("security_group", {}).get("GroupName")
+    sg = re.search(r"(\w+)=\$\(aws ec2 create-security-group --group-name (\S+)", text)
+    if not sg or sg.group(2) != group:
+        problems.append(f"the guide does not create the nodes' security group {group!r} (provider.security_group)")
+    elif not re.search(rf"authorize-security-group-ingress .*--protocol tcp --port 2049 --source-group \${sg.group(1)}\b",
+                       text):
+        problems.append("the EFS security group does not admit NFS (TCP 2049) from the nodes' group")
+    secret = raycluster["metadata"]["name"]  # KubeRay 1.5.1: the token Secret is named after the RayCluster
+    if not re.search(rf"kubectl create secret generic {re.escape(secret)} --from-literal=auth_token=", text):
+        problems.append(f"the guide does not create the RayCluster's token Secret {secret!r} (key auth_token)")
+    if f"export RAY_AUTH_TOKEN=$(kubectl get secret {secret} -o jsonpath='{{.data.auth_token}}' | base64 -d)" not in text:
+        problems.append(f"the guide does not export RAY_AUTH_TOKEN from Secret {secret!r}")
+    if "export RAY_AUTH_MODE=token" not in text:
+        problems.append("the guide does not export RAY_AUTH_MODE=token")
+    wanted: dict[str, set[str]] = {}
+    pods = [mlflow_docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]]
+    pods += [_ray_container(g) for _, g in _groups(raycluster["spec"])]
+    for container in pods:
+        for e in container.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref["name"] != secret:
+                wanted.setdefault(ref["name"], set()).add(ref["key"])
+    for name, keys in wanted.items():
+        created = next((line for line in lines if f"kubectl create secret generic {name} " in line), None)
+        if created is None:
+            problems.append(f"the guide does not create the Secret {name!r}")
+            continue
+        have = set(re.findall(r"--from-literal=([\w.-]+)=", created))
+        if keys - have:
+            problems.append(f"Secret {name!r} is created without the keys {sorted(keys - have)} the manifests read")
+    sed = next((line for line in lines if line.startswith("sed -i -E") and "cluster/aws-gpu.yaml" in line), "")
+    if image_repo().replace(".", "\\.") not in sed or "cluster/kuberay/*.yaml" not in sed:
+        problems.append("the guide's sed does not point every file of cluster/ at the new tag")
+    return problems
+
+
+def test_the_guide_runs_every_step_in_order_with_names_that_match(aws, raycluster, mlflow_docs):
+    assert docs_flow_problems(DOCS.read_text(), aws, raycluster, mlflow_docs) == []
+
+
+def _doc_swap(old: str, new: str):
+    def mutate(text, aws, raycluster, mlflow_docs):
+        assert old in text, f"stale mutation: {old!r}"
+        return text.replace(old, new)
+    return mutate
+
+
+def _move_block(marker: str, after: str):
+    """Move the fenced block holding `marker` to just after the block holding `after`."""
+    def mutate(text, aws, raycluster, mlflow_docs):
+        blocks = re.findall(r"```bash\n.*?```\n", text, flags=re.S)
+        moved = next(b for b in blocks if marker in b)
+        target = next(b for b in blocks if after in b)
+        text = text.replace(moved, "", 1)
+        return text.replace(target, target + moved, 1)
+    return mutate
+
+
+def _rename_cluster(text, aws, raycluster, mlflow_docs):
+    raycluster["metadata"]["name"] = "byol"
+    return text
+
+
+def _rekey_secret(text, aws, raycluster, mlflow_docs):
+    env = _env(mlflow_docs["Deployment"]["spec"]["template"]["spec"]["containers"][0])
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] = "admin-password"
+    return text
+
+
+def _rename_group(text, aws, raycluster, mlflow_docs):
+    aws["provider"]["security_group"]["GroupName"] = "ray-autoscaler-byol-ray"
+    return text
+
+
+DOCS_FLOW_MUTATIONS = {
+    "security group created after ray up": _move_block("create-security-group", "ray up cluster/aws-gpu.yaml"),
+    "promote before the evaluation": _doc_swap("byol-ray linear-eval --model", "byol-ray promot --model"),
+    "training before staging": _move_block("byol-ray prepare /mnt/shared/imagenet/train", "byol-ray train"),
+    "another group name than the config's": _rename_group,
+    "EFS admits another port": _doc_swap("--port 2049 --source-group", "--port 2048 --source-group"),
+    "EFS admits another group": _doc_swap("--source-group $NODES_SG", "--source-group $EFS_SG"),
+    "RayCluster renamed (its token Secret too)": _rename_cluster,
+    "token under another key": _doc_swap("--from-literal=auth_token=", "--from-literal=token="),
+    "token not exported": _doc_swap("export RAY_AUTH_TOKEN=$(kubectl get secret byol-ray",
+                                    "RAY_AUTH_TOKEN=$(kubectl get secret byol-ray"),
+    "MLflow Secret key the guide does not create": _rekey_secret,
+    "training Secret never created": _doc_swap("kubectl create secret generic mlflow-training",
+                                               "kubectl create secret generic mlflow-train"),
+    "sed misses the KubeRay files": _doc_swap("cluster/aws-gpu.yaml cluster/kuberay/*.yaml", "cluster/aws-gpu.yaml"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(DOCS_FLOW_MUTATIONS), ids=list(DOCS_FLOW_MUTATIONS))
+def test_guide_checks_catch_breakage(aws, raycluster, mlflow_docs, mutation):
+    aws, raycluster, mlflow_docs = copy.deepcopy(aws), copy.deepcopy(raycluster), copy.deepcopy(mlflow_docs)
+    text = DOCS_FLOW_MUTATIONS[mutation](DOCS.read_text(), aws, raycluster, mlflow_docs)
+    assert docs_flow_problems(text, aws, raycluster, mlflow_docs), f"not caught: {mutation}"
+
+
+def documented_downstream_problems(markdown: str, aws: dict, raycluster: dict) -> list[str]:
+    """The documented spot-watch, linear-eval and promote commands parse; the watcher and the preStop hook are the
+    ones the cluster files run; the evaluation runs on a GPU against the staged validation split and the
+    preset's registered name, and promote moves @champion on the metric linear-eval writes."""
+    problems = []
+    watch = doc_commands(markdown, "spot-watch")
+    aws_line = next((c for c in aws["worker_start_ray_commands"] if "byol-ray spot-watch" in c), "")
+    aws_watch = " ".join(re.split(r"\s>", aws_line[aws_line.find("byol-ray spot-watch"):])[0].split())
+    pre_stop = shlex.join(_ray_container(_worker(raycluster["spec"])).get("lifecycle", {}).get("preStop", {})
+                          .get("exec", {}).get("command", ["?"]))
+    for want, what in ((aws_watch, "aws-gpu.yaml's watcher"), (pre_stop, "the workers' preStop hook")):
+        if not any(" ".join(re.split(r"\s>", c)[0].split()) == want for c in watch):
+            problems.append(f"the guide does not show {what}: {want}")
+    for command in watch:
+        try:
+            parse_cli_command(re.split(r"\s[>&]", command)[0])
+        except SystemExit:
+            problems.append(f"`{command}` does not parse")
+    preset = load_config(["imagenet_resnet50_300ep"], [])
+    staged = {parse_cli_command(c).output for c in doc_commands(markdown, "prepare")}
+    evals = doc_commands(markdown, "linear-eval")
+    promotes = doc_commands(markdown, "promote")
+    if not evals or not promotes:
+        return problems + ["the guide shows no `byol-ray linear-eval` and `byol-ray promote`"]
+    for command in evals:
+        try:
+            args = parse_cli_command(command)
+        except SystemExit:
+            problems.append(f"`{command}` does not parse")
+            continue
+        if not args.model.startswith(preset.mlflow.register_name):
+            problems.append(f"`{command}`: --model {args.model} is not the preset's {preset.mlflow.register_name}")
+        if args.device != "cuda":
+            problems.append(f"`{command}`: not on the GPU (--device cuda)")
+        if args.test not in staged or args.train not in staged:
+            problems.append(f"`{command}`: --train/--test are not the staged files {sorted(staged)}")
+    for command in promotes:
+        try:
+            args = parse_cli_command(command)
+        except SystemExit:
+            problems.append(f"`{command}` does not parse")
+            continue
+        if args.alias != "champion" or args.metric != "linear_top1" or args.force:
+            problems.append(f"`{command}`: does not earn @champion on linear_top1")
+    submits = [line for line in doc_shell_lines(markdown) if "byol-ray linear-eval" in line]
+    if not all("--entrypoint-num-gpus" in line for line in submits):
+        problems.append("the evaluation's `ray job submit` asks for no GPU (--entrypoint-num-gpus)")
+    return problems
+
+
+def test_documented_watcher_evaluation_and_promotion_are_the_real_commands(aws, raycluster):
+    assert documented_downstream_problems(DOCS.read_text(), aws, raycluster) == []
+
+
+DOWNSTREAM_MUTATIONS = {
+    "watcher differs from aws-gpu.yaml": ("--cloud aws --address $RAY_HEAD_IP:6379 >", "--cloud aws >"),
+    "hook differs from the manifests": ("spot-watch --drain-now --deadline-s 100", "spot-watch --drain-now"),
+    "evaluation on the CPU": ("--device cuda", "--device cpu"),
+    "evaluation of another model": ("linear-eval --model byol-imagenet-resnet50:1", "linear-eval --model byol-cifar:1"),
+    "evaluation on an unstaged split": ("--test /mnt/shared/imagenet-val.beton", "--test /mnt/shared/val.beton"),
+    "typo'd flag": ("--expect-arch resnet50", "--expect-architecture resnet50"),
+    "promotion by force": ("byol-ray promote --model byol-imagenet-resnet50:1",
+                           "byol-ray promote --force --model byol-imagenet-resnet50:1"),
+    "no GPU for the evaluation": ("--entrypoint-num-gpus 1 --entrypoint-num-cpus 10", "--entrypoint-num-cpus 10"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(DOWNSTREAM_MUTATIONS), ids=list(DOWNSTREAM_MUTATIONS))
+def test_documented_downstream_checks_catch_breakage(aws, raycluster, mutation):
+    old, new = DOWNSTREAM_MUTATIONS[mutation]
+    text = DOCS.read_text()
+    assert old in text, f"stale mutation: {old!r}"
+    assert documented_downstream_problems(text.replace(old, new), aws, raycluster), f"not caught: {mutation}"
+
+
 def test_kuberay_version_is_stated_as_1_5_1_everywhere():
     texts = {p: p.read_text() for p in [DOCS, *CLUSTER.rglob("*.yaml"), *SCHEMAS.rglob("SOURCE.md")]}
     for path, text in texts.items():
