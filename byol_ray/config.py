@@ -7,7 +7,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -99,8 +99,15 @@ class TrainConfig:
     log_every_steps: int = 50
     checkpoint_every_epochs: int = 1
     # mid-epoch checkpoints every this many global steps (0 = epoch ends only); a resume continues
-    # inside the epoch with the same batches, crops and augmentations as an uninterrupted run
-    checkpoint_every_steps: int = 0
+    # inside the epoch with the same batches, crops and augmentations as an uninterrupted run.
+    # 'auto': the Young-Daly interval sqrt(2 x stall x mean time between interruptions), from the checkpoint
+    # stall measured in this run and interruptions_per_node_hour (byol_ray/cadence.py)
+    checkpoint_every_steps: Union[int, Literal["auto"]] = 0
+    # expected interruptions without usable notice, per node and hour, for checkpoint_every_steps=auto.
+    # 0.01 (about 7 per node-month) is deliberately pessimistic: AWS's Spot Instance Advisor's highest band
+    # is "more than 20 %" of instances interrupted per month, i.e. >= 0.0003 per instance-hour. Set it from
+    # your own history (MLflow: preemption_notice events per run-hour) or 0 for on-demand nodes.
+    interruptions_per_node_hour: float = 0.01
 
 
 @dataclass
@@ -295,6 +302,15 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
+    if origin is Union:  # the first member that takes the value; else one line naming every accepted form
+        for member in typing.get_args(typ):
+            try:
+                return _coerce(key, value, member)
+            except ConfigError:
+                continue
+        forms = " or ".join(repr(a) if typing.get_origin(m) is Literal else m.__name__.replace("int", "an integer")
+                            for m in typing.get_args(typ) for a in (typing.get_args(m) or (None,)))
+        raise ConfigError(f"config key {key!r} = {value!r} must be {forms}")
     if origin is Literal:
         allowed = typing.get_args(typ)
         if isinstance(value, bool) and {"on", "off"} <= set(allowed):
@@ -391,7 +407,10 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs", t.checkpoint_every_epochs, ">= 1")
     _check(m.sync_bn != "on" or r.use_gpu, "model.sync_bn", m.sync_bn,
            "'auto' or 'off' when ray.use_gpu=false (torch SyncBatchNorm is CUDA-only)")
-    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, ">= 0 (0 = off)")
+    _check(t.checkpoint_every_steps == "auto" or t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+           t.checkpoint_every_steps, ">= 0 (0 = off) or 'auto'")
+    _check(t.interruptions_per_node_hour >= 0, "train.interruptions_per_node_hour", t.interruptions_per_node_hour,
+           ">= 0 (0 = never: checkpoint_every_steps=auto then checkpoints at epoch ends only)")
     e = cfg.eval
     _check(e.every_epochs >= 0, "eval.every_epochs", e.every_epochs, ">= 0 (0 = never)")
     _check(e.cpus >= 1, "eval.cpus", e.cpus, ">= 1")

@@ -15,11 +15,13 @@ from torch import nn
 from byol_ray import dist
 from byol_ray.augment import augment_view
 from byol_ray.byol import build_byol, update_target
+from byol_ray.cadence import Cadence
 from byol_ray.config import Config, Derived, to_dict, validation_due
 from byol_ray.dist import batch_share
 from byol_ray.encoders import build_encoder
 from byol_ray.lars import LARS, param_groups
 from byol_ray.loss import byol_loss
+from byol_ray.progress import say
 from byol_ray.schedules import learning_rate, target_decay
 
 
@@ -277,6 +279,26 @@ def _with_prefix(prefix: dict[str, Any] | None, means: dict[str, float], steps: 
     return out
 
 
+def _measure_stall(cadence: Cadence, step: int, stall_from: float, since: tuple[float, int],
+                   device: torch.device) -> dict | None:
+    """Feed an ``auto`` cadence one checkpoint: its stall and the step time since the previous one, each the
+    slowest rank's (a collective call, at a step where every rank checkpoints), so that every rank picks the
+    same next step. Returns the new choice, said once and logged with the next step row."""
+    if not cadence.auto or step <= since[1]:
+        return None
+    measured = torch.tensor([time.perf_counter() - stall_from, (stall_from - since[0]) / (step - since[1])],
+                            dtype=torch.float64, device=device)  # on the device: NCCL moves only GPU tensors
+    measured = dist.gather(measured).max(dim=0).values.cpu()
+    choice = cadence.measured(step, float(measured[0]), float(measured[1]))
+    if choice is not None and dist.is_main():
+        steps = int(choice["checkpoint_interval_steps"])
+        say(f"checkpoint cadence (auto): every {steps} steps (~{choice['checkpoint_interval_s']:.0f} s) for a "
+            f"{choice['checkpoint_stall_s']:.2f} s stall at {cadence.interruptions_per_hour:g} interruptions/hour; "
+            f"an interruption without notice loses ~{choice['checkpoint_lost_s_per_interruption']:.0f} s of work, "
+            f"checkpoints cost {100 * choice['checkpoint_overhead_share']:.1f} %")
+    return choice
+
+
 def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.device, *,
         reporter: Reporter | None = None, state: dict[str, Any] | None = None) -> FitResult:
     """Train from ``state`` (or from scratch) to ``cfg.train.epochs``; checkpoints at epoch ends and, with
@@ -306,7 +328,11 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
     if state is not None:
         engine.load_state_dict(state)
         prefix = state.get("epoch_prefix")
-    every_steps = cfg.train.checkpoint_every_steps
+    # mid-epoch checkpoints: every N steps, or 'auto' (Young-Daly from the stall measured here; cadence.py)
+    cadence = Cadence.from_config(cfg.train.checkpoint_every_steps, cfg.train.interruptions_per_node_hour,
+                                  derived.world_size, engine.step)
+    since = (time.perf_counter(), engine.step)  # the end of the last checkpoint (or the start): time, step
+    choice: dict[str, float] | None = None  # a new cadence choice, logged with the next step row
     # optional on a reporter (the Protocol's two older methods are all a simple one needs)
     poll = getattr(reporter, "poll", None) or (lambda step: None)
     checkpoint = getattr(reporter, "checkpoint", None)
@@ -338,6 +364,9 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
                 row["step_time_s"] = (now - window_start) / window_steps
                 row["epoch"] = epoch + (i + 1) / steps_per_epoch
                 row["world_size"] = derived.world_size
+                if choice is not None:
+                    row.update(choice)
+                    choice = None
                 if device.type == "cuda":
                     row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 reporter.log(row, engine.step)
@@ -345,15 +374,18 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
             notice = poll(engine.step) or notice
             if i + 1 == steps_per_epoch:
                 break  # the epoch-end checkpoint below serves a step or notice that falls here
-            if checkpoint is not None and (notice is not None or (every_steps and engine.step % every_steps == 0)):
+            if checkpoint is not None and (notice is not None or cadence.due(engine.step)):
                 # a mid-epoch checkpoint: the epoch's metrics so far travel with it (a collective call)
                 state_now = engine.state_dict()
                 state_now["epoch_prefix"] = {"steps": skip + done, "means": _with_prefix(
                     prefix, _epoch_means(sums, done, local_batch), done)}
                 partial = {**state_now["epoch_prefix"]["means"], "epoch": epoch + (i + 1) / steps_per_epoch,
                            "step": engine.step, "world_size": derived.world_size}
+                stall_from = time.perf_counter()
                 checkpoint(partial, state_now, notice)
                 notice = None
+                choice, since = _measure_stall(cadence, engine.step, stall_from, since, device) or choice, \
+                    (time.perf_counter(), engine.step)
         engine.epoch = epoch + 1
         elapsed = time.perf_counter() - start
         epoch_metrics = _with_prefix(prefix, _epoch_means(sums, done, local_batch), done)
@@ -364,6 +396,10 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
         history.append(epoch_metrics)
         last = engine.epoch == cfg.train.epochs
         due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or notice is not None
-               or bool(every_steps and engine.step % every_steps == 0) or validation_due(cfg, engine.epoch))
+               or cadence.due(engine.step) or validation_due(cfg, engine.epoch))
+        stall_from = time.perf_counter()
         reporter.epoch_end(epoch_metrics, engine.epoch, engine.state_dict() if due else None)
+        if due and checkpoint is not None:
+            choice = _measure_stall(cadence, engine.step, stall_from, since, device) or choice
+            since = (time.perf_counter(), engine.step)
     return FitResult(steps=engine.step, epochs=engine.epoch, metrics=epoch_metrics, history=history, engine=engine)

@@ -35,7 +35,8 @@ STORED_SIDE_RATIO = 384 / 224  # long side stored by an automatic conversion, pe
 # Settings that --resume may change: how the run is executed, never what it computes.
 # The group size is one of them: the global batches, crops, augmentations and schedules do not depend on it.
 RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.val", "train.log_every_steps",
-                  "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.device", "ray.address",
+                  "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.interruptions_per_node_hour",
+                  "train.device", "ray.address",
                   "ray.num_workers", "ray.min_workers", "ray.cpus_per_worker", "ray.max_failures", "ray.num_to_keep",
                   "ray.preemption_poll_steps", "ray.checkpoint_upload", "ray.resize_check_s", "eval.every_epochs",
                   "eval.cpus", "eval.knn_k", "eval.knn_temperature", "eval.bank_size", "eval.val_size",
