@@ -140,6 +140,10 @@ class RayConfig:
     # checkpoint upload: 'auto' = async when storage_path is an object-store URI, else sync; 'async' copies
     # in the background while training continues (docs/benchmarks.md "Checkpoint upload")
     checkpoint_upload: Literal["auto", "sync", "async"] = "auto"
+    # seconds to wait, before the run starts, for a cluster that scales up (spot GPU nodes at min_workers 0)
+    # to have room for the workers; the autoscaler is asked for them. -1 = 900 s when the cluster has an
+    # autoscaler, else refuse at once; 0 = refuse at once (byol_ray/capacity.py)
+    wait_for_workers_s: float = -1.0
     # seconds between Ray Train's checks for returned capacity in an elastic run (its default is 60)
     resize_check_s: float = 60.0
     use_gpu: bool = False
@@ -427,6 +431,8 @@ def validate(cfg: Config) -> None:
                           "ray.max_failures=0 ends it at the first lost node (Ray Train counts a node that vanishes "
                           "without a drain notice as a worker failure; noticed preemptions have their own unlimited "
                           "budget). Set ray.max_failures=N (e.g. 10) or -1 for no limit")
+    _check(r.wait_for_workers_s >= -1, "ray.wait_for_workers_s", r.wait_for_workers_s,
+           ">= 0 seconds, or -1 (900 s when the cluster has an autoscaler, else none)")
     _check(r.preemption_poll_steps >= 1, "ray.preemption_poll_steps", r.preemption_poll_steps, ">= 1")
     _check(r.resize_check_s >= 0, "ray.resize_check_s", r.resize_check_s, ">= 0")
     _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")

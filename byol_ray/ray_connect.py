@@ -27,6 +27,14 @@ LOCAL_RAY_ENV = {
 }
 
 
+_embedded = False  # init_ray started this process's own in-process Ray (the embedded default)
+
+
+def embedded() -> bool:
+    """Whether this process runs on the embedded default's in-process Ray (which never grows)."""
+    return _embedded
+
+
 def init_ray(address: str = "") -> None:
     """Connect to ``address`` (``ray.address``, else ``RAY_ADDRESS``, which a Ray job's entrypoint has), else start
     a lean in-process local Ray of this process's own.
@@ -50,6 +58,8 @@ def init_ray(address: str = "") -> None:
         port = _free_port(8265)
         local = {"dashboard_port": port}
         os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    global _embedded
+    _embedded = not address
     context = ray.init(address=address or "local", log_to_driver=True,
                        logging_level=logging.INFO if verbose() else logging.WARNING, **local)
     where = (f"the cluster at {address}" if address else

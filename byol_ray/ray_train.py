@@ -17,7 +17,7 @@ import yaml
 
 from byol_ray import session, validation
 from byol_ray.checkpoint import CHECKPOINT_NAME, checkpoint_dir_name, load_checkpoint, save_checkpoint
-from byol_ray.config import Config, ConfigError, from_dict, to_dict, validation_due
+from byol_ray.config import Config, from_dict, to_dict, validation_due
 from byol_ray.history import append_history, read_history
 from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.progress import ProgressPrinter
@@ -193,29 +193,12 @@ def storage_args(root: Location) -> dict[str, Any]:
 
 
 def check_resources(cfg: Config) -> None:
-    """Fail fast instead of waiting forever for a worker group the cluster cannot place."""
-    import ray
+    """Fail fast instead of waiting forever for a worker group the cluster cannot place; wait (up to
+    ray.wait_for_workers_s) for one a growing cluster will place (capacity.py)."""
+    from byol_ray import capacity
+    from byol_ray.ray_connect import embedded
 
-    total = ray.cluster_resources()
-    # an elastic run starts with what fits, down to ray.min_workers
-    workers, cpus = cfg.ray.min_workers or cfg.ray.num_workers, cfg.ray.cpus_per_worker
-    if cfg.ray.use_gpu and total.get("GPU", 0) < workers:
-        raise ConfigError(
-            f"ray.use_gpu=true asks for {workers} GPU worker(s) but the cluster has {int(total.get('GPU', 0))} GPU(s); "
-            "set ray.use_gpu=false (CPU training) or lower ray.num_workers"
-        )
-    if total.get("CPU", 0) < workers * cpus:
-        raise ConfigError(
-            f"ray.num_workers={workers} x ray.cpus_per_worker={cpus} needs {workers * cpus} CPUs but the cluster "
-            f"has {total.get('CPU', 0):g}; lower ray.num_workers or ray.cpus_per_worker"
-        )
-    if cfg.data.val and cfg.eval.every_epochs and total.get("CPU", 0) < workers * cpus + cfg.eval.cpus:
-        # the validation task would wait forever for its CPUs, and the run's end waits for the validation
-        raise ConfigError(
-            f"validation (data.val) needs eval.cpus={cfg.eval.cpus} CPU(s) beside the {workers * cpus} of the "
-            f"workers, but the cluster has {total.get('CPU', 0):g}; lower eval.cpus, ray.cpus_per_worker or "
-            f"ray.num_workers, or set eval.every_epochs=0 (no validation)"
-        )
+    capacity.ensure(cfg, embedded=embedded())
 
 
 def _interruptible(trainer_cls):

@@ -8,7 +8,7 @@ answers each with one JSON line:
     kill NODE_ID  kill every process of that node -> {"killed": NODE_ID}
     quit          shut the cluster down
 
-    python tests/spot_cluster.py --head-cpus 3 --node-cpus 2 --temp-dir /tmp/rs-x
+    python tests/spot_cluster.py --head-cpus 3 --node-cpus 2 --nodes 1 --temp-dir /tmp/rs-x
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--head-cpus", type=int, default=3)
     parser.add_argument("--node-cpus", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=1, help="worker nodes at the start (0: the head only)")
     parser.add_argument("--temp-dir", required=True)
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
@@ -54,7 +55,7 @@ def main() -> None:
         nodes[node.node_id] = node  # the hex node id, as `ray drain-node --node-id` takes it
         return node.node_id
 
-    first = add()
+    first = [add() for _ in range(args.nodes)][0] if args.nodes else None
     cluster.wait_for_nodes()
     print(json.dumps({"address": cluster.address, "dashboard": f"http://127.0.0.1:{dashboard_port}",
                       "head": cluster.head_node.node_id, "node": first}), flush=True)

@@ -239,7 +239,8 @@ def test_explicit_resume_of_a_finished_run_is_a_no_op_and_a_rerun_is_refused(two
 
 @pytest.mark.parametrize("override,pattern", [
     ("ray.use_gpu=true", r"asks for 1 GPU worker\(s\) but the cluster has 0 GPU"),
-    ("ray.num_workers=8", r"needs 8 CPUs but the cluster has 4"),
+    ("ray.num_workers=8", r"needs 8 CPUs but the cluster has 4; lower ray.num_workers or ray.cpus_per_worker; on a "
+                          r"cluster that grows, ray.wait_for_workers_s=SECONDS waits for its nodes"),
     ("data.train=/nonexistent/train.beton", r"data.train='/nonexistent/train.beton' does not exist"),
     ("ray.storage_path=/etc/hostname/ray", r"ray.storage_path='/etc/hostname/ray' is not writable"),
 ])
@@ -251,6 +252,20 @@ def test_bad_input_fails_fast(ray_cluster, workdir, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         launch(cfg)
     assert time.monotonic() - start < 10
+
+
+def test_a_group_that_does_not_fit_waits_only_as_long_as_asked(ray_cluster, workdir):
+    """ray.wait_for_workers_s: the run asks for its workers and waits; when the time is up it says what is missing
+    and which key to change, and has written nothing."""
+    from byol_ray.ray_train import launch
+
+    cfg = _cfg(workdir, "waits", "train.batch_size=64", "ray.num_workers=8", "ray.wait_for_workers_s=3")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"needs 8 CPUs but the cluster has 4 after waiting 3 s "
+                                          r"\(ray.wait_for_workers_s\) for the cluster to grow"):
+        launch(cfg)
+    assert 3 <= time.monotonic() - start < 15
+    assert not (Path(cfg.output_dir) / "waits").exists()
 
 
 def test_validation_without_cpus_of_its_own_fails_fast(ray_cluster, workdir, cifar_small):

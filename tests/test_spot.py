@@ -7,6 +7,7 @@ the session's MLflow server (a file store cannot serve workers on several nodes)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,8 +32,9 @@ BYOL_RAY = Path(sys.executable).with_name("byol-ray")
 class SpotCluster:
     """Drives tests/spot_cluster.py: its nodes can be killed and added while a run goes on."""
 
-    def __init__(self, temp_dir: Path, log: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "spot_cluster.py"), "--temp-dir", str(temp_dir)],
+    def __init__(self, temp_dir: Path, log: Path, nodes: int = 1) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "spot_cluster.py"), "--temp-dir", str(temp_dir),
+                                      "--nodes", str(nodes)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),
                                      text=True, start_new_session=True)
         info = self._answer()
@@ -66,15 +68,28 @@ class SpotCluster:
         subprocess.run(["pkill", "-9", "-g", str(self.proc.pid)], check=False)  # anything left in its group
 
 
-@pytest.fixture
-def spot_cluster(tmp_path_factory):
+@contextlib.contextmanager
+def _cluster(tmp_path_factory, nodes: int = 1):
     temp = Path(f"/tmp/rs-{os.getpid()}-{time.monotonic_ns() % 10**6}")  # Ray's socket paths must stay short
-    cluster = SpotCluster(temp, tmp_path_factory.mktemp("spot") / "cluster.log")
+    cluster = SpotCluster(temp, tmp_path_factory.mktemp("spot") / "cluster.log", nodes)
     try:
         yield cluster
     finally:
         cluster.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def spot_cluster(tmp_path_factory):
+    with _cluster(tmp_path_factory) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def head_only_cluster(tmp_path_factory):
+    """A cluster scaled to zero: the head (3 CPUs) and no worker node yet."""
+    with _cluster(tmp_path_factory, nodes=0) as cluster:
+        yield cluster
 
 
 def _start_run(cluster: SpotCluster, tmp: Path, name: str, cifar_small, mlflow_server: str, *extra: str):
@@ -288,3 +303,19 @@ def test_drain_now_is_a_prestop_hook_the_node_leaves_before_the_deadline(spot_cl
     gone = _dead_node(spot_cluster, spot_cluster.node)
     assert gone.death_info.reason == gone.death_info.AUTOSCALER_DRAIN_PREEMPTED
     assert "pod stopping (test)" in gone.death_info.reason_message
+
+
+def test_a_run_waits_for_its_workers_until_a_node_joins(head_only_cluster, tmp_path, cifar_small, mlflow_server):
+    """Scale to zero: the group (2 workers x 2 CPUs and 1 CPU for validation) does not fit the head alone; the run
+    says so, waits with progress lines instead of refusing, and starts once a node has joined."""
+    proc, log = _start_run(head_only_cluster, tmp_path, "grow", cifar_small, mlflow_server, "train.epochs=1",
+                           "ray.min_workers=0", "ray.wait_for_workers_s=240")
+    _wait("the waiting line", lambda: "for the cluster to grow" in log.read_text(), proc, log, timeout=120)
+    assert not (tmp_path / "runs" / "grow").exists()  # nothing is written while it waits
+    time.sleep(16)  # one progress line
+    assert "still waiting for capacity: the cluster has 3 CPU" in log.read_text()
+    head_only_cluster.add()
+    text = _finish(proc, log)
+    assert "the cluster has room for the workers after" in text
+    assert [r["world_size"] for r in _history(tmp_path, "grow")] == [2]
+    assert "run grow finished" in text
