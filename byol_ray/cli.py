@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from byol_ray.config import ConfigError, NoSpaceError
+from byol_ray.errors import ConfigError, NoSpaceError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_DECLINED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports it

@@ -12,19 +12,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from byol_ray.augment import ViewAugment
+from byol_ray.errors import ConfigError, NoSpaceError  # noqa: F401 - their home for every caller
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before any work starts; the message names key and fix."""
-
-
-class NoSpaceError(OSError):
-    """A disk filled up while a file was written (the partial file is removed; what was there before is intact)."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
 
 
 @dataclass

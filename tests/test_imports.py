@@ -7,8 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "byol_ray"
 # The pure core (docs/design.md): it runs where Ray, MLflow and FFCV cannot be installed.
-CORE = ("augment", "byol", "cadence", "checkpoint", "config", "dist", "encoders", "engine", "lars", "loss", "preprocess",
-        "progress", "schedules")
+CORE = ("augment", "byol", "cadence", "checkpoint", "config", "dist", "encoders", "engine", "errors", "lars", "loss",
+        "preprocess", "progress", "schedules")
 EDGE_PACKAGES = ("ray", "mlflow", "ffcv", "numba")
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 
-from byol_ray.config import ConfigError
+from byol_ray.errors import ConfigError
 from byol_ray.progress import say as _say
 
 DEFAULT_EXPERIMENT = "byol-ray-downstream"
