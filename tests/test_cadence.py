@@ -97,3 +97,20 @@ def test_a_run_with_auto_cadence_measures_its_stall_and_logs_the_choice(tmp_path
     assert derived.steps_per_epoch > AUTO_FIRST_STEPS + interval, (derived.steps_per_epoch, interval)
     assert interval >= 1 and reporter.steps[1] - reporter.steps[0] == interval
     assert "checkpoint cadence (auto): every" in capsys.readouterr().err
+
+
+def test_the_lost_work_simulation_agrees_with_young_daly():
+    """scripts/bench_spot.py's simulation (its figures are labelled as simulated): checkpoints alone cost
+    stall/interval, and the Young-Daly interval wastes less than a quarter or four times of it."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_spot", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "bench_spot.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    quiet = bench.simulate(stall_s=2.0, restart_s=30.0, rate_per_hour=0.0, interval_s=100.0, work_h=10, seeds=1)
+    assert quiet["waste_share"] == pytest.approx(0.02, rel=1e-3) and quiet["lost_s_per_interruption"] == 0
+    best = young_daly_interval_s(2.0, 2.0)
+    waste = {f: bench.simulate(2.0, 30.0, 2.0, best * f, work_h=50, seeds=40)["waste_share"] for f in (0.25, 1, 4)}
+    assert waste[1] < waste[0.25] and waste[1] < waste[4], waste
