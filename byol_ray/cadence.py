@@ -79,16 +79,18 @@ class Cadence:
         if not self.auto or not (stall_s >= 0 and step_time_s > 0):
             return None
         # the stall: the most recent measurement weighs most, a single slow one does not dominate
-        self.stall_s = stall_s if math.isnan(self.stall_s) else 0.5 * (self.stall_s + stall_s)
+        first = math.isnan(self.stall_s)  # the first choice is always said, even "none inside epochs"
+        self.stall_s = stall_s if first else 0.5 * (self.stall_s + stall_s)
         self.step_time_s = step_time_s
         self.interval_s = young_daly_interval_s(self.stall_s, self.interruptions_per_hour)
         steps = max(1, round(self.interval_s / step_time_s)) if math.isfinite(self.interval_s) else 0
-        changed = steps != self.every_steps
+        changed = first or steps != self.every_steps
         self.every_steps = steps
         self.next_step = step + steps if steps else math.inf
         if not changed:
             return None
         waste = expected_waste(self.interval_s, self.stall_s, self.interruptions_per_hour)
-        return {"checkpoint_interval_steps": float(steps), "checkpoint_interval_s": self.interval_s,
-                "checkpoint_stall_s": self.stall_s, "checkpoint_lost_s_per_interruption":
-                waste["lost_s_per_interruption"], "checkpoint_overhead_share": waste["overhead_share"]}
+        choice = {"checkpoint_interval_steps": float(steps), "checkpoint_interval_s": self.interval_s,
+                  "checkpoint_stall_s": self.stall_s, "checkpoint_lost_s_per_interruption":
+                  waste["lost_s_per_interruption"], "checkpoint_overhead_share": waste["overhead_share"]}
+        return {k: v for k, v in choice.items() if math.isfinite(v)}  # metrics: no infinities (rate 0)

@@ -290,7 +290,10 @@ def _measure_stall(cadence: Cadence, step: int, stall_from: float, since: tuple[
                             dtype=torch.float64, device=device)  # on the device: NCCL moves only GPU tensors
     measured = dist.gather(measured).max(dim=0).values.cpu()
     choice = cadence.measured(step, float(measured[0]), float(measured[1]))
-    if choice is not None and dist.is_main():
+    if choice is not None and dist.is_main() and not choice["checkpoint_interval_steps"]:
+        say(f"checkpoint cadence (auto): none inside epochs (train.interruptions_per_node_hour=0); measured stall "
+            f"{choice['checkpoint_stall_s']:.2f} s")
+    elif choice is not None and dist.is_main():
         steps = int(choice["checkpoint_interval_steps"])
         say(f"checkpoint cadence (auto): every {steps} steps (~{choice['checkpoint_interval_s']:.0f} s) for a "
             f"{choice['checkpoint_stall_s']:.2f} s stall at {cadence.interruptions_per_hour:g} interruptions/hour; "

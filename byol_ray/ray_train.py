@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from byol_ray import session, validation
+from byol_ray import dist, session, validation
 from byol_ray.checkpoint import CHECKPOINT_NAME, checkpoint_dir_name, load_checkpoint, save_checkpoint
 from byol_ray.config import Config, from_dict, to_dict, validation_due
 from byol_ray.history import append_history, read_history
@@ -38,7 +38,7 @@ class RayReporter:
 
     def __init__(self, rank: int, printer: ProgressPrinter, folder: Location, cfg: Config) -> None:
         self.rank, self.printer, self.folder, self.cfg = rank, printer, folder, cfg
-        self.seen_preemptions: set[tuple[str, ...]] = set()
+        self.seen_preemptions: set[tuple[float, float]] = set()  # (deadline_ms, preempted ranks) acted on
         self.pending_notice: dict[str, Any] | None = None  # seen by poll, its checkpoint not yet committed
         self.poll_time_s, self.polls = 0.0, 0
         upload = cfg.ray.checkpoint_upload
@@ -83,21 +83,35 @@ class RayReporter:
                         f"({left:.0f} s before the deadline), {committed}")
 
     def poll(self, step: int) -> dict[str, Any] | None:
-        """A new preemption notice (identical on every rank), or None. Cheap: one call every N steps."""
+        """A new preemption notice (identical on every rank), or None. Cheap: one call every N steps.
+
+        ``get_preemption_info`` is a barrier of Ray Train's, but once the controller has seen the drain it relaxes
+        its barriers to the surviving ranks: a rank on the draining node may then get another answer than the
+        others (seen: rank 0 saw the notice and waited in its checkpoint's report while rank 1 went on to the
+        next step's all-reduce, until the deadline; the notice's checkpoint was lost). So the ranks agree on it
+        themselves, over the process group that the training step uses anyway: one small all-gather per poll.
+        """
         import ray.train
 
         if step % self.cfg.ray.preemption_poll_steps:
             return None
         start = time.perf_counter()
         info = ray.train.get_preemption_info()
+        key = (float(info.deadline_ms or 0), float(len(info.preempted_ranks))) if info is not None else None
+        local = [1.0, *key] if key is not None and key not in self.seen_preemptions else [0.0, 0.0, 0.0]
+        agreed = dist.gather(torch.tensor(local, dtype=torch.float64, device=_collective_device(self.cfg)))
         self.poll_time_s, self.polls = self.poll_time_s + time.perf_counter() - start, self.polls + 1
-        if info is None or tuple(info.preempted_node_ids) in self.seen_preemptions:
+        seen = agreed[agreed[:, 0] > 0]
+        if not len(seen):
             return None
-        self.seen_preemptions.add(tuple(info.preempted_node_ids))
-        deadline_s = info.deadline_ms / 1000 - time.time() if info.deadline_ms else float("nan")
-        self.pending_notice = {"event": "preemption", "deadline_s": deadline_s, "ranks": len(info.preempted_ranks),
-                               "nodes": ",".join(n[:12] for n in info.preempted_node_ids), "step": step,
-                               "seen_at": time.time()}
+        deadline_ms, ranks = float(seen[:, 1].min()), float(seen[:, 2].max())  # the earliest deadline any rank saw
+        self.seen_preemptions.add((deadline_ms, ranks))
+        if key is not None:
+            self.seen_preemptions.add(key)
+        deadline_s = deadline_ms / 1000 - time.time() if deadline_ms else float("nan")
+        nodes = info.preempted_node_ids if info is not None else []
+        self.pending_notice = {"event": "preemption", "deadline_s": deadline_s, "ranks": int(ranks),
+                               "nodes": ",".join(n[:12] for n in nodes), "step": step, "seen_at": time.time()}
         return self.pending_notice
 
     def _report(self, metrics: dict[str, float], state: dict[str, Any] | None, name: str, *, validate: bool) -> None:
@@ -128,6 +142,13 @@ class RayReporter:
         import ray.train
 
         ray.train.report(metrics if self.rank == 0 else {})
+
+
+def _collective_device(cfg: Config) -> torch.device:
+    """Where a tensor for the workers' process group must live: NCCL moves only GPU tensors."""
+    if cfg.ray.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def validate_checkpoint(checkpoint, **_: Any) -> dict[str, float]:

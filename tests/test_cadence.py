@@ -25,6 +25,9 @@ def test_young_daly_interval_is_the_minimum_of_the_expected_waste():
     assert min(waste, key=waste.get) == best
     assert expected_waste(best, stall, rate)["lost_s_per_interruption"] == pytest.approx(best / 2)
     assert young_daly_interval_s(stall, 0.0) == math.inf  # never interrupted: no mid-epoch checkpoints
+    never = Cadence.from_config("auto", 0.0, world_size=1, start_step=0)
+    assert never.measured(20, 1.0, 0.1)["checkpoint_interval_steps"] == 0  # said once, though nothing changed
+    assert not any(never.due(s) for s in range(21, 10_000))
 
 
 def test_fixed_cadence_is_unchanged():

@@ -282,9 +282,10 @@ def test_spot_watch_turns_an_ec2_notice_into_a_checkpoint_at_once_and_the_run_fi
     # committed inside the deadline the cloud gave
     assert drained["drained_at"] < committed < drained["drained_at"] + drained["deadline_s"]
     assert [m.step for m in client.get_metric_history(run_id, "preemption_notice")] == [step]
-    # the restarted group (on the remaining node) resumed from that checkpoint: no step before the notice was lost
+    # the restarted group (on the remaining node) resumed from that checkpoint, or from a later one when the
+    # group went on training until Ray Train restarted it: no step before the notice was lost
     restarts = client.get_metric_history(run_id, "restart_step")
-    assert restarts and restarts[-1].value == step, [(m.step, m.value) for m in restarts]
+    assert restarts and restarts[-1].value >= step, [(m.step, m.value) for m in restarts]
     assert client.get_metric_history(run_id, "restart_world_size")[-1].value == 1
     assert "run spot finished" in text
     assert client.get_run(run_id).info.status == "FINISHED"
