@@ -170,10 +170,6 @@ def _alive_nodes(gcs) -> list:
     return list(gcs.get_all_node_info(timeout=10, state_filter=GcsNodeInfo.GcsNodeState.ALIVE).values())
 
 
-def _hex(node_id: bytes) -> str:
-    return node_id.hex()
-
-
 def find_local_node(gcs, wait_s: float = 60.0) -> str:
     """The hex id of the one worker node on this host (the head is never preempted by this watcher)."""
     from ray._private.services import get_node_ip_address
@@ -183,10 +179,10 @@ def find_local_node(gcs, wait_s: float = 60.0) -> str:
     while True:
         here = [n for n in _alive_nodes(gcs) if n.node_manager_address == ip and not n.is_head_node]
         if len(here) == 1:
-            return _hex(here[0].node_id)
+            return here[0].node_id.hex()
         if len(here) > 1:
             raise ConfigError(f"spot-watch: {len(here)} Ray worker nodes run on this host ({ip}): "
-                              + ", ".join(_hex(n.node_id) for n in here) + "; pass --node-id for the one to watch")
+                              + ", ".join(n.node_id.hex() for n in here) + "; pass --node-id for the one to watch")
         if time.monotonic() > deadline:
             raise ConfigError(f"spot-watch: no Ray worker node on this host ({ip}) after {wait_s:.0f} s; start it "
                               "with `ray start --address ...` first, or pass --node-id")
@@ -194,7 +190,7 @@ def find_local_node(gcs, wait_s: float = 60.0) -> str:
 
 
 def node_alive(gcs, node_id: str) -> bool:
-    return any(_hex(n.node_id) == node_id for n in _alive_nodes(gcs))
+    return any(n.node_id.hex() == node_id for n in _alive_nodes(gcs))
 
 
 def drain(gcs, node_id: str, deadline_s: float, message: str) -> None:

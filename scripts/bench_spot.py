@@ -67,24 +67,6 @@ def mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlflow server did not start")
 
 
-class Cluster:
-    def __init__(self, temp: Path, log: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "spot_cluster.py"), "--temp-dir", str(temp)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True,
-                                     start_new_session=True)
-        info = json.loads(self.proc.stdout.readline())
-        self.address, self.node = info["address"], info["node"]
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        subprocess.run(["pkill", "-9", "-g", str(self.proc.pid)], check=False)
-
-
 def _wait(what: str, check, timeout: float, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,9 +88,10 @@ def one_round(work: Path, uri: str, index: int, measure_poll: bool) -> dict:
     from mlflow import MlflowClient
 
     from fake_metadata import FakeMetadata
+    from spot_cluster import SpotCluster
 
     temp = Path(f"/tmp/rsb-{os.getpid()}-{index}")
-    cluster = Cluster(temp, work / f"cluster-{index}.log")
+    cluster = SpotCluster(temp, work / f"cluster-{index}.log")
     metadata = FakeMetadata()
     watcher = subprocess.Popen([str(BIN / "byol-ray"), "spot-watch", "--cloud", "aws", "--metadata-url", metadata.url,
                                 "--address", cluster.address, "--node-id", cluster.node, "--json"],
@@ -134,7 +117,7 @@ def one_round(work: Path, uri: str, index: int, measure_poll: bool) -> dict:
              "train.batch_size=64", "train.log_every_steps=1", "train.epochs=8", "train.checkpoint_every_steps=auto",
              "train.interruptions_per_node_hour=100", "ray.num_workers=2", "ray.min_workers=1", "ray.max_failures=5",
              "ray.cpus_per_worker=2", "ray.resize_check_s=5", "ray.preemption_poll_steps=1", "eval.cpus=1",
-             "mlflow.system_metrics_every_s=0", f"mlflow.tracking_uri={uri}", f"mlflow.experiment=bench-spot",
+             "mlflow.system_metrics_every_s=0", f"mlflow.tracking_uri={uri}", "mlflow.experiment=bench-spot",
              "mlflow.register_name=", f"ray.address={cluster.address}", f"output_dir={out}",
              f"data.cache_dir={work}/cache", f"run_name={name}"],
             stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,8 +15,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+from pathlib import Path
+
+
+class SpotCluster:
+    """Drives this program from a test or a benchmark: its nodes can be killed and added while a run goes on."""
+
+    def __init__(self, temp_dir: Path, log: Path, nodes: int = 1) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--temp-dir", str(temp_dir),
+                                      "--nodes", str(nodes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),
+                                     text=True, start_new_session=True)
+        info = self._answer()
+        self.address, self.dashboard, self.head, self.node = info["address"], info["dashboard"], info["head"], info["node"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the spot cluster helper exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def kill(self, node_id: str) -> None:
+        self.proc.stdin.write(f"kill {node_id}\n")
+        self.proc.stdin.flush()
+        assert self._answer() == {"killed": node_id}
+
+    def add(self) -> str:
+        self.proc.stdin.write("add\n")
+        self.proc.stdin.flush()
+        return self._answer()["added"]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-g", str(self.proc.pid)], check=False)  # anything left in its group
 
 
 def _free_port() -> int:

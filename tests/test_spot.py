@@ -22,50 +22,11 @@ import yaml
 
 from byol_ray.schedules import learning_rate, target_decay
 from fake_metadata import FakeMetadata
+from spot_cluster import SpotCluster
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).resolve().parent
 BYOL_RAY = Path(sys.executable).with_name("byol-ray")
-
-
-class SpotCluster:
-    """Drives tests/spot_cluster.py: its nodes can be killed and added while a run goes on."""
-
-    def __init__(self, temp_dir: Path, log: Path, nodes: int = 1) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "spot_cluster.py"), "--temp-dir", str(temp_dir),
-                                      "--nodes", str(nodes)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),
-                                     text=True, start_new_session=True)
-        info = self._answer()
-        self.address, self.dashboard, self.head, self.node = info["address"], info["dashboard"], info["head"], info["node"]
-
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the spot cluster helper exited with {self.proc.wait()}")
-        return json.loads(line)
-
-    def kill(self, node_id: str) -> None:
-        self.proc.stdin.write(f"kill {node_id}\n")
-        self.proc.stdin.flush()
-        assert self._answer() == {"killed": node_id}
-
-    def add(self) -> str:
-        self.proc.stdin.write("add\n")
-        self.proc.stdin.flush()
-        return self._answer()["added"]
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-g", str(self.proc.pid)], check=False)  # anything left in its group
 
 
 @contextlib.contextmanager
