@@ -83,14 +83,14 @@ def _config_args(p: argparse.ArgumentParser, default_config: str | None = "demo"
 
 def _load(args, default_config: str = "demo"):
     from byol_ray.config import load_config
-    from byol_ray.session import resolve_paths
+    from byol_ray.run_folder import resolve_paths
 
     return resolve_paths(load_config(args.config or [default_config], args.overrides))
 
 
 def cmd_train(args) -> int:
-    from byol_ray import session
     from byol_ray.config import check_run_name, load_config
+    from byol_ray.resume import resume_config
 
     if args.resume:
         # the saved config is the run's recipe: a --config file or a new name would be dropped without a word
@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config or ["demo"], args.overrides)  # the launchers resolve paths after their checks
     if args.resume:
         check_run_name(args.resume, "--resume")
-        cfg = session.resume_config(cfg.output_dir, args.resume, args.overrides)
+        cfg = resume_config(cfg.output_dir, args.resume, args.overrides)
     if args.no_ray:
         from byol_ray.train import train_local
 

@@ -13,21 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from byol_ray import dist, session, validation
 from byol_ray.checkpoint import CHECKPOINT_NAME, checkpoint_dir_name, load_checkpoint, save_checkpoint
 from byol_ray.config import Config, from_dict, to_dict, validation_due
-from byol_ray.history import append_history, read_history
-from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
-from byol_ray.progress import ProgressPrinter
-from byol_ray.ray_connect import VERBOSE_ENV, init_ray, verbose  # noqa: F401 - also this module's public names
+from byol_ray.engine import Reporter
+from byol_ray.history import append_history
+from byol_ray.launch import check_start, cleanup_on_failure
+from byol_ray.progress import ProgressPrinter, say
+from byol_ray.ray_connect import VERBOSE_ENV, verbose
+from byol_ray.resume import announce_resume, check_new_or_resume, load_resume_state
+from byol_ray.run_folder import (RunOutcome, checkpoint_dir, forget_run_id, read_outcome, run_dir, storage_root,
+                                 write_config)
 from byol_ray.run_tags import SUBMISSION_ID_ENV, ray_job_submission_id
 from byol_ray.signals import sigterm_raises
-from byol_ray.storage import Location, check_writable, is_uri
-from byol_ray.tracker import RUN_ID_FILE
+from byol_ray.storage import Location, is_uri
 
-class RayReporter:
+class RayReporter(Reporter):
     """Rank 0 prints progress and appends the history; every rank calls ``ray.train.report`` at epoch ends
     and mid-epoch checkpoints (a report is a barrier), rank 0 with the checkpoint.
 
@@ -42,7 +44,7 @@ class RayReporter:
         self.pending_notice: dict[str, Any] | None = None  # seen by poll, its checkpoint not yet committed
         self.poll_time_s, self.polls = 0.0, 0
         upload = cfg.ray.checkpoint_upload
-        self.upload_async = upload == "async" or (upload == "auto" and is_uri(session.storage_root(cfg)))
+        self.upload_async = upload == "async" or (upload == "auto" and is_uri(storage_root(cfg)))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.rank == 0:
@@ -79,7 +81,7 @@ class RayReporter:
         except Exception as exc:  # noqa: BLE001 - training goes on; the previous checkpoint still stands
             committed = f"not confirmed within {wait:.0f} s ({type(exc).__name__})"
         if self.rank == 0:
-            session.say(f"{notice['event']} notice at step {step}: checkpoint written now "
+            say(f"{notice['event']} notice at step {step}: checkpoint written now "
                         f"({left:.0f} s before the deadline), {committed}")
 
     def poll(self, step: int) -> dict[str, Any] | None:
@@ -156,7 +158,7 @@ def validate_checkpoint(checkpoint, **_: Any) -> dict[str, float]:
     with checkpoint.as_directory() as folder:
         state = load_checkpoint(folder, map_location="cpu")
     torch.set_num_threads(from_dict(state["config"]).eval.cpus)  # the task's own CPUs, not the host's
-    metrics = validation.validate_state(state, device=validation.device_for_task())
+    metrics = validation.validate_state(state)
     validation.record(from_dict(state["config"]), metrics, state.get("mlflow_run_id"))
     return metrics
 
@@ -188,20 +190,12 @@ def train_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             # an unreadable one (truncated in a crash) falls back to the newest intact checkpoint of the run
-            state = session.load_resume_state(cfg, where.device, restored=ckpt_dir,
+            state = load_resume_state(cfg, where.device, restored=ckpt_dir,
                                               restored_name=Path(checkpoint.path).name)
         if where.rank == 0:
-            session.say(f"resuming from epoch {state['epoch']}, step {state['step']}")
-    folder = session.run_dir(cfg)
+            say(f"resuming from epoch {state['epoch']}, step {state['step']}")
+    folder = run_dir(cfg)
     session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder, cfg))
-
-
-def check_storage(cfg: Config) -> None:
-    """Fail in one line when the run folder or the checkpoint storage cannot be written (a local folder, or an
-    object-store prefix: unknown scheme, unreachable endpoint, missing bucket, refused credentials)."""
-    check_writable(cfg.output_dir, "output_dir")
-    if cfg.ray.storage_path and cfg.ray.storage_path != cfg.output_dir:
-        check_writable(cfg.ray.storage_path, "ray.storage_path")
 
 
 def storage_args(root: Location) -> dict[str, Any]:
@@ -250,7 +244,7 @@ def _interruptible(trainer_cls):
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for ``cfg`` (Tune trials add a metrics-forwarding callback).
 
-    Checkpoints land in :func:`session.checkpoint_dir` (``<storage root>/<run_name>/checkpoints``), the same
+    Checkpoints land in :func:`byol_ray.run_folder.checkpoint_dir` (``<storage root>/<run_name>/checkpoints``), the same
     place a ``--no-ray`` run writes them.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -278,7 +272,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
                                      elastic_resize_monitor_interval_s=r.resize_check_s),
         validation_config=validation,
         run_config=RunConfig(
-            name="checkpoints", **storage_args(session.checkpoint_dir(cfg).parent),
+            name="checkpoints", **storage_args(checkpoint_dir(cfg).parent),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors
@@ -294,7 +288,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     )
 
 
-def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
+def launch(cfg: Config, *, resume: bool = False) -> RunOutcome:
     """Run ``cfg`` under a TorchTrainer; the same call serves a laptop, ``ray job submit`` and KubeRay.
 
     Args:
@@ -303,44 +297,26 @@ def launch(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
             continues its schedules, target and loader epoch).
 
     Returns:
-        The run's :class:`~byol_ray.session.RunOutcome`, read back from the run folder and checkpoints.
+        The run's :class:`~byol_ray.run_folder.RunOutcome`, as its rank 0 wrote it in the run folder.
     """
-    # Every check before anything is written, the cheap ones before Ray starts: a failed start leaves nothing.
-    in_job = bool(ray_job_submission_id())
-    session.check_outputs_outlive_job(cfg, in_job=in_job, multi_node=False)
-    given, cfg = cfg, session.resolve_paths(cfg)
-    session.check_data(cfg)
-    check_storage(cfg)
-    init_ray(cfg.ray.address)  # before importing ray.train: init_ray sets Ray's import-time options
-    session.check_outputs_outlive_job(given, in_job=in_job, multi_node=_alive_nodes() > 1, ray_temp=_ray_temp())
-    if cfg.mlflow.enabled:  # an unreachable tracking server fails now, not after hours of training
-        check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
-    session.check_new_or_resume(cfg, resume)
+    given, cfg = cfg, check_start(cfg, on_ray=True)  # every check before anything is written
+    check_new_or_resume(cfg, resume)
     check_resources(cfg)
     if resume:
-        session.announce_resume(cfg, ray_picks=True)
-    folder = session.run_dir(cfg)
-    folder.mkdir()
+        announce_resume(cfg, ray_picks=True)
+    run_dir(cfg).mkdir()
     if not resume:  # saved before any worker starts, so --resume works even after an early crash
-        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (folder / RUN_ID_FILE).unlink()  # a new run never reopens an older run's MLflow run
-    try:
+        write_config(cfg)
+        forget_run_id(cfg)
+    with cleanup_on_failure(cfg, resume=resume, continue_with=f"byol-ray train --resume {cfg.run_name} "
+                                                               f"output_dir={given.output_dir}"):
         with sigterm_raises(), _sigint_restored():
             result = build_trainer(cfg).fit()
         if result.error:
             raise result.error
-        validated = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val_")}
-    except BaseException as exc:
-        # `ray job stop` and Ctrl-C end the driver; its workers die with it, before they can close the run
-        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        _close_mlflow_run(cfg, "KILLED" if stopped else "FAILED")
-        if not resume:
-            session.discard_failed_start(cfg)
-        if stopped and session.run_exists(cfg):
-            session.say(f"stopped. Continue with: byol-ray train --resume {cfg.run_name} output_dir={given.output_dir}")
-        raise
-    outcome = outcome_of(cfg)
-    outcome.metrics.update(validated)  # the final checkpoint's validation, as Ray Train's result carries it
+    outcome = read_outcome(cfg)
+    # the final checkpoint's validation, as Ray Train's result carries it (it finishes after the last report)
+    outcome.metrics.update({k: v for k, v in (result.metrics or {}).items() if k.startswith("val_")})
     session.print_summary(cfg, outcome)
     return outcome
 
@@ -356,61 +332,3 @@ def _sigint_restored():
         yield
     finally:
         signal.signal(signal.SIGINT, before)
-
-
-def _alive_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
-def _ray_temp() -> str:
-    """Ray's temporary directory on this node ('' when Ray does not say)."""
-    try:
-        import ray
-
-        return ray._private.worker._global_node.get_temp_dir_path()  # no public API for it in Ray 2.60
-    except Exception:  # noqa: BLE001 - the check it serves then relies on the relative-path rule alone
-        return ""
-
-
-def _close_mlflow_run(cfg: Config, status: str) -> None:
-    """Mark the run's MLflow run ``status`` from the driver if it is still RUNNING (best effort, quick)."""
-    marker = session.run_dir(cfg) / RUN_ID_FILE
-    try:
-        if not (cfg.mlflow.enabled and marker.is_file()):
-            return
-    except OSError:
-        return
-    try:
-        from byol_ray.mlflow_store import answers, client
-
-        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-        if not answers(uri, timeout_s=2.0):  # `ray job stop` sends SIGKILL a few seconds after SIGTERM
-            session.say(f"could not mark the MLflow run {status}: {uri} does not answer")
-            return
-        mlflow = client(uri)
-        run_id = marker.read_text().strip()
-        if mlflow.get_run(run_id).info.status == "RUNNING":
-            mlflow.set_terminated(run_id, status=status)
-            session.say(f"MLflow run {run_id} marked {status}")
-    except Exception as exc:  # noqa: BLE001 - the original error matters more
-        session.say(f"could not mark the MLflow run {status}: {type(exc).__name__}: {exc}")
-
-
-def outcome_of(cfg: Config) -> session.RunOutcome:
-    """What a finished run left on disk and in MLflow, as the driver sees it."""
-    history = read_history(session.run_dir(cfg))
-    marker = session.run_dir(cfg) / RUN_ID_FILE
-    run_id = marker.read_text().strip() if marker.is_file() else None
-    uri, registered = "", None
-    if run_id and cfg.mlflow.enabled:
-        from byol_ray.mlflow_store import client
-
-        from byol_ray.mlflow_store import answers
-
-        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-        if answers(uri):  # a lost server was reported by the run itself; MLflow would retry it for minutes
-            registered = client(uri).get_run(run_id).data.tags.get("registered_model")
-    return session.RunOutcome(cfg.run_name, str(session.run_dir(cfg)), str(session.checkpoint_dir(cfg)),
-                              (history or [{}])[-1], run_id, uri, registered)

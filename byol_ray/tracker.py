@@ -7,21 +7,18 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from byol_ray import mlflow_store
 from byol_ray.config import Config, ConfigError, Derived, to_dict
+from byol_ray.engine import Reporter
 from byol_ray.run_tags import code_version, flatten, ray_tags
-from byol_ray.storage import Location, location
-
-if TYPE_CHECKING:
-    from byol_ray.engine import Reporter
+from byol_ray.storage import Location
 
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_CHARS = 6000
 _MAX_TAG_CHARS = 5000  # model-version tags allow 5000 characters, run tags 8000: one limit for both
-RUN_ID_FILE = "mlflow_run_id"  # in the run folder: the MLflow run this training run logs into
 _STOP = object()  # queue sentinel: the metrics thread ends after sending what came before it
 
 
@@ -269,12 +266,14 @@ def unfinished_run_id(tracker: Tracker, run_folder: str | Path | Location) -> st
     restarts from scratch; it logs into the run it had opened (recorded in ``<run folder>/mlflow_run_id``)
     instead of leaving that one RUNNING forever beside a second run. A FINISHED run is never reopened.
     """
-    marker = location(run_folder) / RUN_ID_FILE
+    from byol_ray.run_folder import read_run_id
+
     client = getattr(tracker, "client", None)
-    if client is None or not marker.is_file():
+    recorded = read_run_id(run_folder) if client is not None else None
+    if not recorded:
         return None
     try:
-        run = client.get_run(marker.read_text().strip())
+        run = client.get_run(recorded)
     except Exception:  # noqa: BLE001 - another store or a deleted run: start a new one
         return None
     return run.info.run_id if run.info.status != "FINISHED" else None
@@ -316,7 +315,7 @@ def logged_through(tracker: Tracker) -> int:
     return max(steps)
 
 
-class TrackingReporter:
+class TrackingReporter(Reporter):
     """Wraps a :class:`Reporter`: every log and epoch end also goes to the tracker, all on one step scale
     (the global step), so the curves of a restarted run continue where they left off. Steps up to
     ``logged_through`` (what a lost attempt had logged) are not sent again."""

@@ -7,19 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from byol_ray import session
-from byol_ray.checkpoint import (CHECKPOINT_DIR_RE, checkpoint_dir_name, latest_checkpoint, remove_stale_temporaries,
-                                 save_checkpoint)
-from byol_ray.config import Config, ConfigError, validation_due
-from byol_ray.engine import pick_device
+from byol_ray.checkpoint import CHECKPOINT_DIR_RE, checkpoint_dir_name, remove_stale_temporaries, save_checkpoint
+from byol_ray.config import Config, validation_due
+from byol_ray.device import pick_device
+from byol_ray.engine import Reporter
 from byol_ray.history import append_history
-from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
-from byol_ray.progress import ProgressPrinter
-from byol_ray.run_tags import ray_job_submission_id
-from byol_ray.storage import is_uri
+from byol_ray.launch import check_start, cleanup_on_failure
+from byol_ray.progress import ProgressPrinter, say
+from byol_ray.resume import announce_resume, check_new_or_resume, load_resume_state
+from byol_ray.run_folder import RunOutcome, checkpoint_dir, run_dir
 from byol_ray.signals import sigterm_raises
 
 
-class LocalReporter:
+class LocalReporter(Reporter):
     """Prints progress, appends the history, keeps the newest ``num_to_keep`` checkpoints (older ones of a
     resumed run included)."""
 
@@ -39,9 +39,9 @@ class LocalReporter:
             # no Ray here to run it beside training: a --no-ray run validates in line (it pauses training)
             from byol_ray import validation
 
-            result = validation.validate_state(state, device=validation.device_for_task())
+            result = validation.validate_state(state)
             validation.record(self.cfg, result, state.get("mlflow_run_id"))
-            session.say(f"epoch {epoch}: held-out kNN top-1 {result[validation.METRIC]:.3f}")
+            say(f"epoch {epoch}: held-out kNN top-1 {result[validation.METRIC]:.3f}")
 
     def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
         """A mid-epoch checkpoint (``train.checkpoint_every_steps``)."""
@@ -56,7 +56,7 @@ class LocalReporter:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
+def train_local(cfg: Config, *, resume: bool = False) -> RunOutcome:
     """Train ``cfg`` in this process; with ``resume``, continue from the run's latest checkpoint.
 
     The run is tracked in MLflow (``mlflow.enabled``) and its online encoder registered at the end.
@@ -66,38 +66,22 @@ def train_local(cfg: Config, *, resume: bool = False) -> session.RunOutcome:
         resume: continue ``cfg.run_name`` from its newest checkpoint (and MLflow run) instead of starting fresh.
 
     Returns:
-        The run's :class:`~byol_ray.session.RunOutcome`.
+        The run's :class:`~byol_ray.run_folder.RunOutcome`.
     """
-    session.check_outputs_outlive_job(cfg, in_job=bool(ray_job_submission_id()), multi_node=False)
-    cfg = session.resolve_paths(cfg)
-    for key, value in (("ray.storage_path", cfg.ray.storage_path), ("output_dir", cfg.output_dir)):
-        if is_uri(value):
-            raise ConfigError(f"{key}={value!r} is an object-store URI, which only Ray Train writes to; a --no-ray "
-                              f"run keeps its checkpoints and run folder on a filesystem path (set {key} to a "
-                              "folder, or run without --no-ray)")
-    session.check_data(cfg)  # every check before anything is written: a failed start leaves nothing behind
-    if cfg.mlflow.enabled:
-        check_tracking(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
-    session.check_new_or_resume(cfg, resume)
+    cfg = check_start(cfg, on_ray=False)  # every check before anything is written: a failed start leaves nothing
+    check_new_or_resume(cfg, resume)
     device = pick_device(cfg.train.device)
-    checkpoints = Path(session.checkpoint_dir(cfg))
+    checkpoints = Path(checkpoint_dir(cfg))
     state = None
     if resume and (removed := remove_stale_temporaries(checkpoints)):
-        session.say(f"removed {len(removed)} partial checkpoint file(s) left by an interrupted save in {checkpoints}")
-    if resume and session.announce_resume(cfg) is not None:
-        state = session.load_resume_state(cfg, map_location=device)
-    folder = session.run_dir(cfg)
-    try:
-        with sigterm_raises():
-            outcome = session.run(cfg, session.Placement(device), state=state,
-                                  make_reporter=lambda printer: LocalReporter(folder, checkpoints, printer,
-                                                                              num_to_keep=cfg.ray.num_to_keep, cfg=cfg))
-    except BaseException as exc:
-        if not resume:
-            session.discard_failed_start(cfg)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and latest_checkpoint(checkpoints) is not None:
-            session.say(f"stopped; the MLflow run is marked KILLED. Continue with: byol-ray train --no-ray --resume "
-                        f"{cfg.run_name} output_dir={cfg.output_dir}")
-        raise
+        say(f"removed {len(removed)} partial checkpoint file(s) left by an interrupted save in {checkpoints}")
+    if resume and announce_resume(cfg) is not None:
+        state = load_resume_state(cfg, map_location=device)
+    folder = run_dir(cfg)
+    with cleanup_on_failure(cfg, resume=resume, continue_with=f"byol-ray train --no-ray --resume {cfg.run_name} "
+                                                               f"output_dir={cfg.output_dir}"), sigterm_raises():
+        outcome = session.run(cfg, session.Placement(device), state=state,
+                              make_reporter=lambda printer: LocalReporter(folder, checkpoints, printer,
+                                                                          num_to_keep=cfg.ray.num_to_keep, cfg=cfg))
     session.print_summary(cfg, outcome)
     return outcome

@@ -299,22 +299,18 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
     Returns:
         The summary: rows per trial, the best trial and the registered model version.
     """
-    from byol_ray.ray_train import check_storage, init_ray
-    from byol_ray.run_tags import ray_job_submission_id
-    from byol_ray.session import check_outputs_outlive_job, resolve_paths, storage_root
+    from byol_ray.launch import check_start
+    from byol_ray.run_folder import storage_root
 
     spec, base = load_search(search_file, overrides)
-    check_outputs_outlive_job(base, in_job=bool(ray_job_submission_id()), multi_node=False)
-    base = resolve_paths(dataclasses.replace(base, run_name=name))
-    if storage_path:
-        base = dataclasses.replace(base, ray=dataclasses.replace(base.ray, storage_path=storage_path))
+    base = dataclasses.replace(base, run_name=name, ray=dataclasses.replace(
+        base.ray, storage_path=storage_path or base.ray.storage_path))
+    base = check_start(base, on_ray=True)  # the checks every launcher makes, before anything is written
     storage = storage_root(base)
-    check_storage(base)
     experiment_dir = Location(storage) / name  # joined as a path: an object-store URI keeps its query
     if experiment_dir.exists() and not resume:
         raise ConfigError(f"a search named {name!r} already exists in {storage}; pass --resume to finish it "
                           "or choose another --search-name")
-    init_ray(base.ray.address)
     concurrency = check_search_resources(spec, base)
     parent = _parent_run(base, spec, search_file, experiment_dir)
     base = dataclasses.replace(base, ray=dataclasses.replace(base.ray, storage_path=storage),
@@ -415,7 +411,7 @@ def _register_best(spec: SearchSpec, base: Config, summary: dict[str, Any], name
     checkpoint and final metrics) plus the search's tags."""
     from byol_ray.mlflow_store import client, resolve_tracking_uri
     from byol_ray.registry import register_from_checkpoint
-    from byol_ray.session import latest_checkpoint
+    from byol_ray.run_folder import latest_checkpoint
 
     best = summary["best"]
     if best is None or not base.mlflow.enabled or not name:

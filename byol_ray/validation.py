@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from byol_ray.config import Config, ConfigError, from_dict, validation_due  # noqa: F401 - re-exported
-from byol_ray.preprocess import EVAL_CROP_RATIO
+from byol_ray.config import Config, ConfigError, from_dict
 from byol_ray.storage import Location, is_uri, location
 
 VALIDATION_FILE = "validation.jsonl"
@@ -36,7 +34,7 @@ def check_val(cfg: Config) -> None:
 
         check_remote_beton(cfg.data.val, "data.val")
     else:
-        from byol_ray.downstream.data import open_split
+        from byol_ray.evaluation.data import open_split
 
         split = open_split(cfg.data.val, "test")
         if split.backend == "ffcv":  # readable and complete, not just present
@@ -96,7 +94,7 @@ def _limited(split, size: int, seed: int, what: str):
     """At most ``size`` images of ``split`` (0: all): class-stratified from a folder, uniform from a .beton."""
     import dataclasses
 
-    from byol_ray.downstream.data import label_subset
+    from byol_ray.evaluation.data import label_subset
 
     if split.backend == "ffcv":
         from byol_ray.data.check import validate_beton
@@ -112,20 +110,23 @@ def _limited(split, size: int, seed: int, what: str):
     return split.subset(positions, f"{len(positions)} {what}, seed {seed}")
 
 
-def validate_state(state: dict[str, Any], *, device: str = "cpu") -> dict[str, float]:
-    """kNN top-1 of ``state``'s online encoder on the held-out split (the config travels in the state).
+def validate_state(state: dict[str, Any], *, device: str = "auto") -> dict[str, float]:
+    """kNN top-1 of ``state``'s online encoder on the held-out split (the config travels in the state), on
+    ``device`` (:func:`byol_ray.device.pick_device`: CUDA when the task has one).
 
     Returns:
         ``val_knn_top1`` with the checkpoint's ``val_step``/``val_epoch`` and the task's ``val_time_s``.
     """
-    from byol_ray.downstream.data import LoaderSettings, open_split
-    from byol_ray.downstream.knn import knn_eval
+    from byol_ray.evaluation.data import LoaderSettings, open_split
+    from byol_ray.evaluation.knn import knn_eval
     from byol_ray.registry import encoder_from_checkpoint
+
+    from byol_ray.device import pick_device
 
     start = time.perf_counter()
     cfg = from_dict(state["config"])
     settings = LoaderSettings(resolution=cfg.data.resolution, batch_size=cfg.eval.batch_size, num_workers=0,
-                              device=device, center_crop_ratio=EVAL_CROP_RATIO)
+                              device=str(pick_device(device)))
     encoder = encoder_from_checkpoint(state)
     bank = _limited(open_split(cfg.data.train, "train", cache_dir=cfg.data.cache_dir, key="data.train"),
                     cfg.eval.bank_size, cfg.train.seed, "kNN bank images")
@@ -160,7 +161,3 @@ def latest(run_folder: str | Path | Location) -> dict[str, float] | None:
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return max(rows, key=lambda r: r.get("val_step", 0)) if rows else None
-
-
-def device_for_task() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,8 +9,9 @@ import torch
 
 from byol_ray.cadence import AUTO_FIRST_STEPS, Cadence, expected_waste, young_daly_interval_s
 from byol_ray.config import ConfigError, derive, load_config
-from byol_ray.engine import fit
-from byol_ray.session import resolve_paths, train_loader
+from byol_ray.engine import Reporter, fit
+from byol_ray.data.loaders import run_loader
+from byol_ray.run_folder import resolve_paths
 
 TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
         "data.loader=memory", "data.num_workers=1", "train.batch_size=64", "train.log_every_steps=1"]
@@ -61,7 +62,7 @@ def test_bad_setting_is_one_line_naming_the_key(value, message):
     assert message in str(err.value)
 
 
-class SlowCheckpoints:
+class SlowCheckpoints(Reporter):
     """A reporter whose checkpoints stall like a slow disk: each takes ``stall_s``."""
 
     def __init__(self, stall_s: float) -> None:
@@ -85,7 +86,7 @@ def test_a_run_with_auto_cadence_measures_its_stall_and_logs_the_choice(tmp_path
     cfg = resolve_paths(load_config(["demo"], [*TINY, f"output_dir={tmp_path}", "run_name=t", "train.epochs=1",
                                                "train.checkpoint_every_steps=auto",
                                                "train.interruptions_per_node_hour=20000"]))
-    loader = train_loader(cfg, "demo", torch.device("cpu"))
+    loader = run_loader(cfg, "demo", torch.device("cpu"))
     derived = derive(cfg, loader.num_samples, 1)
     reporter = SlowCheckpoints(stall_s=0.05)
     fit(cfg, derived, loader, torch.device("cpu"), reporter=reporter)

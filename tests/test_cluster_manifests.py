@@ -33,7 +33,8 @@ from referencing import Registry, Resource
 from byol_ray.cli import build_parser
 from byol_ray.config import PRESETS_DIR, ConfigError, load_config
 from byol_ray.run_tags import IMAGE_COMMIT_ENV, IMAGE_DIRTY_ENV, IMAGE_ENV
-from byol_ray.session import check_outputs_outlive_job, storage_root
+from byol_ray.launch import check_outputs_outlive_job
+from byol_ray.run_folder import storage_root
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -10,9 +10,9 @@ import torch
 
 from byol_ray.config import load_config, to_dict
 from byol_ray import cli
-from byol_ray.downstream.data import LoaderSettings, label_subset, open_splits
+from byol_ray.evaluation.data import LoaderSettings, label_subset, open_splits
 from byol_ray.downstream.finetune import finetune
-from byol_ray.downstream.knn import knn_predict, knn_top1
+from byol_ray.evaluation.knn import knn_predict, knn_top1
 from byol_ray.downstream.linear_eval import linear_eval, topk_accuracy
 from byol_ray.encoders import build_encoder
 from byol_ray.registry import register_encoder
@@ -203,8 +203,8 @@ def test_features_of_an_ffcv_split_keep_every_label_in_order(tmp_path):
     """FFCV reuses a batch's buffers a few batches later: the collected labels must be copies."""
     from byol_ray.data.prepare import prepare
     from byol_ray.data.sources import open_source
-    from byol_ray.downstream.data import eval_loader, open_split
-    from byol_ray.downstream.features import extract_features
+    from byol_ray.evaluation.data import eval_loader, open_split
+    from byol_ray.evaluation.features import extract_features
 
     beton = tmp_path / "demo.beton"
     prepare("demo", str(beton), progress=False)

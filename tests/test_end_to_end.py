@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from byol_ray.config import load_config
-from byol_ray.session import resolve_paths
+from byol_ray.run_folder import resolve_paths
 
 pytestmark = pytest.mark.slow
 

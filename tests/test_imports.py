@@ -82,8 +82,8 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_lazy_imports():
     edges = graph()
-    # session imports byol_ray.data inside a function: the graph must still hold that edge
-    assert "byol_ray.data" in edges["byol_ray.session"] or "byol_ray.data.check" in edges["byol_ray.session"]
+    # launch imports byol_ray.data inside a function: the graph must still hold that edge
+    assert "byol_ray.data" in edges["byol_ray.launch"]
     assert "byol_ray.engine" in edges["byol_ray.session"]
 
 
@@ -112,7 +112,8 @@ def test_downstream_and_registry_do_not_reach_into_launchers_or_the_cli():
     for name, targets in edges.items():
         if name.startswith(("byol_ray.downstream", "byol_ray.registry", "byol_ray.data")):
             upward = sorted(t for t in targets if t in ("byol_ray.cli", "byol_ray.session", "byol_ray.train",
-                                                        "byol_ray.ray_train", "byol_ray.tune"))
+                                                        "byol_ray.ray_train", "byol_ray.tune", "byol_ray.launch",
+                                                        "byol_ray.resume"))
             assert not upward, f"{name} imports upward: {upward}"
 
 
@@ -123,3 +124,15 @@ def test_design_module_map_names_every_module():
     assert files
     missing = [f for f in files if f"`{f}`" not in design]
     assert not missing, f"docs/design.md's module map does not name {missing}"
+
+
+def test_evaluation_sits_below_validation_and_the_downstream_jobs():
+    """Frozen features and kNN serve held-out validation (part of a run) and the downstream jobs: neither above."""
+    edges = graph()
+    evaluation = [name for name in edges if name.startswith("byol_ray.evaluation")]
+    assert len(evaluation) >= 4
+    for name in evaluation:
+        upward = sorted(t for t in edges[name] if t.startswith(("byol_ray.downstream", "byol_ray.validation",
+                                                                "byol_ray.session", "byol_ray.registry")))
+        assert not upward, f"{name} imports upward: {upward}"
+    assert not any(t.startswith("byol_ray.downstream") for t in edges["byol_ray.validation"])

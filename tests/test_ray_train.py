@@ -17,7 +17,7 @@ import torch
 
 from byol_ray.checkpoint import load_checkpoint
 from byol_ray.config import ConfigError, load_config
-from byol_ray.session import checkpoint_dir, resolve_paths
+from byol_ray.run_folder import checkpoint_dir, resolve_paths
 
 pytestmark = pytest.mark.slow
 
@@ -86,11 +86,11 @@ def _shard_worker(config):
     import ray.train.torch
 
     from byol_ray.config import from_dict
-    from byol_ray.session import train_loader
+    from byol_ray.data.loaders import run_loader
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
-    loader = train_loader(cfg, config["path"], ray.train.torch.get_device(),
+    loader = run_loader(cfg, config["path"], ray.train.torch.get_device(),
                                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     loader.set_epoch(0)
     labels = [int(x) for _, _, y in loader for x in y]

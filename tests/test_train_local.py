@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from byol_ray.config import ConfigError, load_config
-from byol_ray.session import resume_config
+from byol_ray.resume import resume_config
 from byol_ray.train import train_local
 
 TINY = ["model.projector_hidden_dim=64", "model.predictor_hidden_dim=64", "model.projector_dim=32",
@@ -85,7 +85,7 @@ def test_one_process_converts_the_source_the_others_wait_for_it(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from byol_ray.config import load_config; from byol_ray.session import training_file; "
+    code = ("import sys; from byol_ray.config import load_config; from byol_ray.data.cache import training_file; "
             f"cfg = load_config(['demo'], ['data.cache_dir={tmp_path / 'cache'}', 'data.loader=ffcv']); "
             "print(training_file(cfg))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

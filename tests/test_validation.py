@@ -52,7 +52,7 @@ def test_knn_of_a_checkpoint_on_beton_files_with_subsets(tmp_path, cifar_small):
 
 def test_unreadable_val_split_fails_before_training(tmp_path, cifar_small):
     from byol_ray.config import ConfigError
-    from byol_ray.session import check_data
+    from byol_ray.launch import check_data
 
     train, _ = cifar_small
     cfg = load_config(["demo"], [*TINY, f"data.train={train}", f"data.val={tmp_path}/nope", "data.loader=torch"])

@@ -14,13 +14,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from byol_ray.config import ConfigError
 from byol_ray.storage import Location, check_readable_file, free_bytes, redact
 from byol_ray.progress import say
 
+if TYPE_CHECKING:
+    from byol_ray.config import Config
+
 DISK_MARGIN = 256 * 2**20  # bytes left free beside a staged file
+STORED_SIDE_RATIO = 384 / 224  # long side stored by an automatic conversion, per pixel of training resolution
 
 
 def temp_name(out: Path, pid: int) -> Path:
@@ -149,3 +153,37 @@ def _bar(total: int, desc: str, progress: bool | None):
 
     show = sys.stderr.isatty() if progress is None else progress
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not show, file=sys.stderr)
+
+
+def training_file(cfg: "Config") -> str:
+    """The path a run's loader reads: the .beton itself, a node-local copy of one in an object store, or one
+    prepared once into the cache.
+
+    An object-store ``data.train`` (``s3://bucket/train.beton``) is copied once per node into ``data.cache_dir``
+    and verified (:func:`stage`). With the FFCV loader a non-.beton source is converted on first use into
+    ``data.cache_dir/<source>-<fingerprint>-<max side>px.beton``. Either happens once per machine, under a file
+    lock, with a progress bar (:func:`once_per_machine`). With the torch and memory loaders a local source itself
+    is returned.
+    """
+    from byol_ray.data import sources
+    from byol_ray.storage import is_uri
+
+    train = cfg.data.train
+    if is_uri(train):
+        return stage(train, cfg.data.cache_dir, "data.train")
+    if cfg.data.loader in ("torch", "memory") or train.endswith(".beton"):
+        return train
+    fp = sources.fingerprint(train)
+    stem = "demo" if train == "demo" else Path(train).name
+    # stored long side: 384 px for 224-px training (the ImageNet trade, docs/benchmarks.md "Stored resolution
+    # for ImageNet"), the same ratio for other resolutions; FFCV never enlarges, so CIFAR stays 32x32
+    max_resolution = max(round(cfg.data.resolution * STORED_SIDE_RATIO), 32)
+    out = Path(cfg.data.cache_dir) / f"{stem}-{fp['sha256'][:12]}-{max_resolution}px.beton"
+
+    def convert() -> None:
+        from byol_ray.data import prepare as prep
+
+        say(f"preparing {train} -> {out} (once; later runs reuse it)")
+        prep.prepare(train, str(out), max_resolution=max_resolution, progress=sys.stderr.isatty())
+
+    return str(once_per_machine(out, convert, what=train))

@@ -10,10 +10,10 @@ from byol_ray.data.check import NO_FFCV_HINT, require_ffcv
 from byol_ray.data.order import CropLaw
 from byol_ray.dist import batch_share
 from byol_ray.data.sources import Source, open_source
+from byol_ray.preprocess import EVAL_CROP_RATIO
 
 BACKENDS = ("ffcv", "torch")
 TRAIN_BACKENDS = (*BACKENDS, "memory")  # memory: the whole data set on the device (byol_ray.data.memory)
-EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter image side (docs/recipe.md, "Evaluation preprocessing")
 
 
 def resolve_rank(distributed: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -223,3 +223,15 @@ def build_eval_loader(path: str | Path | Source, *, backend: str = "ffcv", batch
         source = _source(path, backend)
         batches, num_samples = torch_loader.eval_batches(source, **common), len(source)
     return EvalLoader(batches, backend=backend, batch_size=batch_size, num_samples=num_samples)
+
+
+def run_loader(cfg, path: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
+    """The two-view loader of one worker of a run (``cfg``: its :class:`~byol_ray.config.Config`): its share of
+    every global batch (the same global batches whatever the world size)."""
+    d = cfg.data
+    return build_train_loader(
+        path, backend=d.loader, batch_size=batch_share(cfg.train.batch_size, world_size, rank)[1],
+        global_batch=cfg.train.batch_size, resolution=d.resolution, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio,
+        crop_law=d.crop_law, flip_prob=d.flip_prob, num_workers=d.num_workers,
+        seed=cfg.train.seed, distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
+    )

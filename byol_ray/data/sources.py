@@ -342,3 +342,19 @@ def fingerprint(source: str | Path | Source, split: str = "train") -> dict:
         sorted file listing with sizes (of the array contents for in-memory sources).
     """
     return open_source(source, split).fingerprint()
+
+
+def training_fingerprint(train: str, path: str) -> dict:
+    """What a run trained on, for MLflow tags and the model card (no image is decoded): ``train`` is
+    ``data.train``, ``path`` the file the loader reads. A .beton carries its source's fingerprint in the
+    ``<file>.json`` written by ``byol-ray prepare``."""
+    import json
+
+    if path.endswith(".beton"):
+        sidecar = Path(f"{path}.json")
+        if not sidecar.exists():
+            return {"file": path}
+        info = json.loads(sidecar.read_text()).get("source", {})
+    else:
+        info = fingerprint(train)
+    return {k: v for k, v in info.items() if k != "class_names"}

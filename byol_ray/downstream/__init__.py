@@ -1,1 +1,2 @@
-"""Downstream evaluation of a registered encoder: frozen features, kNN, linear eval, fine-tuning."""
+"""Downstream jobs on a registered encoder: linear evaluation, fine-tuning, embeddings and serving (on top of
+``byol_ray.evaluation``)."""

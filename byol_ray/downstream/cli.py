@@ -72,8 +72,8 @@ def _job_args(p: argparse.ArgumentParser, epochs: int | None) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="holdout share when the test split is made")
     p.add_argument("--loader", choices=("auto", "ffcv", "torch"), default="auto", help="auto: ffcv for .beton")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the model card's)")
-    p.add_argument("--center-crop-ratio", type=float, default=224 / 256,
-                   help="eval centre crop / shorter side (224/256; 1.0 keeps whole small images)")
+    p.add_argument("--center-crop-ratio", type=float, default=None,
+                   help="eval centre crop / shorter side (default: the paper's 224/256; 1.0 keeps whole small images)")
     p.add_argument("--batch-size", type=int, default=256, help="B; learning rates scale by B/256")
     if epochs is not None:
         p.add_argument("--epochs", type=int, default=epochs, help="epochs of this job")
@@ -189,10 +189,11 @@ def _store(cfg) -> str:
 
 def _run_job(args, job: str, evaluate, params: dict, version_keys: tuple[str, ...]) -> tuple[int, dict]:
     """Pull the encoder, open the splits, run ``evaluate`` inside the job's MLflow run, tag the version."""
-    import torch
 
-    from byol_ray.downstream.data import LoaderSettings, open_splits
+    from byol_ray.device import pick_device
     from byol_ray.downstream.record import JobRecord
+    from byol_ray.evaluation.data import LoaderSettings, open_splits
+    from byol_ray.preprocess import EVAL_CROP_RATIO
     from byol_ray.registry import load_encoder
 
     cfg = _settings(args, JOB_KEYS)
@@ -201,14 +202,15 @@ def _run_job(args, job: str, evaluate, params: dict, version_keys: tuple[str, ..
     encoder, info = load_encoder(args.model, tracking_uri=uri, expect_arch=args.expect_arch)
     train, test, note = open_splits(args.train, args.test, loader=args.loader, train_split=args.train_split,
                                     test_split=args.test_split, test_fraction=args.test_fraction, seed=args.seed)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = str(pick_device(args.device))
     settings = LoaderSettings(resolution=args.resolution or info.resolution or 224, batch_size=args.batch_size,
-                              num_workers=args.num_workers, device=device, center_crop_ratio=args.center_crop_ratio)
+                              num_workers=args.num_workers, device=device,
+                              center_crop_ratio=args.center_crop_ratio or EVAL_CROP_RATIO)
     data = {"train": train.description, "test": test.description, "test_note": note,
             "train_sha256": train.fingerprint().get("sha256", ""), "test_sha256": test.fingerprint().get("sha256", "")}
     params = {**params, "model": args.model, "train": args.train, "test": args.test or "", "loader": args.loader,
               "resolution": settings.resolution, "batch_size": args.batch_size, "seed": args.seed,
-              "center_crop_ratio": args.center_crop_ratio, "device": device}
+              "center_crop_ratio": settings.center_crop_ratio, "device": device}
     with JobRecord(uri, experiment, job, info, args.model, params, data) as record:
         result = evaluate(encoder, train, test, settings)
         record.finish(result, {k: result[k] for k in version_keys if k in result})
@@ -256,7 +258,7 @@ def cmd_finetune(args) -> tuple[int, dict]:
 
 def cmd_knn(args) -> tuple[int, dict]:
     from byol_ray.downstream.embed import is_embeddings
-    from byol_ray.downstream.knn import knn_eval
+    from byol_ray.evaluation.knn import knn_eval
 
     if args.test and (is_embeddings(args.train) or is_embeddings(args.test)):
         return _knn_of_embeddings(args)
@@ -304,7 +306,7 @@ def cmd_register(args) -> tuple[int, dict]:
 def _knn_of_embeddings(args) -> tuple[int, dict]:
     """kNN from two ``embed`` outputs: the train set is the memory bank; nothing is re-encoded."""
     from byol_ray.downstream.embed import is_embeddings, read_embeddings
-    from byol_ray.downstream.knn import knn_top1
+    from byol_ray.evaluation.knn import knn_top1
     from byol_ray.downstream.record import JobRecord
     from byol_ray.registry import describe
 

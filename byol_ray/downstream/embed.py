@@ -319,11 +319,11 @@ class EncodeBatch:
 
     def __init__(self, encoder_ref, precision: str = "auto") -> None:
         import ray
-        import torch
 
-        from byol_ray.downstream.features import wants_bf16
+        from byol_ray.device import pick_device
+        from byol_ray.evaluation.features import wants_bf16
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device("auto")
         self.encoder = ray.get(encoder_ref[0]).to(self.device).eval()
         self.bf16 = wants_bf16(precision, self.device)
         self.node = ray.get_runtime_context().get_node_id()
@@ -331,7 +331,7 @@ class EncodeBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from byol_ray.downstream.features import encode
+        from byol_ray.evaluation.features import encode
 
         images = torch.from_numpy(np.require(batch.pop("image"), requirements="W")).to(self.device)
         embedding = encode(self.encoder, images, bf16=self.bf16).numpy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from byol_ray.downstream.data import LoaderSettings, Split, class_count, eval_loader, label_subset, train_loader
+from byol_ray.evaluation.data import LoaderSettings, Split, class_count, eval_loader, label_subset, train_loader
 from byol_ray.preprocess import to_model_input
 from byol_ray.downstream.linear_eval import topk_accuracy, train_classifier
 

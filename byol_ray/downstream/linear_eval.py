@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from byol_ray.downstream.data import (SELECTION_STREAM, LoaderSettings, Split, class_count, eval_loader,
+from byol_ray.evaluation.data import (SELECTION_STREAM, LoaderSettings, Split, class_count, eval_loader,
                                      stratified_sample, train_loader)
-from byol_ray.downstream.features import extract_features
+from byol_ray.evaluation.features import extract_features
 from byol_ray.preprocess import to_model_input
 
 # The paper (docs/recipe.md, "Evaluation protocols") trains the classifier 80 epochs with random-resized-crop + flip,
@@ -135,7 +135,7 @@ def linear_eval(encoder: nn.Module, train: Split, test: Split, settings: LoaderS
 
     Args:
         encoder: the frozen encoder (kept in eval mode, never updated).
-        train, test: evaluation splits (:func:`byol_ray.downstream.data.open_splits`).
+        train, test: evaluation splits (:func:`byol_ray.evaluation.data.open_splits`).
         settings: resolution, batch size B, workers, device.
         epochs: classifier epochs (80 in the paper).
         base_lrs: the sweep, each scaled by B/256 (one value: no selection, no held-out slice).

@@ -99,12 +99,12 @@ class EncoderService:
 
     def __init__(self, model_uri: str, tracking_uri: str, resolution: int, center_crop_ratio: float,
                  precision: str = "auto", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01) -> None:
-        import torch
 
-        from byol_ray.downstream.features import wants_bf16
+        from byol_ray.device import pick_device
+        from byol_ray.evaluation.features import wants_bf16
         from byol_ray.registry import load_encoder
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device("auto")
         encoder, info = load_encoder(model_uri, tracking_uri=tracking_uri, map_location=self.device)
         self.encoder = encoder.to(self.device).eval()
         self.bf16 = wants_bf16(precision, self.device)
@@ -120,7 +120,7 @@ class EncoderService:
         """uint8 [3, R, R] crops from concurrent requests -> one encoder call -> a [D] list per crop."""
         import torch
 
-        from byol_ray.downstream.features import encode
+        from byol_ray.evaluation.features import encode
 
         return encode(self.encoder, torch.stack(crops).to(self.device), bf16=self.bf16).tolist()
 

@@ -52,15 +52,15 @@ def knn_eval(encoder, train, test, settings, *, k: int = 200, temperature: float
 
     Args:
         encoder: the frozen encoder.
-        train, test: :class:`byol_ray.downstream.data.Split` s.
-        settings: :class:`byol_ray.downstream.data.LoaderSettings`.
+        train, test: :class:`byol_ray.evaluation.data.Split` s.
+        settings: :class:`byol_ray.evaluation.data.LoaderSettings`.
         k, temperature: as in :func:`knn_predict`.
 
     Returns:
         ``knn_top1`` with ``k``, ``temperature`` and the split sizes.
     """
-    from byol_ray.downstream.data import eval_loader
-    from byol_ray.downstream.features import extract_features
+    from byol_ray.evaluation.data import eval_loader
+    from byol_ray.evaluation.features import extract_features
 
     encoder = encoder.to(settings.device).eval()
     train_x, train_y = extract_features(encoder, eval_loader(train, settings), settings.device)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from byol_ray.config import ConfigError
 from byol_ray.data.sources import Source, open_source
+from byol_ray.preprocess import EVAL_CROP_RATIO
 
 # Shared with `byol-ray prepare`: the same seeds give the same images as a prepared --val-fraction /
 # --label-fraction .beton, so torch-backend and FFCV evaluations see identical subsets.
@@ -149,7 +150,7 @@ class LoaderSettings:
     batch_size: int = 256
     num_workers: int = 0  # torch: DataLoader processes (0 = in this process); FFCV: threads (>= 1)
     device: str = "cpu"
-    center_crop_ratio: float = 224 / 256  # 1.0 keeps whole square images (32-px CIFAR, the demo)
+    center_crop_ratio: float = EVAL_CROP_RATIO  # 1.0 keeps whole square images (32-px CIFAR, the demo)
 
 
 def eval_loader(split: Split, s: LoaderSettings):
