@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from byol_ray.encoders import build_encoder
+
+if TYPE_CHECKING:
+    from byol_ray.config import ModelConfig
 
 
 class MLP(nn.Sequential):
@@ -101,3 +107,22 @@ def build_byol(encoder: nn.Module, *, projector_hidden_dim: int, projector_dim: 
     classifier = nn.Linear(dim, num_classes) if num_classes > 0 else None
     online = OnlineNetwork(encoder, projector, predictor, classifier)
     return online, TargetNetwork(online)
+
+
+def build_networks(m: ModelConfig) -> tuple[OnlineNetwork, TargetNetwork]:
+    """The online and target networks of a ``model`` config: what :class:`~byol_ray.engine.BYOLEngine` trains
+    and what :func:`~byol_ray.registry.encoder_from_checkpoint` rebuilds to load a checkpoint into (one
+    build, so that a checkpoint's keys always match). Initial weights come from torch's global RNG.
+
+    Args:
+        m: the config's ``model`` section.
+
+    Returns:
+        (online, target), on the CPU, with plain BatchNorm (the engine converts to SyncBatchNorm if needed).
+    """
+    encoder = build_encoder(m.encoder, cifar_stem=m.cifar_stem, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps)
+    return build_byol(
+        encoder, projector_hidden_dim=m.projector_hidden_dim, projector_dim=m.projector_dim,
+        predictor_hidden_dim=m.predictor_hidden_dim, use_predictor=m.use_predictor,
+        num_classes=m.num_classes if m.online_classifier else 0, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps,
+    )

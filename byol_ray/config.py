@@ -84,6 +84,12 @@ class TrainConfig:
     tau_base: float = 0.996
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU; CPU runs fp32
     channels_last: bool = True  # NHWC activations: faster on GPUs and, measured, on CPUs too (docs/benchmarks.md)
+    # torch.compile (inductor) the online network (inside its DDP wrapper) and the target's forward; the EMA and
+    # checkpoints read the uncompiled modules, so checkpoints are interchangeable with eager runs
+    compile: bool = False
+    # TEST MODE, not for training: apply train.precision's autocast on a CPU too (CPU runs are otherwise fp32),
+    # to exercise the GPU precision path on a machine without a GPU (tests/test_gpu_paths.py)
+    cpu_autocast: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_every_steps: int = 50

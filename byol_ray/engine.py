@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from byol_ray import dist
 from byol_ray.augment import augment_view
-from byol_ray.byol import build_byol, update_target
+from byol_ray.byol import build_networks, update_target
 from byol_ray.cadence import Cadence
 from byol_ray.config import Config, Derived, to_dict, validation_due
 from byol_ray.dist import batch_share
-from byol_ray.encoders import build_encoder
 from byol_ray.lars import LARS, param_groups
 from byol_ray.loss import byol_loss
 from byol_ray.progress import say
@@ -35,35 +35,42 @@ class TwoViewLoader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
-class Reporter(Protocol):
-    """Where the loop sends metrics and checkpoint state: a local printer, Ray Train, or nothing.
+class Reporter:
+    """Where the loop sends metrics and checkpoint state: a local printer, Ray Train, MLflow, or nothing.
 
-    ``epoch_end`` gets the state when a checkpoint is due at an epoch end; ``checkpoint`` a mid-epoch one
-    (``train.checkpoint_every_steps``, or a notice from ``poll``). ``poll(step)`` is called after every step
-    on every rank and returns a notice (a dict, e.g. an imminent preemption) when a checkpoint must be
-    written at once; it must return the same on every rank.
+    Every reporter subclasses this one and overrides what it handles; each method is a no-op here. The loop
+    calls them directly, in this order within an epoch: ``log`` and ``poll`` after steps, ``checkpoint``
+    inside the epoch, ``epoch_end`` at its end.
     """
 
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
-    def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None: ...
-    def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None: ...
-    def poll(self, step: int) -> dict[str, Any] | None: ...
-
-
-class NullReporter:
-    """Discards everything (tests, benchmarks)."""
-
     def log(self, metrics: dict[str, float], step: int) -> None:
-        pass
+        """A step row (loss, lr, throughput...), every ``train.log_every_steps`` global steps."""
 
     def epoch_end(self, metrics: dict[str, float], epoch: int, state: dict[str, Any] | None) -> None:
-        pass
+        """The epoch's metrics; ``state`` (a :meth:`BYOLEngine.state_dict`) when a checkpoint is due, else None."""
 
     def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
-        pass
+        """A mid-epoch checkpoint (``train.checkpoint_every_steps``, or the ``notice`` that ``poll`` returned);
+        ``metrics`` are the epoch's so far. Called only for a reporter that :attr:`writes_checkpoints`."""
 
     def poll(self, step: int) -> dict[str, Any] | None:
+        """Called after every step on every rank: a notice (a dict, e.g. an imminent preemption) when a
+        checkpoint must be written at once, else None. It must return the same on every rank."""
         return None
+
+    def replay(self, metrics: dict[str, float]) -> None:
+        """A run resumed from its last epoch's checkpoint is not retrained: its final ``metrics`` are reported
+        again instead (``session.run``, on every rank), for a launcher that must see them (Ray Train, Tune)."""
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """Whether this reporter keeps mid-epoch checkpoints: it overrides :meth:`checkpoint`. For one that
+        does not, the loop builds none (no state_dict, no collective epoch means, no stall measurement)."""
+        return type(self).checkpoint is not Reporter.checkpoint
+
+
+class NullReporter(Reporter):
+    """Discards everything (tests, benchmarks)."""
 
 
 def pick_device(requested: str) -> torch.device:
@@ -75,38 +82,51 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def place_networks(online: nn.Module, target: nn.Module, device: torch.device, *, sync_bn: bool, ddp: bool,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Ready BYOL's two networks for training on ``device``, in this order: BatchNorm → SyncBatchNorm in both
+    networks (``sync_bn``), then onto the device, then DDP around the online network alone (``ddp``), so that
+    the module DDP wraps already holds the SyncBatchNorm layers.
+
+    Returns:
+        (online, target, online_ddp): the step calls ``online_ddp`` (the DDP wrapper, or ``online`` itself
+        without ``ddp``); the EMA and checkpoints read the unwrapped ``online`` (``online_ddp.module``).
+    """
+    if sync_bn:
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    online = online.to(device, memory_format=memory_format)
+    target = target.to(device, memory_format=memory_format)
+    online_ddp: nn.Module = online
+    if ddp:
+        online_ddp = nn.parallel.DistributedDataParallel(
+            online, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return online, target, online_ddp
+
+
 class BYOLEngine:
     """Online + target networks, LARS, schedules and the augmentation generator of one worker."""
 
     def __init__(self, cfg: Config, derived: Derived, device: torch.device) -> None:
         self.cfg, self.derived, self.device = cfg, derived, device
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        m = cfg.model
-        encoder = build_encoder(m.encoder, cifar_stem=m.cifar_stem, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps)
-        online, target = build_byol(
-            encoder, projector_hidden_dim=m.projector_hidden_dim, projector_dim=m.projector_dim,
-            predictor_hidden_dim=m.predictor_hidden_dim, use_predictor=m.use_predictor,
-            num_classes=m.num_classes if m.online_classifier else 0, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps,
-        )
-        if self.sync_bn:
-            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-            target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+        online, target = build_networks(cfg.model)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.online = online.to(device, memory_format=memory_format)
-        self.target = target.to(device, memory_format=memory_format)
-        # Only the online network is wrapped; the EMA reads self.online, never the wrapper. A group of one
-        # (Ray Train with 1 worker) is not wrapped: DDP would only add hooks and a self-all-reduce per step.
-        self.online_ddp: nn.Module = self.online
-        if dist.world_size() > 1:
-            self.online_ddp = nn.parallel.DistributedDataParallel(
-                self.online, device_ids=[device.index] if device.type == "cuda" else None
-            )
+        # A group of one (Ray Train with 1 worker) is not wrapped: DDP would only add hooks and a self-all-reduce
+        self.online, self.target, self.online_ddp = place_networks(
+            online, target, device, sync_bn=self.sync_bn, ddp=dist.world_size() > 1, memory_format=memory_format)
+        # what the step calls for the target's projections; the EMA and checkpoints read self.target
+        self.target_forward: nn.Module = self.target
+        if cfg.train.compile:  # inductor; compiled wrappers only, so state_dict keys and the EMA are unchanged
+            self.online_ddp = torch.compile(self.online_ddp)
+            self.target_forward = torch.compile(self.target)
         self.optimizer = LARS(
             param_groups([self.online], cfg.optim.weight_decay), lr=0.0,
             momentum=cfg.optim.momentum, eta=cfg.optim.eta,
         )
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-        if device.type != "cuda":
+        if device.type != "cuda" and not cfg.train.cpu_autocast:
             self.autocast_dtype = None  # CPU runs fp32: CPU autocast is slower, not faster, here
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.generator = torch.Generator(device=device)
@@ -130,11 +150,6 @@ class BYOLEngine:
                                "use model.sync_bn=auto or off on CPU")
         return mode != "off" and dist.world_size() > 1 and self.device.type == "cuda"
 
-    def _phase(self, name: str):
-        """A timed section when a benchmark set ``self.phase_timer`` (a callable name -> context manager)."""
-        timer = getattr(self, "phase_timer", None)
-        return contextlib.nullcontext() if timer is None else timer(name)
-
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -142,6 +157,10 @@ class BYOLEngine:
 
     def train_step(self, view1_u8: torch.Tensor, view2_u8: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One BYOL step: augment → forward → symmetric loss → backward → LARS → τ update.
+
+        Each phase is a ``torch.profiler.record_function`` range (``byol.augment``, ``byol.forward``,
+        ``byol.backward``, ``byol.optimizer``, ``byol.ema``) that a profiler attributes time to
+        (scripts/bench_gpu.py); without an active profiler a range costs about a microsecond.
 
         Args:
             view1_u8, view2_u8: uint8 [B, 3, H, W] crops of the same images, on the device.
@@ -159,14 +178,14 @@ class BYOLEngine:
         self.reseed_augment()
         global_batch = self.cfg.train.batch_size
         share = (batch_share(global_batch, dist.world_size(), dist.rank())[0], global_batch)
-        with torch.no_grad(), self._phase("augment"):
+        with torch.no_grad(), record_function("byol.augment"):
             view1 = augment_view(view1_u8, aug.view1, self.generator, share=share)
             view2 = augment_view(view2_u8, aug.view2, self.generator, share=share)
             view1 = view1.contiguous(memory_format=self.memory_format)
             view2 = view2.contiguous(memory_format=self.memory_format)
-        with self._phase("forward"), self._autocast():
+        with record_function("byol.forward"), self._autocast():
             online = self.online_ddp(view1, view2)
-            target_projection1, target_projection2 = self.target(view1), self.target(view2)
+            target_projection1, target_projection2 = self.target_forward(view1), self.target_forward(view2)
             loss = byol_loss(online["prediction1"], online["prediction2"], target_projection1, target_projection2)
             total = loss
             if "logits" in online:
@@ -176,13 +195,13 @@ class BYOLEngine:
         # DDP averages the ranks' gradients; with unequal shares (a world size that does not divide the global
         # batch) each rank's mean is weighted by its share so that the result is the global batch's mean
         weight = view1_u8.shape[0] * dist.world_size() / global_batch
-        with self._phase("backward"):
+        with record_function("byol.backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total * weight if weight != 1.0 else total).backward()
-        with self._phase("optimizer"):
+        with record_function("byol.optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        with self._phase("ema"):
+        with record_function("byol.ema"):
             update_target(self.target, self.online, tau)
         self.step += 1
 
@@ -302,6 +321,54 @@ def _measure_stall(cadence: Cadence, step: int, stall_from: float, since: tuple[
     return choice
 
 
+class _CheckpointClock:
+    """When the next mid-epoch checkpoint is due (every N steps, or ``auto``: Young-Daly from the stall measured
+    at each checkpoint; cadence.py) and the cadence choice that goes out with the next step row."""
+
+    def __init__(self, cadence: Cadence, step: int) -> None:
+        self.cadence = cadence
+        self.since = (time.perf_counter(), step)  # the end of the last checkpoint (or the start): time, step
+        self.choice: dict[str, float] | None = None  # a new cadence choice, logged with the next step row
+
+    def due(self, step: int, notice: dict[str, Any] | None) -> bool:
+        return notice is not None or self.cadence.due(step)
+
+    def checkpointed(self, step: int, stall_from: float, device: torch.device) -> None:
+        """A checkpoint whose stall began at ``stall_from`` has been handed over (a collective call)."""
+        self.choice = _measure_stall(self.cadence, step, stall_from, self.since, device) or self.choice
+        self.since = (time.perf_counter(), step)
+
+    def take_choice(self) -> dict[str, float] | None:
+        choice, self.choice = self.choice, None
+        return choice
+
+
+def _step_row(metrics: dict[str, torch.Tensor], *, window_s: float, window_steps: int, global_batch: int,
+              epoch: float, world_size: int, choice: dict[str, float] | None, device: torch.device) -> dict[str, float]:
+    """A step's log row: its metrics, the throughput over the steps since the previous row, where in the run it
+    lies (``epoch`` as a fraction), a new cadence choice if any, and the peak GPU memory."""
+    row = _host(metrics)
+    row["images_per_s"] = window_steps * global_batch / window_s
+    row["step_time_s"] = window_s / window_steps
+    row["epoch"] = epoch
+    row["world_size"] = world_size
+    if choice is not None:
+        row.update(choice)
+    if device.type == "cuda":
+        row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def _mid_epoch_state(engine: BYOLEngine, prefix: dict[str, Any] | None, sums: dict[str, torch.Tensor], done: int,
+                     skip: int, local_batch: int) -> dict[str, Any]:
+    """The state of a mid-epoch checkpoint: the engine's, and the epoch's metrics so far (``epoch_prefix``: its
+    steps and means, those before a mid-epoch resume included), which a resume continues. A collective call."""
+    state_now = engine.state_dict()
+    state_now["epoch_prefix"] = {"steps": skip + done, "means": _with_prefix(
+        prefix, _epoch_means(sums, done, local_batch), done)}
+    return state_now
+
+
 def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.device, *,
         reporter: Reporter | None = None, state: dict[str, Any] | None = None) -> FitResult:
     """Train from ``state`` (or from scratch) to ``cfg.train.epochs``; checkpoints at epoch ends and, with
@@ -311,7 +378,7 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
         cfg, derived: the config and its derived values (``derived.world_size`` must match the group).
         loader: a two-view loader yielding uint8 views on ``device``.
         device: where the networks live.
-        reporter: receives step logs and epoch-end metrics with checkpoint state.
+        reporter: a :class:`Reporter`: receives step logs, epoch-end metrics and checkpoint state.
         state: an :meth:`BYOLEngine.state_dict` to resume from, taken at an epoch end or inside an epoch
             (then the epoch continues at the next global batch; the world size may differ from the one
             that wrote it: the global batches, crops and augmentations do not depend on it).
@@ -320,6 +387,8 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
         A :class:`FitResult`; ``history`` holds one row per epoch.
     """
     reporter = reporter or NullReporter()
+    if not isinstance(reporter, Reporter):
+        raise TypeError(f"reporter {type(reporter).__name__} must subclass byol_ray.engine.Reporter")
     steps_per_epoch = derived.steps_per_epoch
     if len(loader) < steps_per_epoch:
         raise RuntimeError(
@@ -327,18 +396,13 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
             "the data set or the world size changed since the run was configured"
         )
     engine = BYOLEngine(cfg, derived, device)
-    prefix: dict[str, Any] | None = None
+    prefix: dict[str, Any] | None = None  # the metrics of the epoch's steps before a mid-epoch resume
     if state is not None:
         engine.load_state_dict(state)
         prefix = state.get("epoch_prefix")
-    # mid-epoch checkpoints: every N steps, or 'auto' (Young-Daly from the stall measured here; cadence.py)
-    cadence = Cadence.from_config(cfg.train.checkpoint_every_steps, cfg.train.interruptions_per_node_hour,
-                                  derived.world_size, engine.step)
-    since = (time.perf_counter(), engine.step)  # the end of the last checkpoint (or the start): time, step
-    choice: dict[str, float] | None = None  # a new cadence choice, logged with the next step row
-    # optional on a reporter (the Protocol's two older methods are all a simple one needs)
-    poll = getattr(reporter, "poll", None) or (lambda step: None)
-    checkpoint = getattr(reporter, "checkpoint", None)
+    clock = _CheckpointClock(Cadence.from_config(cfg.train.checkpoint_every_steps, cfg.train.interruptions_per_node_hour,
+                                                 derived.world_size, engine.step), engine.step)
+    writes_checkpoints = reporter.writes_checkpoints
     history: list[dict[str, float]] = []
     epoch_metrics: dict[str, float] = {}
     global_batch = cfg.train.batch_size
@@ -360,35 +424,24 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             window_steps += 1
+            progress = epoch + (i + 1) / steps_per_epoch
             if engine.step % cfg.train.log_every_steps == 0:
                 now = time.perf_counter()
-                row = _host(metrics)
-                row["images_per_s"] = window_steps * global_batch / (now - window_start)
-                row["step_time_s"] = (now - window_start) / window_steps
-                row["epoch"] = epoch + (i + 1) / steps_per_epoch
-                row["world_size"] = derived.world_size
-                if choice is not None:
-                    row.update(choice)
-                    choice = None
-                if device.type == "cuda":
-                    row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                reporter.log(row, engine.step)
+                reporter.log(_step_row(metrics, window_s=now - window_start, window_steps=window_steps,
+                                       global_batch=global_batch, epoch=progress, world_size=derived.world_size,
+                                       choice=clock.take_choice(), device=device), engine.step)
                 window_start, window_steps = now, 0
-            notice = poll(engine.step) or notice
+            notice = reporter.poll(engine.step) or notice
             if i + 1 == steps_per_epoch:
                 break  # the epoch-end checkpoint below serves a step or notice that falls here
-            if checkpoint is not None and (notice is not None or cadence.due(engine.step)):
-                # a mid-epoch checkpoint: the epoch's metrics so far travel with it (a collective call)
-                state_now = engine.state_dict()
-                state_now["epoch_prefix"] = {"steps": skip + done, "means": _with_prefix(
-                    prefix, _epoch_means(sums, done, local_batch), done)}
-                partial = {**state_now["epoch_prefix"]["means"], "epoch": epoch + (i + 1) / steps_per_epoch,
-                           "step": engine.step, "world_size": derived.world_size}
+            if writes_checkpoints and clock.due(engine.step, notice):
+                state_now = _mid_epoch_state(engine, prefix, sums, done, skip, local_batch)
+                partial = {**state_now["epoch_prefix"]["means"], "epoch": progress, "step": engine.step,
+                           "world_size": derived.world_size}
                 stall_from = time.perf_counter()
-                checkpoint(partial, state_now, notice)
+                reporter.checkpoint(partial, state_now, notice)
                 notice = None
-                choice, since = _measure_stall(cadence, engine.step, stall_from, since, device) or choice, \
-                    (time.perf_counter(), engine.step)
+                clock.checkpointed(engine.step, stall_from, device)
         engine.epoch = epoch + 1
         elapsed = time.perf_counter() - start
         epoch_metrics = _with_prefix(prefix, _epoch_means(sums, done, local_batch), done)
@@ -398,11 +451,10 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
                              global_batch=global_batch)
         history.append(epoch_metrics)
         last = engine.epoch == cfg.train.epochs
-        due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or notice is not None
-               or cadence.due(engine.step) or validation_due(cfg, engine.epoch))
+        due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or clock.due(engine.step, notice)
+               or validation_due(cfg, engine.epoch))
         stall_from = time.perf_counter()
         reporter.epoch_end(epoch_metrics, engine.epoch, engine.state_dict() if due else None)
-        if due and checkpoint is not None:
-            choice = _measure_stall(cadence, engine.step, stall_from, since, device) or choice
-            since = (time.perf_counter(), engine.step)
+        if due and writes_checkpoints:
+            clock.checkpointed(engine.step, stall_from, device)
     return FitResult(steps=engine.step, epochs=engine.epoch, metrics=epoch_metrics, history=history, engine=engine)

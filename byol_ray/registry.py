@@ -319,17 +319,10 @@ def _await_ready(client, name: str, version: str, timeout_s: float = 300.0):
 
 def encoder_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     """The online encoder of an engine state, rebuilt exactly as :class:`BYOLEngine` builds it."""
-    from byol_ray.byol import build_byol
+    from byol_ray.byol import build_networks
     from byol_ray.config import from_dict
-    from byol_ray.encoders import build_encoder
 
-    m = from_dict(state["config"]).model
-    encoder = build_encoder(m.encoder, cifar_stem=m.cifar_stem, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps)
-    online, _ = build_byol(
-        encoder, projector_hidden_dim=m.projector_hidden_dim, projector_dim=m.projector_dim,
-        predictor_hidden_dim=m.predictor_hidden_dim, use_predictor=m.use_predictor,
-        num_classes=m.num_classes if m.online_classifier else 0, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps,
-    )
+    online, _ = build_networks(from_dict(state["config"]).model)
     online.load_state_dict(state["online"])
     return online.encoder.eval()
 

@@ -29,7 +29,7 @@ import torch
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the local Ray on loopback
 
 from byol_ray.config import derive, load_config  # noqa: E402
-from byol_ray.engine import fit  # noqa: E402
+from byol_ray.engine import Reporter, fit  # noqa: E402
 from byol_ray.history import read_history  # noqa: E402
 from byol_ray.session import resolve_paths, run_dir, train_loader, training_file  # noqa: E402
 
@@ -146,7 +146,7 @@ def _short_name(cmdline: list[str]) -> str:
     return scripts[0] if scripts else Path(cmdline[0]).name if cmdline else "?"
 
 
-class _MarkEpochs:
+class _MarkEpochs(Reporter):
     """A reporter for the plain run that tells the sampler where epochs end."""
 
     def __init__(self, sampler: CpuSampler) -> None:

@@ -6,8 +6,9 @@ import torch
 
 from byol_ray.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from byol_ray.config import derive, load_config
-from byol_ray.engine import BYOLEngine, fit
-from byol_ray.session import resolve_paths, train_loader
+from byol_ray.engine import BYOLEngine, NullReporter, Reporter, fit
+from byol_ray.data.loaders import run_loader
+from byol_ray.run_folder import resolve_paths
 
 TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
         "data.loader=torch", "data.num_workers=1", "train.batch_size=64", "train.log_every_steps=1"]
@@ -15,11 +16,11 @@ TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "mod
 
 def _setup(tmp_path, *extra):
     cfg = resolve_paths(load_config(["demo"], [*TINY, f"output_dir={tmp_path}", "run_name=t", *extra]))
-    loader = train_loader(cfg, "demo", torch.device("cpu"))
+    loader = run_loader(cfg, "demo", torch.device("cpu"))
     return cfg, loader, derive(cfg, loader.num_samples, 1)
 
 
-class Recorder:
+class Recorder(Reporter):
     def __init__(self):
         self.losses, self.states = [], {}
 
@@ -198,3 +199,114 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- the reporter contract
+
+
+class CallLog(Reporter):
+    """Records which reporter methods the loop called (log, poll, checkpoint, epoch_end) and at which steps."""
+
+    def __init__(self):
+        self.calls = []
+
+    def log(self, metrics, step):
+        self.calls.append(("log", step))
+
+    def poll(self, step):
+        self.calls.append(("poll", step))
+        return None
+
+    def epoch_end(self, metrics, epoch, state):
+        self.calls.append(("epoch_end", epoch, state is not None))
+
+
+def test_reporter_defaults_are_no_ops_and_only_an_override_of_checkpoint_writes_checkpoints():
+    base = Reporter()
+    assert base.log({"loss": 1.0}, 1) is None and base.epoch_end({}, 1, None) is None
+    assert base.checkpoint({}, {}, None) is None and base.replay({}) is None
+    assert base.poll(3) is None
+    assert not base.writes_checkpoints and not NullReporter().writes_checkpoints and not Recorder().writes_checkpoints
+    assert StepCheckpoints(None).writes_checkpoints  # overrides checkpoint
+    from byol_ray.tracker import NullTracker, TrackingReporter
+    from byol_ray.train import LocalReporter
+
+    assert issubclass(LocalReporter, Reporter) and TrackingReporter(Recorder(), NullTracker()).writes_checkpoints
+
+
+def test_a_reporter_without_checkpoint_gets_no_mid_epoch_state(tmp_path, monkeypatch):
+    """As before the base class: without an override of ``checkpoint`` the loop builds no mid-epoch state (no
+    state_dict, no collective epoch means) even when train.checkpoint_every_steps says one is due; poll is
+    still called after every step, and the epoch ends still get their checkpoint state."""
+    cfg, loader, derived = _setup(tmp_path, "train.epochs=1", "train.checkpoint_every_steps=2",
+                                  "train.log_every_steps=3")
+    states = []
+    original = BYOLEngine.state_dict
+    monkeypatch.setattr(BYOLEngine, "state_dict", lambda self: states.append(self.step) or original(self))
+    rec = CallLog()
+    fit(cfg, derived, loader, torch.device("cpu"), reporter=rec)
+    steps = derived.steps_per_epoch
+    assert states == [steps]  # the epoch end's alone
+    assert [c[1] for c in rec.calls if c[0] == "poll"] == list(range(1, steps + 1))
+    assert [c[1] for c in rec.calls if c[0] == "log"] == list(range(3, steps + 1, 3))
+    assert rec.calls[-1] == ("epoch_end", 1, True)
+
+
+def test_fit_refuses_a_reporter_that_is_not_a_reporter(tmp_path):
+    cfg, loader, derived = _setup(tmp_path, "train.epochs=1")
+
+    class Duck:
+        def log(self, metrics, step):
+            pass
+
+        def epoch_end(self, metrics, epoch, state):
+            pass
+
+    with pytest.raises(TypeError, match="must subclass byol_ray.engine.Reporter"):
+        fit(cfg, derived, loader, torch.device("cpu"), reporter=Duck())
+
+
+def test_step_rows_and_mid_epoch_checkpoint_rows_keep_their_fields(tmp_path):
+    """The helpers that build the step row and the mid-epoch checkpoint's metrics keep every field."""
+    cfg, loader, derived = _setup(tmp_path, "train.epochs=1", "train.checkpoint_every_steps=4")
+
+    class Rows(StepCheckpoints):
+        def __init__(self, folder):
+            super().__init__(folder)
+            self.rows, self.partials = [], []
+
+        def log(self, metrics, step):
+            self.rows.append((step, metrics))
+
+        def checkpoint(self, metrics, state, notice):
+            self.partials.append((metrics, state["epoch_prefix"]))
+
+    rec = Rows(tmp_path / "ck")
+    fit(cfg, derived, loader, torch.device("cpu"), reporter=rec)
+    step, row = rec.rows[0]
+    assert step == 1
+    assert list(row) == ["loss", "projection_std", "classifier_loss", "classifier_acc", "lr", "tau", "images_per_s",
+                         "step_time_s", "epoch", "world_size"]
+    assert row["epoch"] == pytest.approx(1 / derived.steps_per_epoch) and row["world_size"] == 1
+    metrics, prefix = rec.partials[0]
+    assert prefix["steps"] == 4 and metrics["step"] == 4 and metrics["epoch"] == pytest.approx(4 / derived.steps_per_epoch)
+    assert metrics["epoch_loss"] == prefix["means"]["epoch_loss"]
+    assert metrics["epoch_loss"] == pytest.approx(sum(m["loss"] for _, m in rec.rows[:4]) / 4, rel=1e-5)
+
+
+def test_one_network_build_serves_the_engine_and_the_registry(tmp_path):
+    """byol.build_networks is the one build: the registry's encoder of an engine state is the engine's."""
+    from byol_ray.byol import build_networks
+    from byol_ray.registry import encoder_from_checkpoint
+
+    cfg, _, derived = _setup(tmp_path, "train.epochs=1")
+    engine = BYOLEngine(cfg, derived, torch.device("cpu"))
+    torch.manual_seed(cfg.train.seed)
+    online, target = build_networks(cfg.model)
+    assert all(torch.equal(a, b) for a, b in zip(online.state_dict().values(), engine.online.state_dict().values()))
+    assert list(target.state_dict()) == list(engine.target.state_dict())
+    encoder = encoder_from_checkpoint(engine.state_dict())
+    assert not encoder.training
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(),
+                                                 engine.online.encoder.state_dict().values()))
+

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from byol_ray.config import ConfigError, derive, load_config
+from byol_ray.engine import Reporter
 from byol_ray.mlflow_store import check_tracking, resolve_tracking_uri
 from byol_ray.plots import plot_curves
 from byol_ray.tracker import MlflowTracker, NullTracker, TrackingReporter, build_tracker
@@ -28,7 +29,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-class _Recorder:
+class _Recorder(Reporter):
     def __init__(self) -> None:
         self.logs, self.epochs = [], []
 
