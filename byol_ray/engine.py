@@ -73,15 +73,6 @@ class NullReporter(Reporter):
     """Discards everything (tests, benchmarks)."""
 
 
-def pick_device(requested: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; set train.device=cpu or auto")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def place_networks(online: nn.Module, target: nn.Module, device: torch.device, *, sync_bn: bool, ddp: bool,
                    memory_format: torch.memory_format = torch.contiguous_format) -> tuple[nn.Module, nn.Module, nn.Module]:
     """Ready BYOL's two networks for training on ``device``, in this order: BatchNorm → SyncBatchNorm in both
