@@ -51,8 +51,9 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
         cfg: a config with resolved paths.
         where: rank, world size and device of this process.
         state: the checkpoint state to resume from (None: a fresh start).
-        make_reporter: the launcher's reporter (progress, checkpoints), given the progress printer. It may
-            have ``replay(metrics)``, called on every rank when ``state`` is already the last epoch's.
+        make_reporter: the launcher's :class:`~byol_ray.engine.Reporter` (progress, checkpoints), given the
+            progress printer; its ``replay(metrics)`` is called on every rank when ``state`` is already the last
+            epoch's.
 
     Returns:
         The :class:`RunOutcome` on rank 0, None on the other ranks.
@@ -76,7 +77,7 @@ def run(cfg: Config, where: Placement, *, state: dict[str, Any] | None,
                             int(state["step"]))
     start_step = (state or {}).get("step", 0)
     reporter = make_reporter(ProgressPrinter(derived.total_steps, cfg.train.epochs, start_step=start_step))
-    if state is not None and state["epoch"] >= cfg.train.epochs and hasattr(reporter, "replay"):
+    if state is not None and state["epoch"] >= cfg.train.epochs:
         # Training had finished when the run was stopped (say a Tune driver killed after the final checkpoint):
         # nothing is retrained; the final metrics are reported again so that Ray Train and Tune see them.
         reporter.replay((read_history(folder) or [{"epoch": state["epoch"], "step": state["step"]}])[-1])

@@ -341,9 +341,15 @@ class TrackingReporter(Reporter):
         if state is not None:
             self._record_commit(int(metrics["step"]))
 
+    @property
+    def writes_checkpoints(self) -> bool:
+        return self.inner.writes_checkpoints
+
+    def replay(self, metrics: dict[str, float]) -> None:
+        self.inner.replay(metrics)
+
     def poll(self, step: int) -> dict[str, Any] | None:
-        poll = getattr(self.inner, "poll", None)
-        notice = poll(step) if poll is not None else None
+        notice = self.inner.poll(step)
         if notice is not None:  # the event itself, at the step it was seen (rank 0's tracker; others are null)
             self.pending_notice = notice
             self.tracker.log_metrics({f"{notice['event']}_notice": 1.0,
@@ -357,9 +363,7 @@ class TrackingReporter(Reporter):
     def checkpoint(self, metrics: dict[str, float], state: dict[str, Any], notice: dict[str, Any] | None) -> None:
         if self.tracker.run_id is not None:
             state["mlflow_run_id"] = self.tracker.run_id
-        inner = getattr(self.inner, "checkpoint", None)
-        if inner is not None:
-            inner(metrics, state, notice)
+        self.inner.checkpoint(metrics, state, notice)
         self._record_commit(int(state["step"]))
 
     def _record_commit(self, step: int) -> None:
