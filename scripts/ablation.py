@@ -11,7 +11,7 @@ Every arm goes through the project's own commands: `byol-ray prepare` (the .beto
 train --no-ray` (registers the online encoder in MLflow), `byol-ray register` (the random arm's
 untrained checkpoint), then `byol-ray knn` and `byol-ray linear-eval` on the CIFAR-10 test split,
 pulling each encoder from the registry. kNN accuracy after every epoch (the curve) is measured in
-this process on the epoch checkpoints with the same kNN code (`byol_ray.downstream.knn`).
+this process on the epoch checkpoints with the same kNN code (`byol_ray.evaluation.knn`).
 
 Usage:
   .venv/bin/python scripts/ablation.py --data /tmp/cifar10 --seeds 0 1 --epochs 20 --write
@@ -19,8 +19,8 @@ Usage:
 
 Each finished arm is saved in ``<work>/rows/``; a re-run with the same ``--work`` and settings reuses
 it (an interrupted ablation resumes; more seeds can be added later).
-Writes ``<work>/ablation.json``; ``--write`` appends the table to docs/benchmarks.md and saves the
-kNN-vs-epoch plot as docs/ablation_knn.png.
+Writes ``<work>/ablation.json``; ``--write`` replaces its section of docs/benchmarks.md (scripts/harness.py) and
+saves the kNN-vs-epoch plot as docs/ablation_knn.png (beside ``--markdown``).
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent / "byol-ray"
@@ -104,8 +107,8 @@ def knn_curve(run: Path, train: Path, test: Path, every: int) -> list[tuple[int,
     import torch
 
     from byol_ray.checkpoint import load_checkpoint
-    from byol_ray.downstream.data import LoaderSettings, open_split
-    from byol_ray.downstream.knn import knn_eval
+    from byol_ray.evaluation.data import LoaderSettings, open_split
+    from byol_ray.evaluation.knn import knn_eval
     from byol_ray.registry import encoder_from_checkpoint
 
     settings = LoaderSettings(resolution=32, batch_size=512, num_workers=1, device="cpu", center_crop_ratio=1.0)
@@ -201,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--linear-epochs", type=int, default=30)
     p.add_argument("--curve-every", type=int, default=1, help="kNN of every N-th epoch checkpoint for the plot")
     p.add_argument("--override", nargs="*", default=[], help="extra training config overrides (key=value)")
-    p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md + the plot")
+    harness.add_arguments(p)
     args = p.parse_args(argv)
+    bench = harness.Bench("ablation.py", argv, args, timed=False)  # accuracy figures: the load is noted only
     start = time.perf_counter()
     work, log, train, test = workspace(args, "byol-ablation-")
     rows = []
@@ -230,45 +234,44 @@ def main(argv: list[str] | None = None) -> dict:
               "linear_epochs": args.linear_epochs, "seeds": args.seeds, "preset": PRESET,
               "overrides": [*TRAIN, *args.override],
               "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - start, 1),
-              "arms_s": round(sum(r["arm_s"] for r in rows), 1),
-              "load_average": os.getloadavg(), "rows": rows, "summary": summarise(rows)}
+              "arms_s": round(sum(r["arm_s"] for r in rows), 1), "rows": rows, "summary": summarise(rows)}
+    bench.finish(result)
     (work / "ablation.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["summary"], indent=2))
     print(f"[ablation] details: {work / 'ablation.json'}; commands and their output: {log}")
     if args.write:
-        write_docs(result, args)
-        plot(rows, ROOT / "docs" / "ablation_knn.png")
+        bench.write_section(**section(result, args))
+        plot(rows, bench.markdown.parent / "ablation_knn.png")
     return result
 
 
-def write_docs(result: dict, args) -> None:
-    s = result["summary"]
-    cmd = (f".venv/bin/python scripts/ablation.py --data {args.data} --seeds {' '.join(map(str, args.seeds))} "
-           f"--epochs {args.epochs} --train-fraction {args.train_fraction} --linear-epochs {args.linear_epochs} "
-           f"--curve-every {args.curve_every}{' --override ' + ' '.join(args.override) if args.override else ''} --write")
+def section(result: dict, args) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
     from byol_ray.config import load_config
 
+    s = result["summary"]
     cfg = load_config([PRESET], args.override)
-    lines = [
-        f"\n## Does it learn? The paper's Section 3 ablation on CIFAR-10, CPU ({time.strftime('%Y-%m-%d')})\n",
-        f"Command: `{cmd}`. Preset `{PRESET}`: `{cfg.model.encoder}` encoder, LARS base_lr {cfg.optim.base_lr:g}, "
-        f"tau_base {cfg.train.tau_base:g}, 32 px, batch {cfg.train.batch_size}, "
-        f"{args.epochs} epochs on a class-balanced {args.train_fraction:g} share of CIFAR-10 train "
-        f"({int(50000 * args.train_fraction)} images); evaluation on the 10,000-image test split through "
-        f"`byol-ray knn` (k=200, T=0.1, bank = the training share) and `byol-ray linear-eval` "
-        f"({args.linear_epochs} epochs, frozen features); seeds {', '.join(map(str, args.seeds))}; "
-        f"{result['cpu_count']} cores, {result['arms_s'] / 60:.1f} min for all arms (train, evaluation and kNN curve, "
-        f"summed over arms, whether run by this invocation or reused from an earlier one), load average at the end "
-        f"{', '.join(f'{x:.2f}' for x in result['load_average'])}. Mean (min–max) over seeds:\n",
-        "| arm | kNN top-1 % | linear top-1 % | train time per seed (s) |", "|---|---|---|---|",
-    ]
-    for arm, v in s.items():
-        lines.append(f"| {arm} | {100 * v['knn_top1'][0]:.1f} ({100 * v['knn_top1'][1]:.1f}–{100 * v['knn_top1'][2]:.1f}) "
-                     f"| {100 * v['linear_top1'][0]:.1f} ({100 * v['linear_top1'][1]:.1f}–{100 * v['linear_top1'][2]:.1f}) "
-                     f"| {v['train_s'][0]:.0f} |")
-    lines.append("\nkNN top-1 after every epoch: `docs/ablation_knn.png`.")
-    with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n")
+
+    def pct(v):
+        return f"{100 * v[0]:.1f} ({100 * v[1]:.1f}–{100 * v[2]:.1f})"
+
+    table = harness.markdown_table(["arm", "kNN top-1 %", "linear top-1 %", "train time per seed (s)"],
+                                   [[arm, pct(v["knn_top1"]), pct(v["linear_top1"]), f"{v['train_s'][0]:.0f}"]
+                                    for arm, v in s.items()])
+    body = (f"Preset `{PRESET}`: `{cfg.model.encoder}` encoder, LARS base_lr {cfg.optim.base_lr:g}, tau_base "
+            f"{cfg.train.tau_base:g}, 32 px, batch {cfg.train.batch_size}, {args.epochs} epochs on a class-balanced "
+            f"{args.train_fraction:g} share of CIFAR-10 train ({int(50000 * args.train_fraction)} images); evaluation "
+            "on the 10,000-image test split through `byol-ray knn` (k=200, T=0.1, bank = the training share) and "
+            f"`byol-ray linear-eval` ({args.linear_epochs} epochs, frozen features); seeds "
+            f"{', '.join(map(str, args.seeds))}; {result['arms_s'] / 60:.1f} min for all arms (train, evaluation and "
+            "kNN curve, summed over arms, whether run by this invocation or reused from an earlier one). Mean "
+            f"(min–max) over seeds:\n\n{table}\n\nkNN top-1 after every epoch: `docs/ablation_knn.png`.")
+    ranked = sorted(s, key=lambda arm: -s[arm]["linear_top1"][0])
+    return dict(section_id="ablation-section-3", body=body,
+                title=f"Does it learn? The paper's Section 3 ablation on CIFAR-10, CPU ({time.strftime('%Y-%m-%d')})",
+                question="Does BYOL learn, in the paper's order?",
+                summary="linear top-1 " + " > ".join(f"{arm} {100 * s[arm]['linear_top1'][0]:.1f} %" for arm in ranked)
+                        + f" ({args.epochs} epochs, mean of {len(args.seeds)} seeds)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ import argparse
 import functools
 import importlib.util
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,8 +16,11 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import v2
 
-from byol_ray import augment
-from byol_ray.augment import VIEW1, VIEW2, ViewAugment, augment_view
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from byol_ray import augment  # noqa: E402
+from byol_ray.augment import VIEW1, VIEW2, ViewAugment, augment_view  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,18 +74,17 @@ def pil_view(view: ViewAugment) -> v2.Compose:
     )
 
 
-def interleaved(methods: dict, trials: int) -> dict[str, list[float]]:
-    """Seconds per call of each method, methods alternating within every trial (after one warm-up
-    call each), so that background load hits them alike."""
-    for fn in methods.values():
-        fn()
-    times = {name: [] for name in methods}
-    for _ in range(trials):
-        for name, fn in methods.items():
+def interleaved(methods: dict, trials: int) -> harness.Rounds:
+    """Seconds per call of each method, methods alternating within every trial (harness.interleaved, after one
+    warm-up call each), so that background load hits them alike."""
+    def timed(fn):
+        def arm(_round):
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+            return time.perf_counter() - start
+        return arm
+
+    return harness.interleaved({name: timed(fn) for name, fn in methods.items()}, trials, warmup=1, log=None)
 
 
 def random_batch(batch: int, side: int, seed: int) -> torch.Tensor:
@@ -115,12 +115,12 @@ def measure(side: int, batch: int, trials: int, seed: int) -> dict:
     times = interleaved({"batched": batched, "torchvision_per_image": torchvision_loop, "pil_per_image": pil_loop},
                         trials)
     result = {"side": side, "batch": batch, "trials": trials}
-    for name, ts in times.items():
-        result[f"{name}_images_per_s"] = round(2 * batch / statistics.median(ts), 1)
-    for name in ("torchvision_per_image", "pil_per_image"):
-        result[f"speedup_vs_{name}"] = round(
-            result["batched_images_per_s"] / result[f"{name}_images_per_s"], 2
-        )
+    for name in times.names:
+        result[f"{name}_images_per_s"] = round(2 * batch / times.median(name), 1)
+    for name in ("torchvision_per_image", "pil_per_image"):  # the median of the per-trial ratios (paired)
+        paired = times.paired(name, "batched", digits=2)
+        result[f"speedup_vs_{name}"] = paired["median_ratio"]
+        result[f"speedup_vs_{name}_range"] = paired["ratio_range"]
     return result
 
 
@@ -153,15 +153,16 @@ def op_times(side: int, batch: int, trials: int, seed: int) -> dict:
             "op_hsv_round_trip_all": lambda y: augment._hsv_jitter(y, params.saturation, params.hue),
             "op_saturation_alone_all": lambda y: augment._saturation_jitter(y, params.saturation),
         }
-        samples = {step: [] for step in steps}
-        for trial in range(trials + 1):  # the first is a warm-up
-            for step, fn in steps.items():
+        def timed(fn):
+            def arm(_round):
                 y = x.clone()
                 start = time.perf_counter()
                 fn(y)
-                if trial:
-                    samples[step].append(time.perf_counter() - start)
-        ms = {step: round(1e3 * statistics.median(ts), 3) for step, ts in samples.items()}
+                return time.perf_counter() - start
+            return arm
+
+        samples = harness.interleaved({step: timed(fn) for step, fn in steps.items()}, trials, warmup=1, log=None)
+        ms = {step: round(1e3 * samples.median(step), 3) for step in steps}
         pipeline = sum(v for k, v in ms.items() if not k.startswith("op_"))
         out[name] = {"ms": ms, "pipeline_ms": round(pipeline, 3),
                      "share": {k: round(v / pipeline, 3) for k, v in ms.items() if not k.startswith("op_")}}
@@ -208,12 +209,11 @@ def against(revision: str, side: int, batch: int, trials: int, seed: int) -> dic
                         module.augment_view(images, module.VIEW2, generator))
 
     times = interleaved({"revision": two_views(old), "working_tree": two_views(augment)}, trials)
-    ratios = [a / b for a, b in zip(times["revision"], times["working_tree"])]
+    paired = times.paired("revision", "working_tree", digits=2)
     return {"revision": revision, "side": side, "batch": batch, "trials": trials,
-            "revision_ms": round(1e3 * statistics.median(times["revision"]), 2),
-            "working_tree_ms": round(1e3 * statistics.median(times["working_tree"]), 2),
-            "median_speedup": round(statistics.median(ratios), 2),
-            "speedup_range": [round(min(ratios), 2), round(max(ratios), 2)]}
+            "revision_ms": round(1e3 * times.median("revision"), 2),
+            "working_tree_ms": round(1e3 * times.median("working_tree"), 2),
+            "median_speedup": paired["median_ratio"], "speedup_range": paired["ratio_range"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="print torch.profiler's top ROWS aten ops (stderr) at the first size")
     parser.add_argument("--against", metavar="REV",
                         help="paired A/B at the first size: augment.py at git revision REV vs the working tree")
+    harness.add_arguments(parser, write=False)
     args = parser.parse_args(argv)
+    bench = harness.Bench("bench_augment.py", argv, args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sizes = [tuple(int(v) for v in size.split(":")) for size in args.sizes]
@@ -239,8 +241,6 @@ def main(argv: list[str] | None = None) -> dict:
         "unit": "augmented views per second (each batch is augmented as view1 and as view2)",
         "device": "cpu",
         "torch_threads": args.threads,
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
     }
     if not args.no_compare:
         report["results"] = [measure(s, b, args.trials, args.seed) for s, b in sizes]
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["against"] = against(args.against, side, batch, max(args.trials, 5), args.seed)
     if args.profile:
         print(profile(side, batch, args.profile, args.seed), file=sys.stderr)
+    bench.finish(report)
     print(json.dumps(report, indent=2))
     return report
 

@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # s3_local
-
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # harness, s3_local
+import harness  # noqa: E402
 
 
 def worker(config: dict) -> None:
@@ -55,7 +55,7 @@ def worker(config: dict) -> None:
             engine.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     state = engine.state_dict()
     params = sum(t.numel() for part in ("online", "target") for t in state[part].values())
-    rows, index = [], 0
+    index = 0
 
     def checkpoint(mode: CheckpointUploadMode) -> float:
         nonlocal index
@@ -73,14 +73,20 @@ def worker(config: dict) -> None:
         return {"save_s": saved - start, "report_s": end - saved, "stall_s": end - start}
 
     sizes: list[int] = []
-    for r in range(config["rounds"] + 1):  # round 0 warms up (imports, first upload)
-        row = {}
-        for name, mode in (("sync", CheckpointUploadMode.SYNC), ("async", CheckpointUploadMode.ASYNC)):
-            row[name] = checkpoint(mode)
+    sys.path.insert(0, config["scripts"])  # the harness, in this Ray worker process too
+    from harness import interleaved
+
+    def arm(mode):
+        def run(_round):
+            out = checkpoint(mode)
             time.sleep(config["gap_s"])
-        if r:
-            rows.append(row)
-            print(json.dumps({"round": r, **row}), flush=True)
+            return out
+        return run
+
+    # one warm-up round (imports, first upload), then SYNC, ASYNC, SYNC, ... in paired rounds
+    done = interleaved({"sync": arm(CheckpointUploadMode.SYNC), "async": arm(CheckpointUploadMode.ASYNC)},
+                       config["rounds"], warmup=1, log=lambda line: print(line, flush=True))
+    rows = [{"sync": row["sync"], "async": row["async"]} for row in done.rows]
     polls = []
     for _ in range(config["polls"]):
         start = time.perf_counter()
@@ -90,15 +96,47 @@ def worker(config: dict) -> None:
     Path(config["out"]).write_text(json.dumps(out))
 
 
-def main() -> None:
+def section(summary: dict, args) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
+    med, ratio, poll_ms, rows = summary["median"], summary["stall_ratio_sync_over_async"], summary["poll_ms"], \
+        summary["rows"]
+    per_round = ", ".join(f"{r['sync']['stall_s']:.2f} / {r['async']['stall_s']:.2f} s" for r in rows)
+    where = "S3 on loopback" if args.s3 else "local disk" if not args.storage else "storage " + args.storage
+    body = (
+        f"One Ray Train CPU worker reports the real engine state of a ResNet-18 BYOL run ({summary['state_mb']:.0f} "
+        f"MB: {summary['online_target_params_m']:.1f} M online + target parameters, LARS momentum, RNG) "
+        f"{len(rows)} times per mode in interleaved paired rounds, {args.gap_s:g} s apart; storage "
+        f"{summary['storage']}.\n\n"
+        + harness.markdown_table(
+            ["per checkpoint (median)", "save to local temp", "`report` returns after", "step loop stalled"],
+            [[name, *(f"{med[m][k]:.2f} s" for k in ("save_s", "report_s", "stall_s"))]
+             for name, m in (("SYNC upload", "sync"), ("ASYNC upload (`ray.checkpoint_upload=async`)", "async"))])
+        + f"\n\nMedian paired ratio of the stall, sync / async: **{ratio:.2f}×** (per round: {per_round}). The "
+        "serialisation to the local temporary folder is paid in both modes; the synchronous mode also waits for the "
+        "copy to the storage.\n\n"
+        f"`ray.train.get_preemption_info()` with one worker: median {poll_ms['median']:.2f} ms, 90th percentile "
+        f"{poll_ms['p90']:.2f} ms over {summary['polls']} calls; polled every `ray.preemption_poll_steps` (default "
+        f"10) steps, that is {poll_ms['median'] / 10:.2f} ms per step.")
+    return dict(section_id="checkpoint-upload-s3" if args.s3 else "checkpoint-upload-local",
+                title=f"Checkpoint upload: synchronous vs asynchronous, and the preemption poll ({where}, "
+                      f"{time.strftime('%Y-%m-%d')})",
+                question=f"Does a checkpoint stall training ({where})?", body=body,
+                summary=f"{summary['state_mb']:.0f} MB ResNet-18 state to {summary['storage']}: "
+                        f"{med['sync']['stall_s']:.2f} s stall sync, {med['async']['stall_s']:.2f} s async "
+                        f"({ratio:.2f}×, median of {len(rows)} paired rounds); a preemption poll "
+                        f"{poll_ms['median']:.2f} ms")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gap-s", type=float, default=4.0, help="idle seconds after each checkpoint")
     parser.add_argument("--polls", type=int, default=200)
     parser.add_argument("--storage", default="", help="Ray Train storage_path (default: a temporary folder)")
     parser.add_argument("--s3", action="store_true", help="store in an S3-compatible server started on loopback")
-    parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
-    args = parser.parse_args()
+    harness.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench = harness.Bench("bench_checkpoint.py", argv, args)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -107,7 +145,6 @@ def main() -> None:
     from byol_ray.ray_train import storage_args
     from byol_ray.storage import Location
 
-    load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-checkpoint-"))
     out = tmp / "result.json"
     with contextlib.ExitStack() as stack:
@@ -118,50 +155,30 @@ def main() -> None:
             endpoint, bucket = stack.enter_context(local_s3())
             storage = uri(endpoint, bucket, "bench")
         ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
+        if worker.__module__ != "__main__":  # imported, not run: Ray's workers cannot import this script
+            ray.cloudpickle.register_pickle_by_value(sys.modules[worker.__module__])
         TorchTrainer(worker, train_loop_config={"rounds": args.rounds, "gap_s": args.gap_s, "polls": args.polls,
-                                                "out": str(out)},
+                                                "out": str(out), "scripts": str(HERE)},
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                      run_config=RunConfig(name="bench", **storage_args(Location(storage)))).fit()
         ray.shutdown()
+    bench.end()
     result = json.loads(out.read_text())
     rows = result["rows"]
     med = {m: {k: statistics.median(r[m][k] for r in rows) for k in ("save_s", "report_s", "stall_s")}
            for m in ("sync", "async")}
-    ratio = statistics.median(r["sync"]["stall_s"] / r["async"]["stall_s"] for r in rows)
+    paired = harness.ratio_summary([r["sync"]["stall_s"] / r["async"]["stall_s"] for r in rows])
     polls = sorted(result["poll_s"])
     poll_ms = {"median": 1e3 * statistics.median(polls), "p90": 1e3 * polls[int(0.9 * len(polls))]}
-    load = os.getloadavg()
-    per_round = ", ".join(f"{r['sync']['stall_s']:.2f} / {r['async']['stall_s']:.2f} s" for r in rows)
     summary = {"rounds": len(rows), "gap_s": args.gap_s, "state_mb": result["state_bytes"] / 2**20,
                "online_target_params_m": result["online_target_params"] / 1e6, "median": med,
-               "stall_ratio_sync_over_async": ratio, "poll_ms": poll_ms, "loadavg_start": load_start,
-               "loadavg_end": load, "storage": "an S3 server on loopback (moto)" if args.s3
-               else args.storage or "local disk"}
+               "stall_ratio_sync_over_async": paired["median_ratio"], "stall_ratios": paired["ratios"],
+               "poll_ms": poll_ms, "polls": len(polls), "rows": rows,
+               "storage": "an S3 server on loopback (moto)" if args.s3 else args.storage or "local disk"}
+    bench.finish(summary)
     print(json.dumps(summary, indent=2))
-    if args.write:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-            fh.write(
-                f"\n## Checkpoint upload: synchronous vs asynchronous, and the preemption poll "
-                f"({time.strftime('%Y-%m-%d')})\n\n"
-                f"`.venv/bin/python scripts/bench_checkpoint.py --rounds {args.rounds}{' --s3' if args.s3 else ''} "
-                f"--write` — one Ray Train CPU "
-                f"worker reports the real engine state of a ResNet-18 BYOL run ({summary['state_mb']:.0f} MB: "
-                f"{summary['online_target_params_m']:.1f} M online + target parameters, LARS momentum, RNG) "
-                f"{len(rows)} times per mode in interleaved paired rounds, {args.gap_s:g} s apart; storage "
-                f"{summary['storage']}; load average {load_start[0]:.2f} at start, {load[0]:.2f} at end (1 min).\n\n"
-                f"| per checkpoint (median) | save to local temp | `report` returns after | step loop stalled |\n"
-                f"|---|---|---|---|\n"
-                f"| SYNC upload | {med['sync']['save_s']:.2f} s | {med['sync']['report_s']:.2f} s | "
-                f"{med['sync']['stall_s']:.2f} s |\n"
-                f"| ASYNC upload (`ray.checkpoint_upload=async`) | {med['async']['save_s']:.2f} s | "
-                f"{med['async']['report_s']:.2f} s | {med['async']['stall_s']:.2f} s |\n\n"
-                f"Median paired ratio of the stall, sync / async: **{ratio:.2f}×** (per round: "
-                f"{per_round}). The serialisation to the local temporary folder is paid in both modes; the "
-                f"synchronous mode also waits for the copy to the storage.\n\n"
-                f"`ray.train.get_preemption_info()` with one worker: median {poll_ms['median']:.2f} ms, 90th "
-                f"percentile {poll_ms['p90']:.2f} ms over {len(polls)} calls; polled every "
-                f"`ray.preemption_poll_steps` (default 10) steps, that is {poll_ms['median'] / 10:.2f} ms per "
-                f"step.\n")
+    bench.write_section(**section(summary, args))
+    return summary
 
 
 if __name__ == "__main__":

@@ -6,9 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import shlex
-import statistics
 import sys
 import threading
 import time
@@ -17,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byol_ray import augment as augment_module
-from byol_ray.augment import ViewAugment, augment_view
-from byol_ray.config import AugmentConfig, TrainConfig
-from byol_ray.data.check import validate_beton
-from byol_ray.data.loaders import TwoViewEpochLoader, build_train_loader
-from byol_ray.data.prepare import prepare
-from byol_ray.data.sources import ImageFolderSource, Source
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import quiet_machine  # noqa: E402,F401 - the tests check the rule through this script
 
-# A 1-minute load average above (cores - QUIET_MARGIN) at start means other jobs share the cores:
-# such a run prints its figures marked as not a result and refuses --write.
-QUIET_MARGIN = 0.5
+from byol_ray import augment as augment_module  # noqa: E402
+from byol_ray.augment import ViewAugment, augment_view  # noqa: E402
+from byol_ray.config import AugmentConfig, TrainConfig  # noqa: E402
+from byol_ray.data.check import validate_beton  # noqa: E402
+from byol_ray.data.loaders import TwoViewEpochLoader, build_train_loader  # noqa: E402
+from byol_ray.data.prepare import prepare  # noqa: E402
+from byol_ray.data.sources import ImageFolderSource, Source  # noqa: E402
 
 
 def cpu_seconds() -> float | None:
@@ -45,28 +42,6 @@ def cpu_seconds() -> float | None:
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    import torchvision
-
-    return {"cpu": model, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
-
-
-def quiet_machine(load_at_start: list[float], cores: int) -> tuple[bool, str]:
-    """(quiet, why not): the 1-minute load average at start must not exceed cores - QUIET_MARGIN."""
-    limit = cores - QUIET_MARGIN
-    if load_at_start[0] > limit:
-        return False, (f"1-minute load average {load_at_start[0]} at start > {limit} ({cores} cores - "
-                       f"{QUIET_MARGIN}): other jobs share the cores, so these figures are not a result")
-    return True, ""
 
 
 @contextlib.contextmanager
@@ -134,37 +109,30 @@ def time_round(loader, consume, batch_size: int, batches: int, warmup_batches: i
     return out
 
 
-def paired_rounds(pipelines: dict, rounds: int, batch_size: int, batches: int, warmup_batches: int,
-                  log=None) -> dict:
-    """Rounds of A, B, A, B, ...: each round times the same number of pairs for each pipeline in turn.
+def paired_rounds(pipelines: dict, rounds: int, batch_size: int, batches: int, warmup_batches: int) -> dict:
+    """Rounds of A, B, A, B, ... (harness.interleaved): each round times the same number of pairs for each pipeline.
 
     Args:
         pipelines: {"name": (loader, consume)}, in round order; the first is the baseline A, the second B.
-        rounds: number of rounds.
 
     Returns:
         Per-round figures, the paired ratios B/A of pairs/s (one per round) and their median.
     """
     (name_a, name_b) = list(pipelines)[:2]
-    per_round = []
-    for index in range(rounds):
-        row = {"round": index + 1}
-        for name, (loader, consume) in pipelines.items():
-            row[name] = time_round(loader, consume, batch_size, batches, warmup_batches)
-        row["ratio"] = round(row[name_b]["pairs_per_s"] / row[name_a]["pairs_per_s"], 3)
-        per_round.append(row)
-        if log:
-            log(f"round {index + 1}/{rounds}: " + ", ".join(f"{n} {row[n]['pairs_per_s']} pairs/s" for n in pipelines)
-                + f", ratio {row['ratio']}")
-    ratios = [r["ratio"] for r in per_round]
+    arms = {name: (lambda r, lc=lc: time_round(*lc, batch_size, batches, warmup_batches))
+            for name, lc in pipelines.items()}
+    done = harness.interleaved(arms, rounds, describe=lambda row: ", ".join(
+        f"{n} {row[n]['pairs_per_s']} pairs/s" for n in pipelines) + f", ratio "
+        f"{row[name_b]['pairs_per_s'] / row[name_a]['pairs_per_s']:.3f}")
+    paired = done.paired(name_b, name_a, "pairs_per_s")
+    per_round = [{**row, "ratio": ratio} for row, ratio in zip(done.rows, paired["ratios"])]
     out = {"baseline": name_a, "candidate": name_b, "pairs_per_round": batches * batch_size, "rounds": per_round,
-           "ratios": ratios, "median_ratio": round(statistics.median(ratios), 2),
-           "ratio_range": [min(ratios), max(ratios)]}
+           "ratios": paired["ratios"], "median_ratio": round(paired["median_ratio"], 2),
+           "ratio_range": paired["ratio_range"]}
     for name in pipelines:
-        out[f"{name}_median_pairs_per_s"] = round(statistics.median(r[name]["pairs_per_s"] for r in per_round), 1)
-    if all("pairs_per_cpu_s" in r[name] for r in per_round for name in pipelines):
-        cpu_ratios = [r[name_b]["pairs_per_cpu_s"] / r[name_a]["pairs_per_cpu_s"] for r in per_round]
-        out["median_ratio_per_cpu_s"] = round(statistics.median(cpu_ratios), 2)
+        out[f"{name}_median_pairs_per_s"] = round(done.median(name, "pairs_per_s"), 1)
+    if all("pairs_per_cpu_s" in r[name] for r in done.rows for name in pipelines):
+        out["median_ratio_per_cpu_s"] = round(done.paired(name_b, name_a, "pairs_per_cpu_s")["median_ratio"], 2)
     return out
 
 
@@ -299,22 +267,14 @@ def _round_table(result: dict, names: dict) -> list[str]:
     return lines
 
 
-def to_markdown(result: dict) -> str:
-    m = result["machine"]
-    head = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, torchvision "
-        f"{m['torchvision']}. Load average {result['load_average_at_start']} at start (a quiet machine: the 1-minute "
-        f"figure at most {m['cores'] - QUIET_MARGIN}), {result['load_average_at_end']} at end (this benchmark's own "
-        "load).",
-        f"Command: `{result['command']}`\n",
-    ]
-    sections = []
+def sections(result: dict) -> list[dict]:
+    """The docs sections of a result: one per pair measured (harness.Bench.write_section's arguments)."""
+    out = []
     if "cifar" in result:
         c = result["cifar"]
         cpu = (f" Median paired ratio of pairs per CPU-second (this process and its worker processes): "
                f"{c['median_ratio_per_cpu_s']}x." if "median_ratio_per_cpu_s" in c else "")
-        sections += [
-            f"\n## Data loading, two views per image, paired rounds ({result['date']})\n", *head,
+        body = "\n".join([
             f"CIFAR-10 train ({c['images']} real 32-px JPEGs), batch {c['batch_size']}, {result['workers']} loader "
             f"workers, {result['threads']} torch threads ({result['augment_threads']} inside `byol_ray.augment`), the "
             "paper's two views (blur and solarise included) on CPU. "
@@ -325,12 +285,16 @@ def to_markdown(result: dict) -> str:
             "workers stopped before the other's turn.\n",
             *_round_table(c, {"torchvision": "(A) torchvision", "ours": "(B) FFCV + batched augment"}),
             f"\n**B is {c['median_ratio']}x A** (median of {len(c['ratios'])} paired ratios, range "
-            f"{c['ratio_range'][0]}-{c['ratio_range'][1]}).{cpu}\n",
-        ]
+            f"{c['ratio_range'][0]}-{c['ratio_range'][1]}).{cpu}"])
+        out.append(dict(section_id="data-two-views", body=body,
+                        title=f"Data loading, two views per image, paired rounds ({result['date']})",
+                        question="How fast is the data path?",
+                        summary=f"FFCV + batched augmentation {c['median_ratio']}× torchvision's per-image two-view "
+                                f"loader (median of {len(c['ratios'])} paired rounds, range {c['ratio_range'][0]}–"
+                                f"{c['ratio_range'][1]}×)"))
     if "large" in result:
         c = result["large"]
-        sections += [
-            f"\n## Data loading, ImageNet-like, one decode per image, paired rounds ({result['date']})\n", *head,
+        body = "\n".join([
             f"ImageNet-like: {c['images']} CIFAR-10 images upscaled (bicubic) to {c['stored_side']} px and stored as "
             f"JPEG (quality 90), {c['resolution']}-px crops (OpenCV INTER_AREA resize, FFCV's `resize_crop`), batch "
             f"{c['batch_size']}, {result['workers']} loader threads, crop + flip + transfer only (device "
@@ -338,13 +302,16 @@ def to_markdown(result: dict) -> str:
             "decoded twice, unseeded crops), then of `TwoViewDecoder` (decoded once, crops seeded per sample).\n",
             *_round_table(c, {"two_pipeline": "two FFCV pipelines", "decode_once": "`TwoViewDecoder`"}),
             f"\n**decode-once is {c['median_ratio']}x the two-pipeline loader** (median of {len(c['ratios'])} "
-            "paired ratios).\n",
-        ]
-    return "\n".join(sections)
+            "paired ratios)."])
+        out.append(dict(section_id="data-imagenet-like-decode-once", body=body,
+                        title=f"Data loading, ImageNet-like, one decode per image, paired rounds ({result['date']})",
+                        question="Does decoding each image once help the FFCV loader?",
+                        summary=f"`TwoViewDecoder` {c['median_ratio']}× the two-pipeline loader's pairs/s (median of "
+                                f"{len(c['ratios'])} paired rounds)"))
+    return out
 
 
-def measure(args, result: dict, augment: AugmentConfig, memory_format: torch.memory_format, work: Path,
-            log) -> None:
+def measure(args, result: dict, augment: AugmentConfig, memory_format: torch.memory_format, work: Path) -> None:
     """Prepares the .beton files (first run only) and runs the paired rounds into `result`."""
     workers, batch = args.workers, args.batch_size
     source = ImageFolderSource(args.train_dir)
@@ -357,7 +324,7 @@ def measure(args, result: dict, augment: AugmentConfig, memory_format: torch.mem
                      training_consumer(augment, memory_format)),
         }
         result["cifar"] = {**paired_rounds(pipelines, args.rounds, batch, max(1, args.pairs // batch),
-                                           args.warmup_batches, log),
+                                           args.warmup_batches),
                            "images": len(source), "batch_size": batch, "warmup_batches": args.warmup_batches,
                            "memory_format": "channels_last" if memory_format == torch.channels_last else "contiguous",
                            "prepare_s": prepare_s}
@@ -373,8 +340,8 @@ def measure(args, result: dict, augment: AugmentConfig, memory_format: torch.mem
             "decode_once": (build_train_loader(large, batch_size=lb, resolution=resolution, num_workers=workers,
                                                device=device), lambda b: None),
         }
-        result["large"] = {**paired_rounds(pipelines, args.rounds, lb, max(1, args.pairs // lb), args.warmup_batches,
-                                           log),
+        result["large"] = {**paired_rounds(pipelines, args.rounds, lb, max(1, args.pairs // lb),
+                                           args.warmup_batches),
                            "images": args.large_images, "stored_side": args.large_side, "resolution": resolution,
                            "batch_size": lb, "device": str(device), "prepare_s": prepare_s}
 
@@ -401,20 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--large-side", type=int, default=320)
     parser.add_argument("--large-resolution", type=int, default=224)
     parser.add_argument("--large-batch-size", type=int, default=64)
-    parser.add_argument("--write", action="store_true",
-                        help="append a dated section to --markdown (refused when other jobs load the machine)")
-    parser.add_argument("--markdown", default="docs/benchmarks.md", help="the file --write appends to")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "scripts/bench_data.py", *(sys.argv[1:] if argv is None else argv)])
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 - stdout is the JSON
+    import torchvision  # noqa: F401 - its version goes into the record
 
-    info = machine()
-    load_at_start = load_average()
-    quiet, why_not = quiet_machine(load_at_start, info["cores"])
-    if args.write and not quiet:
-        log(f"bench_data: refusing --write: {why_not}. Run it again on a quiet machine, or without --write.")
-        raise SystemExit(2)
-
+    bench = harness.Bench("bench_data.py", argv, args)  # refuses --write on a loaded machine, before any work
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -423,27 +381,19 @@ def main(argv: list[str] | None = None) -> dict:
         augment_module.CPU_THREADS = args.augment_threads or None
     augment, memory_format = AugmentConfig(), (torch.channels_last if TrainConfig().channels_last
                                                 else torch.contiguous_format)
-    result = {"machine": info, "load_average_at_start": load_at_start, "quiet": quiet, "workers": args.workers,
-              "threads": args.threads, "augment_threads": augment_module.CPU_THREADS or args.threads}
-    if not quiet:
-        result["not_a_result"] = why_not
-
+    result = {"workers": args.workers, "threads": args.threads,
+              "augment_threads": augment_module.CPU_THREADS or args.threads}
     try:
         with stdout_to_stderr():
-            measure(args, result, augment, memory_format, work, log)
+            measure(args, result, augment, memory_format, work)
     finally:
         augment_module.CPU_THREADS = default_augment_threads
-    result["load_average_at_end"] = load_average()
-    result["date"] = time.strftime("%Y-%m-%d")
-    result["command"] = command
+    bench.end()
+    result["date"] = bench.date
+    bench.finish(result)
     print(json.dumps(result, indent=1))
-    if args.write:
-        new = not Path(args.markdown).exists()
-        with open(args.markdown, "a") as f:
-            f.write(("# Benchmarks\n" if new else "") + to_markdown(result))
-        log(f"bench_data: appended a section to {args.markdown}")
-    elif not quiet:
-        log(f"bench_data: {why_not}")
+    for section in sections(result):
+        bench.write_section(**section)
     return result
 
 

@@ -36,6 +36,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
@@ -141,7 +144,7 @@ def serve_figures(store: str, ref: str, jpegs: list[bytes], batch_sizes: list[in
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1500, help="N: each round times N and 2N images")
     parser.add_argument("--rounds", type=int, default=3)
@@ -151,8 +154,9 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes of the plain loop")
     parser.add_argument("--serve-batch-sizes", default="1,8,32")
     parser.add_argument("--scaling", action="store_true", help="only part 3: 1 vs 2 actors on a two-node cluster")
-    parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
-    args = parser.parse_args()
+    harness.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench = harness.Bench("bench_embed.py", argv, args)  # the load before anything starts
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -184,75 +188,84 @@ def main() -> None:
                      num_images=len(every), resolution=resolution, center_crop_ratio=224 / 256, shard_size=100000,
                      transform=eval_transform(resolution), class_names=every.class_names, dim=dim)
     if args.scaling:
-        return scaling(args, encoder, small, plan_args, work)
+        return scaling(args, bench, encoder, small, plan_args, work)
     init_ray()
     import ray
 
     settings = EmbedSettings(batch_size=args.batch_size, concurrency=args.concurrency, progress_every_s=1e9)
-    load_start = os.getloadavg()  # before the warm-up: how quiet the machine was
-    # warm-up of both (worker processes, imports, page cache), not timed
-    ray_path(encoder, small, plan_args, settings, work / "warm")
-    plain_loop(encoder, root, small.paths, resolution, args.batch_size, args.loader_workers)
-    rounds = []
-    for r in range(args.rounds):
-        t = {"A": {}, "B": {}}
-        for size, subset in (("N", small), ("2N", every)):
-            t["A"][size] = ray_path(encoder, subset, plan_args, settings, work / f"round{r}-{size}")
-            t["B"][size] = plain_loop(encoder, root, subset.paths, resolution, args.batch_size, args.loader_workers)
-        row = {p: {"whole": n / t[p]["N"], "marginal": n / (t[p]["2N"] - t[p]["N"]), **t[p]} for p in "AB"}
-        rounds.append(row)
-        print(f"round {r + 1}: Ray Data {row['A']['whole']:.1f} img/s whole at N, {row['A']['marginal']:.1f} marginal; "
-              f"plain loop {row['B']['whole']:.1f} whole, {row['B']['marginal']:.1f} marginal", flush=True)
-    load_end = os.getloadavg()
+    # A then B on N images, then on 2N, in each round; one untimed warm-up round of both at N (worker processes,
+    # imports, page cache)
+    arms = {}
+    for size, subset in (("N", small), ("2N", every)):
+        arms[f"A_{size}"] = lambda r, subset=subset, size=size: (
+            None if r < 1 and size == "2N" else ray_path(encoder, subset, plan_args, settings, work / f"round{r}-{size}"))
+        arms[f"B_{size}"] = lambda r, subset=subset, size=size: (
+            None if r < 1 and size == "2N" else plain_loop(encoder, root, subset.paths, resolution, args.batch_size,
+                                                          args.loader_workers))
+
+    def rates(row):
+        return {p: {"whole": n / row[f"{p}_N"], "marginal": n / (row[f"{p}_2N"] - row[f"{p}_N"]),
+                    "N": row[f"{p}_N"], "2N": row[f"{p}_2N"]} for p in "AB"}
+
+    done = harness.interleaved(arms, args.rounds, warmup=1, describe=lambda row: (
+        "Ray Data {A[whole]:.1f} img/s whole at N, {A[marginal]:.1f} marginal; plain loop {B[whole]:.1f} whole, "
+        "{B[marginal]:.1f} marginal".format(**rates(row))))
+    bench.end()
+    rounds = [rates(row) for row in done.rows]
     med = statistics.median
-    summary = {}
+    summary: dict = {"rounds": rounds}
     for key in ("whole", "marginal"):
-        ratios = [row["A"][key] / row["B"][key] for row in rounds]
         summary[key] = {"ray_data": med(row["A"][key] for row in rounds), "plain": med(row["B"][key] for row in rounds),
-                        "median_ratio": med(ratios), "ratio_range": [min(ratios), max(ratios)]}
-    summary.update(load_start=load_start, load_end=load_end)
-    print(json.dumps(summary), flush=True)
+                        **harness.ratio_summary(row["A"][key] / row["B"][key] for row in rounds)}
     jpegs = [(root / p).read_bytes() for p in every.paths[:800]]
-    serve_rows = serve_figures(store, info.uri, jpegs, [int(b) for b in args.serve_batch_sizes.split(",")],
-                               port=18265 + os.getpid() % 1000)
-    serve_load = os.getloadavg()
+    summary["serve"] = serve_figures(store, info.uri, jpegs, [int(b) for b in args.serve_batch_sizes.split(",")],
+                                     port=18265 + os.getpid() % 1000)
+    summary["serve_load_after"] = harness.load_average()
     ray.shutdown()
-    if not args.write:
-        return
-    today = time.strftime("%Y-%m-%d")
-    lines = [f"\n## Embeddings: `byol-ray embed` on Ray Data vs a plain DataLoader loop, and the served encoder "
-             f"({today})\n",
-             f"`.venv/bin/python scripts/bench_embed.py --images {n} --rounds {args.rounds} --write` on the 2-core "
-             f"CPU machine: real CIFAR-10 test JPEGs, a {args.encoder} encoder (CIFAR stem, {resolution} px, random "
-             f"weights: the speed does not depend on them), batch {args.batch_size}. A: `run_embed` on the embedded "
-             f"default's in-process Ray, {args.concurrency} encoder actors of 1 CPU (on CPUs Ray Data fuses the "
-             f"decode into them), Parquet written. B: a DataLoader with {args.loader_workers} decode processes and "
-             f"the model in the main process. Each of {args.rounds} interleaved paired rounds times A and B on N = "
-             f"{n} and 2N = {2 * n} images, after one warm-up of each; whole = N / T(N), marginal = N / (T(2N) - "
-             f"T(N)), the rate once each path's fixed start-up is paid. Load average {load_start[0]:.2f} before the "
-             f"warm-up, "
-             f"{load_end[0]:.2f} at end (1 min; the benchmark itself keeps both cores busy).\n",
-             "| round | A whole | B whole | A/B whole | A marginal | B marginal | A/B marginal |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {i + 1} | {r['A']['whole']:.1f} | {r['B']['whole']:.1f} | {r['A']['whole'] / r['B']['whole']:.3f} | "
-              f"{r['A']['marginal']:.1f} | {r['B']['marginal']:.1f} | {r['A']['marginal'] / r['B']['marginal']:.3f} |"
-              for i, r in enumerate(rounds)]
-    w, m = summary["whole"], summary["marginal"]
-    lines += [f"| **median** | {w['ray_data']:.1f} | {w['plain']:.1f} | **{w['median_ratio']:.3f}** | "
-              f"{m['ray_data']:.1f} | {m['plain']:.1f} | **{m['median_ratio']:.3f}** (range "
-              f"{m['ratio_range'][0]:.3f}–{m['ratio_range'][1]:.3f}) |\n",
-              f"The served encoder (one replica of 1 CPU on the same in-process Ray; load average "
-              f"{serve_load[0]:.2f} after): latency of one JPEG request at a time over 200 requests, throughput of "
-              f"16 concurrent clients over 800 requests.\n",
-              "| max_batch_size | p50 latency, ms | p95 latency, ms | 16 clients, images/s |", "|---|---|---|---|"]
-    lines += [f"| {r['max_batch_size']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['concurrent16_img_s']:.1f} |"
-              for r in serve_rows]
-    with open(REPO / "docs" / "benchmarks.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("appended to docs/benchmarks.md", file=sys.stderr)
+    bench.finish(summary)
+    print(json.dumps(summary, indent=1), flush=True)
+    bench.write_section(**section(summary, args, resolution))
+    return summary
 
 
-def scaling(args, encoder, images, plan_args: dict, work: Path) -> None:
+def section(summary: dict, args, resolution: int) -> dict:
+    """The docs section of part 1 and 2 (harness.Bench.write_section's arguments)."""
+    n, w, m = args.images, summary["whole"], summary["marginal"]
+    rows = [[i + 1, f"{r['A']['whole']:.1f}", f"{r['B']['whole']:.1f}", f"{r['A']['whole'] / r['B']['whole']:.3f}",
+             f"{r['A']['marginal']:.1f}", f"{r['B']['marginal']:.1f}", f"{r['A']['marginal'] / r['B']['marginal']:.3f}"]
+            for i, r in enumerate(summary["rounds"])]
+    rows.append(["**median**", f"{w['ray_data']:.1f}", f"{w['plain']:.1f}", f"**{w['median_ratio']:.3f}**",
+                 f"{m['ray_data']:.1f}", f"{m['plain']:.1f}", f"**{m['median_ratio']:.3f}** (range "
+                 f"{m['ratio_range'][0]:.3f}–{m['ratio_range'][1]:.3f})"])
+    serve = [[r["max_batch_size"], f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['concurrent16_img_s']:.1f}"]
+             for r in summary["serve"]]
+    body = "\n\n".join([
+        f"Real CIFAR-10 test JPEGs, a {args.encoder} encoder (CIFAR stem, {resolution} px, random weights: the speed "
+        f"does not depend on them), batch {args.batch_size}. A: `run_embed` on the embedded default's in-process Ray, "
+        f"{args.concurrency} encoder actors of 1 CPU (on CPUs Ray Data fuses the decode into them), Parquet written. "
+        f"B: a DataLoader with {args.loader_workers} decode processes and the model in the main process. Each of "
+        f"{args.rounds} interleaved paired rounds times A and B on N = {n} and 2N = {2 * n} images, after one warm-up "
+        "of each; whole = N / T(N), marginal = N / (T(2N) - T(N)), the rate once each path's fixed start-up is paid.",
+        harness.markdown_table(["round", "A whole", "B whole", "A/B whole", "A marginal", "B marginal", "A/B marginal"],
+                               rows),
+        f"The served encoder (one replica of 1 CPU on the same in-process Ray; load average "
+        f"{summary['serve_load_after'][0]:.2f} after): latency of one JPEG request at a time over 200 requests, "
+        "throughput of 16 concurrent clients over 800 requests.",
+        harness.markdown_table(["max_batch_size", "p50 latency, ms", "p95 latency, ms", "16 clients, images/s"], serve)])
+    one = summary["serve"][0]
+    return dict(section_id="embed-ray-data-vs-loop", body=body,
+                title="Embeddings: `byol-ray embed` on Ray Data vs a plain DataLoader loop, and the served encoder "
+                      f"({time.strftime('%Y-%m-%d')})",
+                question="Embeddings: Ray Data vs a plain loop; the served encoder",
+                summary=f"Ray Data path {w['median_ratio']:.2f}× the plain DataLoader loop's images/s per call of {n} "
+                        f"images and {m['median_ratio']:.2f}× at the margin (median of {args.rounds} paired rounds, "
+                        f"margin range {m['ratio_range'][0]:.2f}–{m['ratio_range'][1]:.2f}); served {args.encoder}: "
+                        f"p50 {one['p50_ms']:.0f} ms per request, 16 clients "
+                        + ", ".join(f"{r['concurrent16_img_s']:.0f}" for r in summary["serve"])
+                        + " images/s at max_batch_size " + ", ".join(str(r["max_batch_size"]) for r in summary["serve"]))
+
+
+def scaling(args, bench, encoder, images, plan_args: dict, work: Path) -> dict:
     """Part 3: 1 vs 2 encoder actors on a loopback two-node cluster of one CPU per node."""
     import ray
     from ray.cluster_utils import Cluster
@@ -267,39 +280,36 @@ def scaling(args, encoder, images, plan_args: dict, work: Path) -> None:
     try:
         one = EmbedSettings(batch_size=args.batch_size, concurrency=1, progress_every_s=1e9)
         two = EmbedSettings(batch_size=args.batch_size, concurrency=2, progress_every_s=1e9)
-        load_start = os.getloadavg()  # before the warm-up: how quiet the machine was
-        ray_path(encoder, images, plan_args, two, work / "scale-warm")
-        rounds = []
-        for r in range(args.rounds):
-            a = len(images) / ray_path(encoder, images, plan_args, one, work / f"scale{r}-1")
-            b = len(images) / ray_path(encoder, images, plan_args, two, work / f"scale{r}-2")
-            rounds.append((a, b))
-            print(f"round {r + 1}: 1 actor {a:.1f} img/s, 2 actors on 2 nodes {b:.1f} img/s, ratio {b / a:.3f}",
-                  flush=True)
-        load_end = os.getloadavg()
+        # a warm-up round of the 2-actor run, then 1 actor, 2 actors, 1, 2, ... (images/s)
+        done = harness.interleaved(
+            {"one": lambda r: None if r < 1 else len(images) / ray_path(encoder, images, plan_args, one,
+                                                                       work / f"scale{r}-1"),
+             "two": lambda r: len(images) / ray_path(encoder, images, plan_args, two, work / f"scale{r}-2")},
+            args.rounds, warmup=1)
+        bench.end()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    ratios = [b / a for a, b in rounds]
-    med = statistics.median
-    print(json.dumps({"one": med(a for a, _ in rounds), "two": med(b for _, b in rounds), "median_ratio": med(ratios),
-                      "range": [min(ratios), max(ratios)], "load_start": load_start, "load_end": load_end}))
-    if not args.write:
-        return
-    lines = [f"\n## Embeddings: scaling with encoder actors on a two-node loopback cluster ({time.strftime('%Y-%m-%d')})\n",
-             f"`.venv/bin/python scripts/bench_embed.py --scaling --images {len(images)} --rounds {args.rounds} "
-             f"--write`: a head and a second node (separate raylets) of 1 CPU each on the 2-core machine; "
-             f"`run_embed` on {len(images)} real CIFAR-10 JPEGs, {args.encoder} at 32 px, batch {args.batch_size}, "
-             f"with 1 encoder actor (one node) and with 2 (one per node), {args.rounds} interleaved paired rounds "
-             f"after a warm-up; load average {load_start[0]:.2f} before the warm-up, {load_end[0]:.2f} at end (1 min). The two "
-             f"nodes share the machine's two cores, so 2.0x is the ceiling.\n",
-             "| round | 1 actor, images/s | 2 actors on 2 nodes, images/s | ratio |", "|---|---|---|---|"]
-    lines += [f"| {i + 1} | {a:.1f} | {b:.1f} | {b / a:.3f} |" for i, (a, b) in enumerate(rounds)]
-    lines += [f"| **median** | {med(a for a, _ in rounds):.1f} | {med(b for _, b in rounds):.1f} | "
-              f"**{med(ratios):.3f}** (range {min(ratios):.3f}–{max(ratios):.3f}) |"]
-    with open(REPO / "docs" / "benchmarks.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("appended to docs/benchmarks.md", file=sys.stderr)
+    out = {"one": done.median("one"), "two": done.median("two"), "rounds": done.rows, **done.paired("two", "one")}
+    bench.finish(out)
+    print(json.dumps(out, indent=1))
+    med, n = out, len(images)
+    rows = [[r["round"], f"{r['one']:.1f}", f"{r['two']:.1f}", f"{r['two'] / r['one']:.3f}"] for r in done.rows]
+    rows.append(["**median**", f"{med['one']:.1f}", f"{med['two']:.1f}", f"**{med['median_ratio']:.3f}** (range "
+                 f"{med['ratio_range'][0]:.3f}–{med['ratio_range'][1]:.3f})"])
+    body = (f"A head and a second node (separate raylets) of 1 CPU each on this machine; `run_embed` on {n} real "
+            f"CIFAR-10 JPEGs, {args.encoder} at 32 px, batch {args.batch_size}, with 1 encoder actor (one node) and "
+            f"with 2 (one per node), {args.rounds} interleaved paired rounds after a warm-up. The two nodes share the "
+            "machine's cores, so 2.0x is the ceiling on a 2-core machine.\n\n"
+            + harness.markdown_table(["round", "1 actor, images/s", "2 actors on 2 nodes, images/s", "ratio"], rows))
+    bench.write_section("embed-scaling-two-nodes",
+                        f"Embeddings: scaling with encoder actors on a two-node loopback cluster "
+                        f"({time.strftime('%Y-%m-%d')})", body,
+                        question="Embeddings: do encoder actors on two nodes scale?",
+                        summary=f"on a two-node loopback cluster of 1 CPU per node, 2 actors (one per node) ran at "
+                                f"{med['median_ratio']:.2f}× one actor (median of {args.rounds} paired rounds, range "
+                                f"{med['ratio_range'][0]:.2f}–{med['ratio_range'][1]:.2f})")
+    return out
 
 
 if __name__ == "__main__":

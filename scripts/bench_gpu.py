@@ -5,8 +5,10 @@ torchvision. Default: ResNet-50 at 224 px, bf16 autocast, channels_last, per-GPU
 resident on the GPU (uint8 images cropped and flipped there by the ``data.loader=memory`` code).
 
 Reports images/s (an image = its two views), the step-time breakdown (augment, forward, backward,
-optimizer, EMA), peak memory and model FLOPs utilisation (FLOPs counted by
-``torch.utils.flop_counter`` over one real step, against the device's dense bf16 peak).
+optimizer, EMA: the engine's ``torch.profiler.record_function`` ranges ``byol.<phase>``, read from a
+profile of a separate pass, CPU time on a CPU, device time on CUDA), peak memory and model FLOPs
+utilisation (FLOPs counted by ``torch.utils.flop_counter`` over one real step, against the device's
+dense bf16 peak).
 
 Usage:
   python scripts/bench_gpu.py                                   # ResNet-50, 224 px, bf16, GPU-resident data
@@ -16,18 +18,17 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
-import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from byol_ray.config import derive, load_config  # noqa: E402
 from byol_ray.data.memory import MemoryTwoViewBatches  # noqa: E402
@@ -50,32 +51,35 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
-class PhaseTimer:
-    """Times the engine's phases: CUDA events on a GPU (no extra syncs), wall clock + sync on a CPU."""
+PHASES = ("augment", "forward", "backward", "optimizer", "ema")  # the engine's record_function("byol.<phase>")
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.pending, self.ms = device, [], defaultdict(list)
 
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.pending.append((name, start, end))
+def phase_times(engine: BYOLEngine, stream, steps: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds per step of each ``byol.<phase>`` range over ``steps`` steps under torch.profiler: the ranges'
+    CPU time on a CPU; on CUDA their device time (the kernels launched inside each range)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.train_step(*next(stream))
+        sync(device)
+    ms: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.removeprefix("byol.")
+        if not event.key.startswith("byol.") or name not in PHASES or event.device_type.name != "CPU":
+            continue  # on CUDA the same range also appears as a GPU-side annotation: the CPU op carries the kernels
+        if device.type == "cuda":
+            total = getattr(event, "device_time_total", None)
+            total = getattr(event, "cuda_time_total", 0.0) if total is None else total
         else:
-            t0 = time.perf_counter()
-            yield
-            self.ms[name].append(1e3 * (time.perf_counter() - t0))
-
-    def collect(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            for name, start, end in self.pending:
-                self.ms[name].append(start.elapsed_time(end))
-            self.pending.clear()
-        return {k: statistics.median(v) for k, v in self.ms.items()}
+            total = event.cpu_time_total
+        ms[name] = total / 1e3 / steps
+    missing = [p for p in PHASES if p not in ms]
+    if missing:
+        raise RuntimeError(f"no record_function range byol.{'/'.join(missing)} in the profile: the engine's "
+                           "train_step must wrap its phases in torch.profiler.record_function('byol.<phase>')")
+    return {p: ms[p] for p in PHASES}
 
 
 def build(args, device: torch.device):
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, if not in the table")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides (key=value)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke size: tiny encoder, 32 px, batch 16, 3 steps")
+    harness.add_arguments(p, write=False)
     args = p.parse_args(argv)
+    bench = harness.Bench("bench_gpu.py", argv, args, python="python")
     if args.tiny:
         args.preset, args.encoder, args.resolution, args.stored = "demo", "tiny", 32, 32
         args.batch, args.dataset_size, args.steps, args.warmup, args.precision = 16, 64, 3, 1, "fp32"
@@ -168,12 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         next(stream)
     sync(device)
     data_s = (time.perf_counter() - start) / args.steps
-    timer = PhaseTimer(device)
-    engine.phase_timer = timer
-    for _ in range(args.steps):
-        engine.train_step(*next(stream))
-    phases = timer.collect()
-    engine.phase_timer = None
+    phases = phase_times(engine, stream, args.steps, device)
     flops = count_flops(engine, next(stream)) if not args.compile else None
     # the table holds bf16/fp16 tensor-core peaks: an fp32 run has no comparable MFU unless --peak-tflops says
     peak = peak_flops(device, args.peak_tflops) if args.precision != "fp32" or args.peak_tflops else None
@@ -196,8 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
         "flops_per_image": round(flops / args.batch) if flops else None,
         "mfu": round(flops / step_s / peak, 4) if flops and peak else None,
         "peak_tflops": peak / 1e12 if peak else None,
-        "command": " ".join(["python", "scripts/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": bench.command,
     }
+    bench.finish(result)
     print(json.dumps(result, indent=2))
     return result
 

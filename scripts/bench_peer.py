@@ -3,7 +3,7 @@
 Both train the same tiny encoder (byol_ray.encoders.TinyEncoder, same initial weights) for the same
 number of steps at the same batch size on the same class-balanced CIFAR-10 subset, held in memory as
 uint8 for both (no decoding cost on either side), on the CPU; both encoders are then scored with the
-same kNN code (byol_ray.downstream.knn, k=200, T=0.1; bank = the training subset, queries = the
+same kNN code (byol_ray.evaluation.knn, k=200, T=0.1; bank = the training subset, queries = the
 CIFAR-10 test split). Each side uses its own recipe: byol-ray its cifar10_cpu preset (LARS at base lr
 0.2, warmup + cosine, cosine tau, per-image crops, flips and colour draws; no blur, crop scale >= 0.2);
 byol-pytorch its README usage (Adam 3e-4, tau 0.99, its default augmentations, which draw one crop,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "cifar10_cpu"  # our CPU recipe for CIFAR-10 (see the preset's header)
@@ -36,7 +38,7 @@ def subset(data: Path, split: str, fraction: float, seed: int = 0) -> tuple[torc
     from byol_ray.data.memory import load_to_device
     from byol_ray.data.prepare import stratified_sample
     from byol_ray.data.sources import open_source
-    from byol_ray.downstream.data import SubsetSource
+    from byol_ray.evaluation.data import SubsetSource
 
     source = open_source(str(data / split))
     if fraction < 1:
@@ -104,8 +106,8 @@ def ours_encoder_init(args) -> torch.nn.Module:
 
 @torch.no_grad()
 def knn(encoder, train, test) -> float:
-    from byol_ray.downstream.features import to_model_input
-    from byol_ray.downstream.knn import knn_top1
+    from byol_ray.evaluation.features import to_model_input
+    from byol_ray.evaluation.knn import knn_top1
 
     encoder.eval()
 
@@ -116,7 +118,8 @@ def knn(encoder, train, test) -> float:
 
 
 def one_seed(args, seed: int, train, test) -> dict:
-    """Both implementations from the same initial weights of ``seed``, and the random-init baseline."""
+    """One paired round: both implementations from the same initial weights of ``seed``, and the random-init
+    baseline."""
     args = argparse.Namespace(**{**vars(args), "seed": seed})
     init = {k: v.clone() for k, v in ours_encoder_init(args).state_dict().items()}  # same start on both sides
     ours, ours_s = train_ours(*train, args)
@@ -142,14 +145,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one paired comparison per seed")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--write", action="store_true")
+    harness.add_arguments(p)
     args = p.parse_args(argv)
+    bench = harness.Bench("bench_peer.py", argv, args)
     torch.set_num_threads(args.threads)
     train = subset(args.data, "train", args.train_fraction)
     test = subset(args.data, "test", args.test_fraction)
     steps_per_epoch = len(train[1]) // args.batch
     args.steps = max(1, round(args.steps / steps_per_epoch)) * steps_per_epoch  # whole epochs, for both
-    rows = [one_seed(args, seed, train, test) for seed in args.seeds]
+    rows = [one_seed(args, seed, train, test) for seed in args.seeds]  # one paired round per seed
+    bench.end()
 
     def mean(side: str, key: str) -> float:
         return statistics.mean(r[side][key] for r in rows)
@@ -161,35 +166,39 @@ def main(argv: list[str] | None = None) -> dict:
         "byol_pytorch": {"train_s": round(mean("byol_pytorch", "train_s"), 1),
                          "knn_top1": mean("byol_pytorch", "knn_top1")},
         "random_init_knn_top1": statistics.mean(r["random_init_knn_top1"] for r in rows),
-        "load_average": os.getloadavg(),
     }
+    # the ratio of the mean times, and the rule's figure: the median of the per-seed paired ratios
     out["speedup_vs_byol_pytorch"] = round(out["byol_pytorch"]["train_s"] / out["byol_ray"]["train_s"], 3)
+    out["paired_speedup"] = harness.ratio_summary(r["speedup_vs_byol_pytorch"] for r in rows)
+    bench.finish(out)
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
-    if args.write:
-        write_docs(out, args)
+    bench.write_section(**section(out, args))
     return out
 
 
-def write_docs(out: dict, args) -> None:
-    cmd = (f".venv/bin/python scripts/bench_peer.py --data {args.data} --steps {args.steps} --batch {args.batch} "
-           f"--train-fraction {args.train_fraction} --test-fraction {args.test_fraction} "
-           f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads} --write")
-    lines = [f"\n## Against byol-pytorch on the same task (CPU, {time.strftime('%Y-%m-%d')})\n",
-             f"Command: `{cmd}`. Tiny encoder (same initial weights per seed), {args.steps} steps of batch {args.batch} "
-             f"on {out['train_images']} CIFAR-10 training images held in memory, {args.threads} threads; kNN (k=200, "
-             f"T=0.1) on {out['test_images']} test images with the same code for both. byol-ray runs its `{PRESET}` "
-             "preset, byol-pytorch its README recipe (Adam 3e-4). Load average at the end: "
-             f"{', '.join(f'{x:.2f}' for x in out['load_average'])}.\n",
-             "| seed | byol-ray train s | byol-pytorch train s | time ratio (theirs / ours) | byol-ray kNN % | "
-             "byol-pytorch kNN % | random init kNN % |", "|---|---|---|---|---|---|---|"]
+def section(out: dict, args) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
     rows = [*out["rows"], {"seed": "mean", **{k: out[k] for k in ("byol_ray", "byol_pytorch", "random_init_knn_top1",
                                                                     "speedup_vs_byol_pytorch")}}]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['byol_ray']['train_s']} | {r['byol_pytorch']['train_s']} | "
-                     f"{r['speedup_vs_byol_pytorch']} | {100 * r['byol_ray']['knn_top1']:.1f} | "
-                     f"{100 * r['byol_pytorch']['knn_top1']:.1f} | {100 * r['random_init_knn_top1']:.1f} |")
-    with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n")
+    table = harness.markdown_table(
+        ["seed", "byol-ray train s", "byol-pytorch train s", "time ratio (theirs / ours)", "byol-ray kNN %",
+         "byol-pytorch kNN %", "random init kNN %"],
+        [[r["seed"], r["byol_ray"]["train_s"], r["byol_pytorch"]["train_s"], r["speedup_vs_byol_pytorch"],
+          f"{100 * r['byol_ray']['knn_top1']:.1f}", f"{100 * r['byol_pytorch']['knn_top1']:.1f}",
+          f"{100 * r['random_init_knn_top1']:.1f}"] for r in rows])
+    paired = out["paired_speedup"]
+    body = (f"Tiny encoder (same initial weights per seed), {args.steps} steps of batch {args.batch} on "
+            f"{out['train_images']} CIFAR-10 training images held in memory, {args.threads} threads; kNN (k=200, "
+            f"T=0.1) on {out['test_images']} test images with the same code for both. byol-ray runs its `{PRESET}` "
+            "preset, byol-pytorch its README recipe (Adam 3e-4). One paired round per seed (byol-ray, then "
+            f"byol-pytorch).\n\n{table}\n\nMedian of the per-seed paired time ratios (theirs / ours): "
+            f"**{paired['median_ratio']}** (range {paired['ratio_range'][0]}–{paired['ratio_range'][1]}).")
+    return dict(section_id="peer-byol-pytorch", body=body,
+                title=f"Against byol-pytorch on the same task (CPU, {time.strftime('%Y-%m-%d')})",
+                question="Faster than an independent implementation?",
+                summary=f"{paired['median_ratio']}× faster (median of {len(out['rows'])} per-seed paired ratios, range "
+                        f"{paired['ratio_range'][0]}–{paired['ratio_range'][1]}); kNN "
+                        f"{100 * out['byol_ray']['knn_top1']:.1f} % vs {100 * out['byol_pytorch']['knn_top1']:.1f} %")
 
 
 if __name__ == "__main__":

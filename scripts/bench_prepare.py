@@ -18,7 +18,7 @@ real ImageNet files; listing and reading from network storage are not measured e
 
     .venv/bin/python scripts/bench_prepare.py --images 10000 --side 384 --rounds 2 [--write]
 
-Prints a JSON summary; ``--write`` appends a dated section to docs/benchmarks.md.
+Prints a JSON summary; ``--write`` replaces its section of docs/benchmarks.md (scripts/harness.py).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_resolution as br  # noqa: E402
+import harness  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167  # images in the ImageNet-1k train split
 PSS_EVERY = 5  # polls between PSS reads (RSS is read at every poll)
@@ -135,37 +136,34 @@ def extrapolate(per_process: float, cores: list[int], machines: list[int], targe
     return rows
 
 
-def to_markdown(result: dict) -> str:
-    s, m, d = result["summary"], result["machine"], result["data"]
-    lines = [
-        f"\n## Preparing ImageNet-like data: `byol-ray prepare` per writer process ({time.strftime('%Y-%m-%d')})\n",
-        f"Command: `{result['command']}`",
-        f"Machine: {m['cpu']}, {m['cores']} cores; load average {result['load_average_start']} at start, "
-        f"{result['load_average_end']} at end (images/s is only meaningful on a quiet machine).\n",
+def section(result: dict) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
+    s, d, e = result["summary"], result["data"], result["extrapolation"]
+    runs = harness.markdown_table(
+        ["writer processes", "wall s (start-up s)", "images/s, whole command", "images/s, prepare's own time",
+         "same, per process", "images per CPU-s", "peak RSS sum MiB", "peak PSS sum MiB", "largest process RSS MiB"],
+        [[n, f"{r['wall_s']} ({r['startup_s']})", r["images_per_s"], r["prepare_images_per_s"],
+          r["prepare_images_per_s_per_process"], r["images_per_cpu_s"], r["peak_rss_mib"], r["peak_pss_mib"],
+          r["peak_max_process_rss_mib"]] for n, r in s.items()], ["r"] * 9)
+    hours = harness.markdown_table(["cores per machine", "machines", "hours"],
+                                   [[r["cores"], r["machines"], r["hours"]] for r in e["rows"]], ["r"] * 3)
+    body = "\n\n".join([
         f"Data: {d['images']} real CIFAR-10 train JPEGs upscaled (PIL bicubic) to about 400x350 pixels (the average "
         f"size of a real ImageNet image; mean here {d['mean_size'][0]:.0f}x{d['mean_size'][1]:.0f}, "
         f"{d['mean_file_bytes'] / 1000:.0f} kB per source file), stored at a long side of {result['side']} px, "
         f"JPEG quality 90. Each run is the CLI as a subprocess (check pass + write); {result['rounds']} interleaved "
-        "rounds, medians. Peak memory of the whole process tree, polled every 0.2 s.\n",
-        "| writer processes | wall s (start-up s) | images/s, whole command | images/s, prepare's own time "
-        "| same, per process | images per CPU-s | peak RSS sum MiB | peak PSS sum MiB | largest process RSS MiB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for n, r in s.items():
-        lines.append(f"| {n} | {r['wall_s']} ({r['startup_s']}) | {r['images_per_s']} | {r['prepare_images_per_s']} | "
-                     f"{r['prepare_images_per_s_per_process']} | {r['images_per_cpu_s']} | {r['peak_rss_mib']} | "
-                     f"{r['peak_pss_mib']} | {r['peak_max_process_rss_mib']} |")
-    e = result["extrapolation"]
-    lines += [
-        f"\n**Extrapolation, not a measurement**: {e['target_images']} images at {e['per_process_images_per_s']} "
+        "rounds, medians. Peak memory of the whole process tree, polled every 0.2 s.", runs,
+        f"**Extrapolation, not a measurement**: {e['target_images']} images at {e['per_process_images_per_s']} "
         f"images/s per writer process (prepare's own time with {e['from_workers']} processes), assuming that rate "
         "holds for C writers on a C-core machine and that M machines split the work evenly (today one "
         "`byol-ray prepare` writes one file on one machine: M > 1 needs a sharded prepare). Source decoding of real "
-        "photographs and reads from network storage cost more than here.\n",
-        "| cores per machine | machines | hours |", "| ---: | ---: | ---: |",
-    ]
-    lines += [f"| {r['cores']} | {r['machines']} | {r['hours']} |" for r in e["rows"]]
-    return "\n".join(lines) + "\n"
+        "photographs and reads from network storage cost more than here.", hours])
+    rates = [r["prepare_images_per_s_per_process"] for r in s.values()]
+    return dict(section_id="prepare-imagenet-like", body=body,
+                title=f"Preparing ImageNet-like data: `byol-ray prepare` per writer process ({time.strftime('%Y-%m-%d')})",
+                question="How long does `prepare` take at ImageNet scale?",
+                summary=f"{min(rates):g}–{max(rates):g} images/s per writer process on upscaled CIFAR; an "
+                        f"extrapolation, not a measurement, for {e['target_images'] / 1e6:.2f} M images")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,20 +178,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target-images", type=int, default=IMAGENET_TRAIN)
     parser.add_argument("--cores", type=int, nargs="+", default=[32, 96], help="cores per machine (extrapolation)")
     parser.add_argument("--machines", type=int, nargs="+", default=[1, 4, 16], help="machines (extrapolation)")
-    parser.add_argument("--write", action="store_true", help="append a section to docs/benchmarks.md")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
-    command = shlex.join([".venv/bin/python", "scripts/bench_prepare.py", *(sys.argv[1:] if argv is None else argv)])
+    bench = harness.Bench("bench_prepare.py", argv, args)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"command": command, "machine": br.machine(), "side": args.side, "rounds": args.rounds,
-                    "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    result: dict = {"side": args.side, "rounds": args.rounds}
     data = br.make_imagenet_like(args.cifar, args.work_dir / "imagenet-like", args.images)
     result["data"] = {k: v for k, v in data.items() if k != "shapes"}
     out = args.work_dir / f"imagenet-like-{args.side}.beton"
-    runs: dict[int, list[dict]] = {n: [] for n in args.workers}
-    for r in range(args.rounds):
-        for n in args.workers:
-            runs[n].append(run_once(Path(data["root"]), out, n, args.side))
-            print(json.dumps({"round": r, **runs[n][-1]}), file=sys.stderr, flush=True)
+    done = harness.interleaved({str(n): (lambda r, n=n: run_once(Path(data["root"]), out, n, args.side))
+                                for n in args.workers}, args.rounds)  # 1, 2, 1, 2, ...
+    runs = {n: done.values(str(n)) for n in args.workers}
     keys = ("wall_s", "prepare_s", "startup_s", "images_per_s", "images_per_s_per_process", "prepare_images_per_s",
             "prepare_images_per_s_per_process", "cpu_s", "images_per_cpu_s", "peak_rss_mib", "peak_pss_mib",
             "peak_max_process_rss_mib")
@@ -214,11 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "1" in summary and len(summary) > 1:
         result["scaling_efficiency"] = round(
             summary[top]["images_per_s"] / (int(top) * summary["1"]["images_per_s"]), 3)
-    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    bench.finish(result)
     print(json.dumps(result, indent=1))
-    if args.write:
-        with open(REPO / "docs" / "benchmarks.md", "a") as fh:
-            fh.write(to_markdown(result))
+    bench.write_section(**section(result))
     return result
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -27,11 +28,15 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the local Ray on loopback
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from byol_ray.config import derive, load_config  # noqa: E402
 from byol_ray.engine import Reporter, fit  # noqa: E402
 from byol_ray.history import read_history  # noqa: E402
-from byol_ray.session import resolve_paths, run_dir, train_loader, training_file  # noqa: E402
+from byol_ray.data.cache import training_file  # noqa: E402
+from byol_ray.data.loaders import run_loader  # noqa: E402
+from byol_ray.run_folder import resolve_paths, run_dir  # noqa: E402
 
 OVERRIDES = ["model.projector_hidden_dim=512", "model.predictor_hidden_dim=512", "train.batch_size=128",
              "train.checkpoint_every_epochs=100", "mlflow.enabled=false", "train.log_every_steps=1000"]
@@ -66,16 +71,19 @@ class CpuSampler:
         self.lock = threading.Lock()
 
     def _rescan(self) -> None:
-        me = os.getpid()
-        for p in self.psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["pid"] == me or not any(k in cmd for k in RAY_MARKERS):
+        # This process's descendants only: the local Ray it started (its daemons, and the workers its raylet
+        # forks); another user's Ray on a shared machine is not this benchmark's cost.
+        for p in self.psutil.Process().children(recursive=True):
+            try:
+                cmdline = p.cmdline()
+            except self.psutil.Error:
                 continue
-            pid = p.info["pid"]
-            self.names[pid] = _short_name(p.info["cmdline"])
-            if pid not in self.procs:
-                self.procs[pid] = p
-                self.first[pid] = self._cpu_of(p) or 0.0
+            if not any(k in " ".join(cmdline) for k in RAY_MARKERS):
+                continue
+            self.names[p.pid] = _short_name(cmdline)
+            if p.pid not in self.procs:
+                self.procs[p.pid] = p
+                self.first[p.pid] = self._cpu_of(p) or 0.0
 
     def _cpu_of(self, proc) -> float | None:
         try:
@@ -171,7 +179,7 @@ def plain_run(common: list[str], name: str, threads: int) -> dict:
     """The engine in this process, with ``threads`` torch threads (what one Ray worker with as many CPUs gets)."""
     torch.set_num_threads(threads)
     cfg = resolve_paths(load_config(["demo"], [*common, f"run_name={name}"]))
-    loader = train_loader(cfg, training_file(cfg), torch.device("cpu"))
+    loader = run_loader(cfg, training_file(cfg), torch.device("cpu"))
     start = time.perf_counter()
     with CpuSampler() as cpu:
         result = fit(cfg, derive(cfg, loader.num_samples, 1), loader, torch.device("cpu"), reporter=_MarkEpochs(cpu))
@@ -214,52 +222,60 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-two-workers", action="store_true",
                    help="skip the 2-worker run (more rounds of the overhead comparison in the same time)")
     p.add_argument("--idle-seconds", type=float, default=10.0, help="how long Ray's idle processes are sampled")
-    p.add_argument("--write", action="store_true")
     p.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for every run (tests: a tiny run)")
+    harness.add_arguments(p)
     args = p.parse_args(argv)
+    bench = harness.Bench("bench_ray.py", argv, args)
     if args.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     import ray
 
-    from byol_ray.ray_train import init_ray
+    from byol_ray.ray_connect import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="byol-bench-ray-"))
     common = [*OVERRIDES, f"train.epochs={args.epochs}", f"output_dir={tmp}/runs", f"ray.storage_path={tmp}/ray",
               f"data.cache_dir={tmp}/cache", *args.overrides]
-    names = ["plain_engine", "plain_engine_ray_idle", "ray_1_worker"] + ([] if args.no_two_workers else ["ray_2_workers"])
-    runs: dict[str, list[dict]] = {k: [] for k in names}
-    daemons = []
+    daemons, idle_by_process = [], {}
     started_ray = not ray.is_initialized()
-    for r in range(args.rounds):  # interleaved, so a slow spell of the machine hits every run alike
-        runs["plain_engine"].append(plain_run(common, f"plain-{r}", args.threads))
+
+    def ray_idle(r):  # start the local Ray, sample its idle processes, then the plain engine beside it
+        nonlocal idle_by_process
         init_ray("")
         idle, idle_by_process = daemon_cpu_share(args.idle_seconds)
         daemons.append(idle)
-        runs["plain_engine_ray_idle"].append(plain_run(common, f"plain-ray-idle-{r}", args.threads))
-        runs["ray_1_worker"].append(ray_run(common, f"ray1-{r}", ["ray.num_workers=1", f"ray.cpus_per_worker={args.threads}"]))
-        if not args.no_two_workers:
-            runs["ray_2_workers"].append(ray_run(common, f"ray2-{r}", ["ray.num_workers=2", "ray.cpus_per_worker=1"]))
-        if started_ray:
-            ray.shutdown()
+        return plain_run(common, f"plain-ray-idle-{r}", args.threads)
+
+    arms = {"plain_engine": lambda r: plain_run(common, f"plain-{r}", args.threads),
+            "plain_engine_ray_idle": ray_idle,
+            "ray_1_worker": lambda r: ray_run(common, f"ray1-{r}", ["ray.num_workers=1",
+                                                                   f"ray.cpus_per_worker={args.threads}"])}
+    if not args.no_two_workers:
+        arms["ray_2_workers"] = lambda r: ray_run(common, f"ray2-{r}", ["ray.num_workers=2", "ray.cpus_per_worker=1"])
+    # interleaved, so a slow spell of the machine hits every run alike
+    done = harness.interleaved(arms, args.rounds, after_round=lambda r: started_ray and ray.shutdown(),
+                               describe=lambda row: ", ".join(f"{k} {row[k]['images_per_s']:.1f} images/s"
+                                                              for k in arms))
+    bench.end()
+    runs = {k: done.values(k) for k in arms}
     results = {k: {"images_per_s": statistics.median(x["images_per_s"] for x in v),
                    "per_round": [round(x["images_per_s"], 1) for x in v],
                    "wall_s": statistics.median(x["wall_s"] for x in v),
                    "training_cpu_ms_per_image": statistics.median(x["training_cpu_ms_per_image"] for x in v),
                    "cpu_per_s": _median_cpu(v)} for k, v in runs.items()}
     ips = {k: v["images_per_s"] for k, v in results.items()}
-    paired = [round(a["images_per_s"] / b["images_per_s"], 3) for a, b in zip(runs["ray_1_worker"], runs["plain_engine"])]
+    paired = done.paired("ray_1_worker", "plain_engine", "images_per_s")
     out = {
         "benchmark": "ray_overhead", "epochs": args.epochs, "rounds": args.rounds, "threads": args.threads,
         "batch": 128, "encoder": "tiny",
         "worker_niceness": args.worker_niceness if args.worker_niceness is not None else "ray default (15)",
-        "data": "demo .beton", "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+        "data": "demo .beton", "cpu_count": os.cpu_count(),
         "ray_daemons_cpu_per_s": round(statistics.median(daemons), 3),
         "ray_daemons_cpu_per_s_by_process_last_round": idle_by_process,
         "ray_1_worker_cpu_per_s_by_process_last_round": runs["ray_1_worker"][-1]["cpu_per_s_by_process"],
         "results": {k: {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in results.items()},
         "ray_1_worker_vs_plain": round(ips["ray_1_worker"] / ips["plain_engine"], 3),
-        "ray_1_worker_vs_plain_per_round": paired,
-        "ray_1_worker_vs_plain_median_of_rounds": round(statistics.median(paired), 3),
+        "ray_1_worker_vs_plain_per_round": paired["ratios"],
+        "ray_1_worker_vs_plain_median_of_rounds": paired["median_ratio"],
         "plain_ray_idle_vs_plain": round(ips["plain_engine_ray_idle"] / ips["plain_engine"], 3),
         "ray_1_worker_vs_plain_ray_idle": round(ips["ray_1_worker"] / ips["plain_engine_ray_idle"], 3),
         "training_cpu_per_image_ray_vs_plain": round(results["ray_1_worker"]["training_cpu_ms_per_image"]
@@ -267,58 +283,56 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if not args.no_two_workers:
         out["ray_2_workers_vs_1"] = round(ips["ray_2_workers"] / ips["ray_1_worker"], 3)
+    bench.finish(out)
     print(json.dumps(out, indent=2))
-    if args.write:
-        write_docs(out, args)
+    bench.write_section(**section(out, args))
     return out
 
 
-def write_docs(out: dict, args) -> None:
-    results = out["results"]
-    lines = [
-        f"\n## Ray Train overhead{'' if args.no_two_workers else ' and 2 vs 1 workers'} (CPU, "
-        f"{time.strftime('%Y-%m-%d')}, {args.threads} thread{'s' if args.threads > 1 else ''})\n",
-        f"Command: `.venv/bin/python scripts/bench_ray.py --epochs {args.epochs} --rounds {args.rounds} "
-        f"--threads {args.threads}"
-        f"{'' if args.worker_niceness is None else f' --worker-niceness {args.worker_niceness}'}"
-        f"{' --no-two-workers' if args.no_two_workers else ''} --write`. "
-        f"Tiny encoder, global batch 128, built-in digits (.beton, FFCV loader), steady-state images/s = mean of "
-        f"epochs 2..{args.epochs}, median over {args.rounds} interleaved rounds; the plain engine runs "
-        f"{args.threads} torch thread(s), the 1-worker Ray run gives its worker {args.threads} CPU(s). "
-        f"{out['cpu_count']} cores; load average at the end: {', '.join(f'{x:.2f}' for x in out['load_average'])}. "
-        "CPU columns: CPU-seconds per second over the same steady-state span (psutil), for the process that "
-        "trains, the other Ray processes, and this driver.\n",
-        "| run | images/s (median) | per round | training CPU ms / image | training CPU/s | other Ray CPU/s | driver CPU/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for k, v in results.items():
+def section(out: dict, args) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    rows = []
+    for k, v in out["results"].items():
         c = v["cpu_per_s"]
         training = c["driver"] if k.startswith("plain") else c["train_worker"]
-        driver = "–" if k.startswith("plain") else c["driver"]
-        lines.append(f"| {k} | {v['images_per_s']:.1f} | {v['per_round']} | {v['training_cpu_ms_per_image']:.3f} | "
-                     f"{training} | {c['ray_other']} | {driver} |")
-    lines += [
-        f"\n- Ray Train, 1 worker / plain engine: **{out['ray_1_worker_vs_plain']}** (ratio of medians); per round "
+        rows.append([k, f"{v['images_per_s']:.1f}", v["per_round"], f"{v['training_cpu_ms_per_image']:.3f}", training,
+                     c["ray_other"], "–" if k.startswith("plain") else c["driver"]])
+    by_idle = ", ".join(f"{k} {v}" for k, v in out["ray_daemons_cpu_per_s_by_process_last_round"].items() if v >= 0.001)
+    by_run = ", ".join(f"{k} {v}" for k, v in out["ray_1_worker_cpu_per_s_by_process_last_round"].items() if v >= 0.001)
+    lines = [
+        f"Tiny encoder, global batch 128, built-in digits (.beton, FFCV loader), steady-state images/s = mean of "
+        f"epochs 2..{args.epochs}, median over {args.rounds} interleaved rounds; the plain engine runs "
+        f"{args.threads} torch thread(s), the 1-worker Ray run gives its worker {args.threads} CPU(s)"
+        + ("" if args.worker_niceness is None else f"; Ray workers at nice {args.worker_niceness}") + ". CPU columns: "
+        "CPU-seconds per second over the same steady-state span (psutil), for the process that trains, the other Ray "
+        "processes, and this driver.\n",
+        harness.markdown_table(["run", "images/s (median)", "per round", "training CPU ms / image", "training CPU/s",
+                                "other Ray CPU/s", "driver CPU/s"], rows) + "\n",
+        f"- Ray Train, 1 worker / plain engine: **{out['ray_1_worker_vs_plain']}** (ratio of medians); per round "
         f"{out['ray_1_worker_vs_plain_per_round']}, median of the paired ratios "
         f"**{out['ray_1_worker_vs_plain_median_of_rounds']}**.",
         f"- Training CPU per image, Ray worker / plain engine: **{out['training_cpu_per_image_ray_vs_plain']}** (the "
         "work the training process itself does per image).",
         f"- Plain engine while the in-process Ray cluster idles beside it / plain engine alone: "
         f"**{out['plain_ray_idle_vs_plain']}**; Ray's own processes used {out['ray_daemons_cpu_per_s']} CPU-seconds "
-        f"per second while idle (psutil over {args.idle_seconds:g} s); by process, last round: "
-        + ", ".join(f"{k} {v}" for k, v in out["ray_daemons_cpu_per_s_by_process_last_round"].items() if v >= 0.001)
-        + ".",
+        f"per second while idle (psutil over {args.idle_seconds:g} s); by process, last round: {by_idle}.",
         f"- Ray Train 1 worker / plain engine with Ray idling: **{out['ray_1_worker_vs_plain_ray_idle']}**.",
-        "- CPU-seconds per second by Ray process during the 1-worker run's steady state, last round: "
-        + ", ".join(f"{k} {v}" for k, v in out["ray_1_worker_cpu_per_s_by_process_last_round"].items() if v >= 0.001)
-        + ".",
+        f"- CPU-seconds per second by Ray process during the 1-worker run's steady state, last round: {by_run}.",
     ]
     if not args.no_two_workers:
-        lines.append(f"- 2 workers (1 CPU each) / 1 worker: **{out['ray_2_workers_vs_1']}** — the machine has "
-                     "2 cores, so a second worker only splits them; the figure shows the cost of the DDP all-reduce, "
-                     "not scaling.")
-    with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n")
+        lines.append(f"- 2 workers (1 CPU each) / 1 worker: **{out['ray_2_workers_vs_1']}** — with 2 cores a second "
+                     "worker only splits them; the figure shows the cost of the DDP all-reduce, not scaling.")
+    nice = "" if args.worker_niceness is None else f"-nice-{args.worker_niceness}"
+    return dict(section_id=f"ray-overhead-{threads.replace(' ', '-')}{nice}", body="\n".join(lines),
+                title=f"Ray Train overhead{'' if args.no_two_workers else ' and 2 vs 1 workers'} (CPU, "
+                      f"{time.strftime('%Y-%m-%d')}, {threads}"
+                      + ("" if args.worker_niceness is None else f", Ray workers at nice {args.worker_niceness}") + ")",
+                question=f"What does Ray Train cost ({threads}"
+                         + ("" if args.worker_niceness is None else f", workers at nice {args.worker_niceness}") + ")?",
+                summary=f"Ray Train 1 worker / plain engine: {out['ray_1_worker_vs_plain_median_of_rounds']} (median "
+                        f"of {args.rounds} paired rounds; ratio of medians {out['ray_1_worker_vs_plain']}); plain "
+                        f"engine with an idle Ray beside it {out['plain_ray_idle_vs_plain']}×")
 
 
 if __name__ == "__main__":

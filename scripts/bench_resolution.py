@@ -24,7 +24,7 @@ Two parts:
     .venv/bin/python scripts/bench_resolution.py --stats-only                   # part 1 only, seconds
     .venv/bin/python scripts/bench_resolution.py --images 3000 --rounds 5 --batches 20 [--write]
 
-Prints a JSON summary; ``--write`` appends a dated section to docs/benchmarks.md.
+Prints a JSON summary; ``--write`` replaces its section of docs/benchmarks.md (scripts/harness.py).
 """
 from __future__ import annotations
 
@@ -32,11 +32,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
-import shlex
 import shutil
-import statistics
 import sys
 import tarfile
 import time
@@ -44,6 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -304,52 +304,35 @@ def measure(data: Path, work: Path, sides, args) -> dict:
         it.close()
         warmup_s[side] = round(time.perf_counter() - start, 1)
     _LOADERS.extend(loaders.values())
-    rounds = {side: [] for side in sides}
-    for r in range(args.rounds):
-        for side in sides:
-            rounds[side].append(time_round(loaders[side], args.batches, args.batch_size))
-        print(json.dumps({"round": r, **{str(s): rounds[s][-1] for s in sides}}), file=sys.stderr, flush=True)
+    done = harness.interleaved({str(side): (lambda r, side=side: time_round(loaders[side], args.batches,
+                                                                            args.batch_size)) for side in sides},
+                               args.rounds, describe=lambda row: ", ".join(
+                                   f"{s}: {row[str(s)]['pairs_per_s']} pairs/s" for s in sides))  # 256, 384, 512, ...
     out = {}
-    base = sides[0]
-    for side in sides:
-        rs = rounds[side]
-        out[str(side)] = {
-            **prep[side], "warmup_s": warmup_s[side],
-            "pairs_per_s": round(statistics.median(x["pairs_per_s"] for x in rs), 1),
-            "pairs_per_cpu_s": round(statistics.median(x["pairs_per_cpu_s"] for x in rs), 1),
-            "rounds_pairs_per_s": [x["pairs_per_s"] for x in rs],
-            "rounds_pairs_per_cpu_s": [x["pairs_per_cpu_s"] for x in rs],
-            # paired per round: both sides saw about the same load
-            f"cpu_per_pair_vs_{base}": round(statistics.median(
-                b["pairs_per_cpu_s"] / x["pairs_per_cpu_s"] for x, b in zip(rs, rounds[base])), 3),
+    base = str(sides[0])
+    for side in map(str, sides):
+        out[side] = {
+            **prep[int(side)], "warmup_s": warmup_s[int(side)],
+            "pairs_per_s": round(done.median(side, "pairs_per_s"), 1),
+            "pairs_per_cpu_s": round(done.median(side, "pairs_per_cpu_s"), 1),
+            "rounds_pairs_per_s": done.values(side, "pairs_per_s"),
+            "rounds_pairs_per_cpu_s": done.values(side, "pairs_per_cpu_s"),
+            # CPU per pair of this side / of the smallest, paired per round: both saw about the same load
+            f"cpu_per_pair_vs_{base}": done.paired(base, side, "pairs_per_cpu_s")["median_ratio"],
         }
     return out
 
 
 # ------------------------------------------------------------------------------------------ report
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__}
-
-
 def to_markdown(result: dict) -> str:
+    """The section's body (after the harness's run line)."""
     stats, rec = result["crop_stats"], result["recommendation"]
     law = rec["law"]
     ex = "x".join(map(str, stats["example"]))
-    lines = [
-        f"\n## Stored resolution for ImageNet: crop statistics and loader cost per stored side "
-        f"({time.strftime('%Y-%m-%d')})\n",
-        f"Command: `{result['command']}`" + ("" if "throughput" in result else "\n"),
-    ]
+    lines = []
     if "throughput" in result:
-        m, d = result["machine"], result["data"]
-        lines.append(
-            f"Machine: {m['cpu']}, {m['cores']} cores; load average {result['load_average_start']} at start, "
-            f"{result['load_average_end']} at end (pairs/s is only meaningful on a quiet machine; pairs per "
-            "CPU-second much less affected by other jobs).\n")
+        d = result["data"]
         lines.append(
             f"Data: {d['images']} real CIFAR-10 train JPEGs upscaled (PIL bicubic) to about {MEAN_SIZE[0]}x"
             f"{MEAN_SIZE[1]} pixels (the average size of a real ImageNet image; mean here "
@@ -404,6 +387,22 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section(result: dict) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
+    rec = result["recommendation"]
+    tp = result.get("throughput", {}).get(str(rec.get("side")), {})
+    law = result["crop_stats"][rec["law"]]
+    shares = ", ".join(f"{law[str(s)]['share_upsampled']:.1%} at {s} px" for s in result["sides"])
+    cost = tp.get(f"cpu_per_pair_vs_{result['sides'][0]}")
+    return dict(section_id="stored-resolution-imagenet", body=to_markdown(result),
+                title="Stored resolution for ImageNet: crop statistics and loader cost per stored side "
+                      f"({time.strftime('%Y-%m-%d')})",
+                question="At what size to store ImageNet?",
+                summary=f"{rec.get('side')} px long side: training crops upsampled {shares} (a 500x375 image, "
+                        f"`{rec['law']}` crop law)" + (f"; {cost:.2f}× the loader CPU per pair of {result['sides'][0]}"
+                                                       if cost else ""))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar", type=Path, default=CIFAR_ARCHIVE,
@@ -419,12 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=200_000, help="crops drawn per statistics row")
     parser.add_argument("--example", type=int, nargs=2, default=list(EXAMPLE), metavar=("W", "H"))
     parser.add_argument("--stats-only", action="store_true", help="only the crop statistics (no data, no timing)")
-    parser.add_argument("--write", action="store_true", help="append a section to docs/benchmarks.md")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
     sides = sorted(args.sides)
-    command = shlex.join([".venv/bin/python", "scripts/bench_resolution.py", *(sys.argv[1:] if argv is None else argv)])
-    result: dict = {"command": command, "machine": machine(), "sides": sides,
-                    "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    bench = harness.Bench("bench_resolution.py", argv, args, timed=not args.stats_only)
+    result: dict = {"sides": sides}
     shapes = None
     if not args.stats_only:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -438,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["throughput"] = measure(Path(data["root"]), args.work_dir, sides, args)
         finally:
             torch.set_num_threads(threads)
+        bench.end()
     result["crop_stats"] = crop_statistics(sides, tuple(args.example), draws=args.draws, shapes=shapes)
     result["recommendation"] = recommend(result["crop_stats"])
     rec = result["recommendation"]
@@ -447,11 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
         rec["pairs_per_cpu_s"] = t[str(rec["side"])]["pairs_per_cpu_s"]
         rec["pairs_per_cpu_s_smallest"] = t[str(sides[0])]["pairs_per_cpu_s"]
         rec["pairs_per_s_vs_smallest"] = round(t[str(rec["side"])]["pairs_per_s"] / t[str(sides[0])]["pairs_per_s"], 3)
-    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    bench.finish(result)
     print(json.dumps(result, indent=1))
-    if args.write:
-        with open(REPO / "docs" / "benchmarks.md", "a") as fh:
-            fh.write(to_markdown(result))
+    bench.write_section(**section(result))
     return result
 
 

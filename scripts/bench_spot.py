@@ -35,6 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
 BIN = Path(sys.executable).parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every address on loopback
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -200,80 +203,94 @@ def simulate(stall_s: float, restart_s: float, rate_per_hour: float, interval_s:
     return {"lost_s_per_interruption": statistics.mean(lost_per), "waste_share": statistics.mean(waste)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
-    args = parser.parse_args()
+    harness.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench = harness.Bench("bench_spot.py", argv, args)
     from byol_ray.cadence import young_daly_interval_s
 
-    load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-spot-"))
     server, uri = mlflow_server(work)
-    rounds = []
-    try:
-        for i in range(args.rounds):
-            rounds.append(one_round(work, uri, i, measure_poll=i == 0))
-            print(json.dumps(rounds[-1]), flush=True)
+    try:  # the rounds one after another (one arm: nothing to pair)
+        done = harness.interleaved({"notice": lambda r: one_round(work, uri, r - 1, measure_poll=r == 1)},
+                                   args.rounds, describe=lambda row: json.dumps(row["notice"]))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
+    rounds = done.values("notice")
     latency = poll_latency()
-    load_end = os.getloadavg()
+    bench.end()
     med = {k: statistics.median(r[k] for r in rounds) for k in ("drain_to_seen_s", "seen_to_commit_s",
                                                                  "notice_to_commit_s", "commit_to_restart_s",
                                                                  "stall_s", "step_time_s")}
-    watcher = rounds[0]["watcher"]
     restart = med["commit_to_restart_s"]
-    rows = []
+    simulated = []
     for label, stall in (("this run's tiny model", med["stall_s"]),
                          ("180 MB ResNet-18 state to S3, sync", S3_RESNET18_STALL_S)):
         for rate in (0.1, 1.0, 4.0):
             best = young_daly_interval_s(stall, rate)
-            cells = {}
-            for cad, interval in (("auto", best), ("60 s", 60.0), ("10 min", 600.0), ("1 h", 3600.0)):
-                cells[cad] = simulate(stall, restart, rate, interval)
-            rows.append((label, stall, rate, best, cells))
-    lines = [
-        "", f"## Spot interruptions: notice to committed checkpoint, watcher cost, lost work by cadence "
-            f"({time.strftime('%Y-%m-%d')})", "",
-        f"`.venv/bin/python scripts/bench_spot.py --rounds {args.rounds} --write` on the 2-core machine (load average "
-        f"{load[0]:.2f} before, {load_end[0]:.2f} after; the rounds are the only work). Each round: a two-node "
-        "loopback cluster, a metadata service with EC2's paths, `byol-ray spot-watch` on the worker node, a "
-        "2-worker run of the demo preset (tiny networks, `train.checkpoint_every_steps=auto`); the service "
-        "announces an interruption 30 s out during the second epoch.", "",
-        "| per notice (median of rounds) | seconds | rounds |", "|---|---|---|",
-        f"| drain (watcher) → seen by the workers' poll | {med['drain_to_seen_s']:.2f} | "
-        + ", ".join(f"{r['drain_to_seen_s']:.2f}" for r in rounds) + " |",
-        f"| seen → checkpoint committed | {med['seen_to_commit_s']:.2f} | "
-        + ", ".join(f"{r['seen_to_commit_s']:.2f}" for r in rounds) + " |",
-        f"| **notice → committed checkpoint** | **{med['notice_to_commit_s']:.2f}** | "
-        + ", ".join(f"{r['notice_to_commit_s']:.2f}" for r in rounds) + " |",
-        f"| committed → restarted group's first report (1 worker, other node) | {restart:.2f} | "
-        + ", ".join(f"{r['commit_to_restart_s']:.2f}" for r in rounds) + " |", "",
+            cells = {cad: simulate(stall, restart, rate, interval)
+                     for cad, interval in (("auto", best), ("60 s", 60.0), ("10 min", 600.0), ("1 h", 3600.0))}
+            simulated.append({"stall": label, "stall_s": stall, "rate_per_hour": rate, "auto_interval_s": best,
+                              "cadences": cells})
+    out = {"rounds": rounds, "median": med, "watcher": rounds[0]["watcher"], "poll_latency_s": latency,
+           "simulation": simulated}
+    bench.finish(out)
+    print(json.dumps(out, indent=1))
+    bench.write_section(**section(out))
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def section(out: dict) -> dict:
+    """The docs section of a run (harness.Bench.write_section's arguments)."""
+    rounds, med, watcher = out["rounds"], out["median"], out["watcher"]
+    restart = med["commit_to_restart_s"]
+
+    def row(label, key, bold=False):
+        value = f"{med[key]:.2f}"
+        return [label, f"**{value}**" if bold else value, ", ".join(f"{r[key]:.2f}" for r in rounds)]
+
+    cadences = ("auto", "60 s", "10 min", "1 h")
+    simulated = [[f"{s['stall']} ({s['stall_s']:.2f} s)", f"{s['rate_per_hour']:g}", f"{s['auto_interval_s']:.0f} s",
+                  " / ".join(f"{s['cadences'][c]['lost_s_per_interruption']:.0f} s" for c in cadences),
+                  " / ".join(f"{100 * s['cadences'][c]['waste_share']:.2f} %" for c in cadences)]
+                 for s in out["simulation"]]
+    body = "\n\n".join([
+        "Each round: a two-node loopback cluster, a metadata service with EC2's paths, `byol-ray spot-watch` on the "
+        "worker node, a 2-worker run of the demo preset (tiny networks, `train.checkpoint_every_steps=auto`); the "
+        "service announces an interruption 30 s out during the second epoch; the rounds are the only work.",
+        harness.markdown_table(["per notice (median of rounds)", "seconds", "rounds"], [
+            row("drain (watcher) → seen by the workers' poll", "drain_to_seen_s"),
+            row("seen → checkpoint committed", "seen_to_commit_s"),
+            row("**notice → committed checkpoint**", "notice_to_commit_s", bold=True),
+            row("committed → restarted group's first report (1 worker, other node)", "commit_to_restart_s")]),
         f"The watcher at its default 1 s poll: {watcher['cpu_s']:.2f} CPU s over {watcher['wall_s']:.0f} s "
         f"({100 * watcher['cpu_s'] / watcher['wall_s']:.2f} % of a core, {watcher['polls']} polls), "
-        f"{watcher['rss_mb']:.0f} MB resident; one poll (token reused, two GETs) takes {1e3 * latency:.2f} ms of "
-        "wall time on loopback.", "",
+        f"{watcher['rss_mb']:.0f} MB resident; one poll (token reused, two GETs) takes "
+        f"{1e3 * out['poll_latency_s']:.2f} ms of wall time on loopback.",
         "**Lost work per interruption without notice: a simulation, not a measurement.** Poisson interruptions "
         f"over 200 h of work, 200 seeds; each loses the work since the last checkpoint plus the measured restart "
         f"({restart:.1f} s). Stall: this run's measured `checkpoint_stall_s` ({med['stall_s']:.2f} s, median of "
-        f"rounds) and the 2.56 s measured for a 180 MB ResNet-18 state to S3 (\"Checkpoint upload … "
-        "(2026-12-04)\"). `auto` is the Young–Daly interval √(2·stall·MTBI).", "",
-        "| stall | interruptions/h | auto interval | lost per interruption: auto / 60 s / 10 min / 1 h | "
-        "waste: auto / 60 s / 10 min / 1 h |", "|---|---|---|---|---|"]
-    for label, stall, rate, best, cells in rows:
-        lost = " / ".join(f"{cells[c]['lost_s_per_interruption']:.0f} s" for c in ("auto", "60 s", "10 min", "1 h"))
-        waste = " / ".join(f"{100 * cells[c]['waste_share']:.2f} %" for c in ("auto", "60 s", "10 min", "1 h"))
-        lines.append(f"| {label} ({stall:.2f} s) | {rate:g} | {best:.0f} s | {lost} | {waste} |")
-    lines += ["", "With a notice that reaches Ray (spot-watch), the run checkpoints at the notice's step and loses "
-              "only the restart; the cadence bounds the loss for interruptions that come without one.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(REPO / "docs" / "benchmarks.md", "a") as fh:
-            fh.write(text)
-        print("appended to docs/benchmarks.md", file=sys.stderr)
-    shutil.rmtree(work, ignore_errors=True)
+        f"rounds) and the {S3_RESNET18_STALL_S} s measured for a 180 MB ResNet-18 state to S3 (\"Checkpoint upload "
+        "… (2026-12-04)\"). `auto` is the Young–Daly interval √(2·stall·MTBI).",
+        harness.markdown_table(["stall", "interruptions/h", "auto interval",
+                                "lost per interruption: auto / 60 s / 10 min / 1 h",
+                                "waste: auto / 60 s / 10 min / 1 h"], simulated),
+        "With a notice that reaches Ray (spot-watch), the run checkpoints at the notice's step and loses only the "
+        "restart; the cadence bounds the loss for interruptions that come without one."])
+    return dict(section_id="spot-interruptions", body=body,
+                title="Spot interruptions: notice to committed checkpoint, watcher cost, lost work by cadence "
+                      f"({time.strftime('%Y-%m-%d')})",
+                question="Spot: how fast does a cloud notice become a committed checkpoint, what does the watcher "
+                         "cost, which cadence?",
+                summary=f"loopback two-node cluster, EC2-style notice: {med['notice_to_commit_s']:.1f} s from the "
+                        f"watcher's drain to the committed checkpoint (median of {len(rounds)} rounds, "
+                        f"{min(r['notice_to_commit_s'] for r in rounds):.1f}–"
+                        f"{max(r['notice_to_commit_s'] for r in rounds):.1f} s), restart on the other node "
+                        f"{restart:.0f} s later; watcher {100 * watcher['cpu_s'] / watcher['wall_s']:.2f} % of a core "
+                        f"at 1 s polls, {watcher['rss_mb']:.0f} MB; lost work by cadence: a simulation")
 
 
 if __name__ == "__main__":

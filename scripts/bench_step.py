@@ -1,7 +1,7 @@
 """Benchmark: our BYOL training step against byol-pytorch's on the same encoder, batch and input (CPU).
 
 Usage:  .venv/bin/python scripts/bench_step.py [--encoder tiny|resnet18] [--batch 64] [--steps 10]
-Needs the bench extra (`make bench` installs it). Prints JSON; with --write appends to docs/benchmarks.md.
+Needs the bench extra (`make bench` installs it). Prints JSON; --write replaces its section of docs/benchmarks.md.
 
 Two comparisons, each timed in alternating rounds in this one process so machine load hits both:
   model  - the step without augmentation (both get the same pre-made float views);
@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from byol_ray import engine as engine_module
-from byol_ray.config import derive, load_config
-from byol_ray.engine import BYOLEngine
-from byol_ray.lars import LARS, param_groups
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from byol_ray import engine as engine_module  # noqa: E402
+from byol_ray.config import derive, load_config  # noqa: E402
+from byol_ray.engine import BYOLEngine  # noqa: E402
+from byol_ray.lars import LARS, param_groups  # noqa: E402
 
 
 def ours(cfg, batch: int, augment: bool):
@@ -69,28 +71,30 @@ def theirs(cfg, batch: int, resolution: int, augment: bool):
     return step
 
 
-def timed(steps: dict, inputs, rounds: int, per_round: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():  # warm-up
-        fn(*inputs)
-    for _ in range(rounds):
-        for name, fn in steps.items():
+def timed(steps: dict, inputs, rounds: int, per_round: int) -> harness.Rounds:
+    """Seconds per step of each implementation, in interleaved rounds of ``per_round`` steps after a warm-up step."""
+    def arm(fn):
+        def run(r):
+            count = per_round if r >= 1 else 1
             start = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(count):
                 fn(*inputs)
-            times[name].append((time.perf_counter() - start) / per_round)
-    return {k: statistics.median(v) for k, v in times.items()}
+            return (time.perf_counter() - start) / count
+        return run
+
+    return harness.interleaved({name: arm(fn) for name, fn in steps.items()}, rounds, warmup=1, log=None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoder", default="tiny", choices=["tiny", "resnet18"])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per round")
-    p.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
-    args = p.parse_args()
+    harness.add_arguments(p)
+    args = p.parse_args(argv)
+    bench = harness.Bench("bench_step.py", argv, args)
 
     cfg = load_config(["demo"], [f"model.encoder={args.encoder}", "model.online_classifier=false",
                                  "model.projector_hidden_dim=4096", "model.predictor_hidden_dim=4096"])
@@ -103,27 +107,36 @@ def main() -> None:
         t = timed({"byol_ray": ours(cfg, args.batch, augment),
                    "byol_pytorch": theirs(cfg, args.batch, args.resolution, augment)},
                   (u8, f1, f2), args.rounds, args.steps)
+        paired = t.paired("byol_pytorch", "byol_ray")
         results[mode] = {
-            "byol_ray_s_per_step": round(t["byol_ray"], 4), "byol_pytorch_s_per_step": round(t["byol_pytorch"], 4),
-            "byol_ray_images_per_s": round(args.batch / t["byol_ray"], 1),
-            "speedup_vs_byol_pytorch": round(t["byol_pytorch"] / t["byol_ray"], 3),
+            "byol_ray_s_per_step": round(t.median("byol_ray"), 4),
+            "byol_pytorch_s_per_step": round(t.median("byol_pytorch"), 4),
+            "byol_ray_images_per_s": round(args.batch / t.median("byol_ray"), 1),
+            "speedup_vs_byol_pytorch": paired["median_ratio"],  # the median of the per-round paired ratios
+            "speedup_range": paired["ratio_range"],
         }
+    bench.end()
     out = {"benchmark": "train_step", "encoder": args.encoder, "batch": args.batch, "resolution": args.resolution,
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "rounds": args.rounds, "steps_per_round": args.steps,
            "results": results}
+    bench.finish(out)
     print(json.dumps(out, indent=2))
-    if args.write:
-        cmd = (f".venv/bin/python scripts/bench_step.py --encoder {args.encoder} --batch {args.batch} "
-               f"--resolution {args.resolution} --rounds {args.rounds} --steps {args.steps} --write")
-        lines = [f"\n## Training step vs byol-pytorch ({args.encoder}, batch {args.batch}, {args.resolution} px, CPU)\n",
-                 f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads; median of {args.rounds} alternating rounds of {args.steps} steps)\n",
-                 "| step | byol-ray s/step | byol-pytorch s/step | speed-up |", "|---|---|---|---|"]
-        for mode, r in results.items():
-            lines.append(f"| {mode} | {r['byol_ray_s_per_step']} | {r['byol_pytorch_s_per_step']} | "
-                         f"{r['speedup_vs_byol_pytorch']}x |")
-        with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+    rows = [[mode, r["byol_ray_s_per_step"], r["byol_pytorch_s_per_step"],
+             f"{r['speedup_vs_byol_pytorch']}x ({r['speedup_range'][0]}–{r['speedup_range'][1]})"]
+            for mode, r in results.items()]
+    shape = f"{args.encoder}, batch {args.batch}, {args.resolution} px"
+    bench.write_section(
+        f"train-step-{args.encoder}-b{args.batch}-{args.resolution}px", f"Training step vs byol-pytorch ({shape}, CPU)",
+        f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds of {args.steps} steps; s/step the median "
+        "of the rounds, the speed-up the median of the paired per-round ratios (range in brackets). **model**: both "
+        "get the same pre-made float views (forward + backward + LARS + EMA); **full**: each project's own step "
+        "including its own augmentation.\n\n"
+        + harness.markdown_table(["step", "byol-ray s/step", "byol-pytorch s/step", "speed-up"], rows),
+        question=f"Is the training step faster than byol-pytorch's ({shape})?",
+        summary=f"{results['model']['speedup_vs_byol_pytorch']}× without augmentation, "
+                f"{results['full']['speedup_vs_byol_pytorch']}× with each one's own (median of {args.rounds} paired "
+                "rounds)")
+    return out
 
 
 if __name__ == "__main__":

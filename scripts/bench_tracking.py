@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from byol_ray.config import load_config  # noqa: E402
 from byol_ray.mlflow_store import client as mlflow_client  # noqa: E402
@@ -63,12 +63,13 @@ def one_round(make, steps: int) -> dict[str, float]:
     return {"call_us": 1e6 * logged / steps, "drain_s": total - logged, "total_s": total}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
-    args = parser.parse_args()
+    harness.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench = harness.Bench("bench_tracking.py", argv, args)
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load_config(["demo"], [f"output_dir={tmp}", "run_name=bench", "mlflow.system_metrics_every_s=0"])
@@ -81,39 +82,36 @@ def main() -> None:
         tracker.start(cfg)
         return tracker
 
-    one_round(mlflow_async, 20), one_round(hand_queue, 20)  # warm-up: schema, imports, connections
-    rows = []
-    for r in range(args.rounds):
-        a = one_round(hand_queue, args.steps)
-        b = one_round(mlflow_async, args.steps)
-        rows.append({"round": r, "queue": a, "async": b})
-        print(json.dumps(rows[-1]), flush=True)
-    load = os.getloadavg()
-    call = statistics.median(r["async"]["call_us"] / r["queue"]["call_us"] for r in rows)
-    total = statistics.median(r["async"]["total_s"] / r["queue"]["total_s"] for r in rows)
+    # a warm-up round of 20 steps (schema, imports, connections), then queue, async, queue, ...
+    done = harness.interleaved({"queue": lambda r: one_round(hand_queue, args.steps if r >= 1 else 20),
+                                "async": lambda r: one_round(mlflow_async, args.steps if r >= 1 else 20)},
+                               args.rounds, warmup=1)
+    bench.end()
+    call, total = done.paired("async", "queue", "call_us", 2), done.paired("async", "queue", "total_s", 2)
     summary = {
-        "steps": args.steps, "rounds": args.rounds, "loadavg_1_5_15": [round(x, 2) for x in load],
-        "queue_call_us_median": statistics.median(r["queue"]["call_us"] for r in rows),
-        "async_call_us_median": statistics.median(r["async"]["call_us"] for r in rows),
-        "queue_total_s_median": statistics.median(r["queue"]["total_s"] for r in rows),
-        "async_total_s_median": statistics.median(r["async"]["total_s"] for r in rows),
-        "call_ratio_async_over_queue": call, "total_ratio_async_over_queue": total,
+        "steps": args.steps, "rounds": args.rounds, "per_round": done.rows,
+        "queue_call_us_median": done.median("queue", "call_us"), "async_call_us_median": done.median("async", "call_us"),
+        "queue_total_s_median": done.median("queue", "total_s"), "async_total_s_median": done.median("async", "total_s"),
+        "call_ratio_async_over_queue": call["median_ratio"], "total_ratio_async_over_queue": total["median_ratio"],
+        "call_ratios": call["ratios"], "total_ratios": total["ratios"],
     }
+    bench.finish(summary)
     print(json.dumps(summary, indent=2))
-    if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        with open(doc, "a") as fh:
-            fh.write(
-                f"\n## MLflow metric logging: MLflow's async logging vs byol-ray's queue "
-                f"({time.strftime('%Y-%m-%d')})\n\n"
-                f"`.venv/bin/python scripts/bench_tracking.py --rounds {args.rounds} --steps {args.steps} --write` — "
-                f"{args.steps} step logs of 8 metrics into a local sqlite store, {args.rounds} interleaved paired "
-                f"rounds, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min).\n\n"
-                f"| | byol-ray's queue (`MlflowTracker`) | MLflow async (`synchronous=False`) | median paired ratio async/queue |\n|---|---|---|---|\n"
-                f"| caller's time per `log_metrics` | {summary['queue_call_us_median']:.0f} µs | "
-                f"{summary['async_call_us_median']:.0f} µs | {call:.2f} |\n"
-                f"| log + drain, whole round | {summary['queue_total_s_median']:.2f} s | "
-                f"{summary['async_total_s_median']:.2f} s | {total:.2f} |\n")
+    body = (f"{args.steps} step logs of 8 metrics into a local sqlite store, {args.rounds} interleaved paired rounds "
+            "after a warm-up.\n\n" + harness.markdown_table(
+                ["", "byol-ray's queue (`MlflowTracker`)", "MLflow async (`synchronous=False`)",
+                 "median paired ratio async/queue"],
+                [["caller's time per `log_metrics`", f"{summary['queue_call_us_median']:.0f} µs",
+                  f"{summary['async_call_us_median']:.0f} µs", f"{call['median_ratio']:.2f}"],
+                 ["log + drain, whole round", f"{summary['queue_total_s_median']:.2f} s",
+                  f"{summary['async_total_s_median']:.2f} s", f"{total['median_ratio']:.2f}"]]))
+    bench.write_section("mlflow-logging", f"MLflow metric logging: MLflow's async logging vs byol-ray's queue "
+                                          f"({bench.date})", body,
+                        question="MLflow's async logging or our queue?",
+                        summary=f"MLflow's `synchronous=False` cost the caller {call['median_ratio']:.0f}× and the "
+                                f"whole drain {total['median_ratio']:.1f}× byol-ray's queue (median of {args.rounds} "
+                                "paired rounds)")
+    return summary
 
 
 if __name__ == "__main__":

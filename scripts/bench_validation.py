@@ -22,12 +22,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
 def one_run(args, tmp: Path, name: str, validate: bool) -> dict:
@@ -51,7 +50,7 @@ def one_run(args, tmp: Path, name: str, validate: bool) -> dict:
             "val_knn_top1": vals[-1]["val_knn_top1"] if vals else None}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True)
     parser.add_argument("--val", required=True)
@@ -61,48 +60,47 @@ def main() -> None:
     parser.add_argument("--loader", default="memory", choices=["memory", "torch"],
                         help="memory (default): decoded once, no loader process, so the worker uses exactly its "
                              "one CPU; torch: a DataLoader process decodes JPEGs beside it")
-    parser.add_argument("--write", action="store_true", help="append the figures to docs/benchmarks.md")
-    args = parser.parse_args()
+    harness.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench = harness.Bench("bench_validation.py", argv, args)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-validation-"))
     import ray
 
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
-    rows = []
-    for r in range(args.rounds):
-        off = one_run(args, tmp, f"off-{r}", validate=False)
-        on = one_run(args, tmp, f"on-{r}", validate=True)
-        rows.append({"round": r, "off": off, "on": on, "ratio": on["epoch_time_s"] / off["epoch_time_s"]})
-        print(json.dumps(rows[-1]), flush=True)
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)  # its own, never another's
+    done = harness.interleaved({"off": lambda r: one_run(args, tmp, f"off-{r}", validate=False),
+                                "on": lambda r: one_run(args, tmp, f"on-{r}", validate=True)}, args.rounds,
+                               describe=lambda row: json.dumps({k: row[k] for k in ("off", "on")}))
     ray.shutdown()
-    load = os.getloadavg()
-    ratio = statistics.median(r["ratio"] for r in rows)
-    summary = {"rounds": args.rounds, "ratio_on_over_off_median": ratio,
-               "ratios": [round(r["ratio"], 4) for r in rows],
-               "off_epoch_s_median": statistics.median(r["off"]["epoch_time_s"] for r in rows),
-               "on_epoch_s_median": statistics.median(r["on"]["epoch_time_s"] for r in rows),
-               "val_task_s_median": statistics.median(r["on"]["val_time_s"] for r in rows),
-               "loadavg_start": load_start, "loadavg_end": load, "cores": os.cpu_count()}
+    bench.end()
+    paired = done.paired("on", "off", "epoch_time_s", 4)
+    summary = {"rounds": args.rounds, "ratio_on_over_off_median": paired["median_ratio"], "ratios": paired["ratios"],
+               "off_epoch_s_median": done.median("off", "epoch_time_s"),
+               "on_epoch_s_median": done.median("on", "epoch_time_s"),
+               "val_task_s_median": statistics.median(r["on"]["val_time_s"] for r in done.rows),
+               "per_round": done.rows}
+    bench.finish(summary)
     print(json.dumps(summary, indent=2))
-    if args.write:
-        n_train = sum(1 for _ in Path(args.train).rglob("*.jpg"))
-        n_val = sum(1 for _ in Path(args.val).rglob("*.jpg"))
-        with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-            fh.write(
-                f"\n## Held-out validation beside training: epoch time on vs off ({time.strftime('%Y-%m-%d')})\n\n"
-                f"`.venv/bin/python scripts/bench_validation.py --train TRAIN --val VAL --rounds {args.rounds} "
-                f"--epochs {args.epochs} --loader {args.loader} --write` with {n_train} real CIFAR-10 training JPEGs and {n_val} held-out "
-                f"ones (the `demo` preset's tiny encoder, batch {args.batch_size}, `data.loader={args.loader}`), one Ray Train "
-                f"worker of 1 CPU and a validation task of 1 CPU (`eval.cpus=1`) on this {os.cpu_count()}-core "
-                f"machine; {args.rounds} interleaved paired rounds (off, on); load average {load_start[0]:.2f} "
-                f"at start, {load[0]:.2f} at end (1 min).\n\n"
-                f"| | validation off | validation on (every epoch) |\n|---|---|---|\n"
-                f"| mean epoch time, epochs 2..{args.epochs} (median of rounds) | {summary['off_epoch_s_median']:.2f} s | "
-                f"{summary['on_epoch_s_median']:.2f} s |\n"
-                f"| validation task (kNN over the bank + held-out split) | – | {summary['val_task_s_median']:.2f} s |\n\n"
-                f"Median paired ratio on/off: **{ratio:.3f}** (rounds: {', '.join(f'{x:.3f}' for x in summary['ratios'])}); "
-                f"the target was within 1.05.\n")
+    n_train = sum(1 for _ in Path(args.train).rglob("*.jpg"))
+    n_val = sum(1 for _ in Path(args.val).rglob("*.jpg"))
+    body = (
+        f"{n_train} real CIFAR-10 training JPEGs and {n_val} held-out ones (the `demo` preset's tiny encoder, batch "
+        f"{args.batch_size}, `data.loader={args.loader}`), one Ray Train worker of 1 CPU and a validation task of 1 "
+        f"CPU (`eval.cpus=1`); {args.rounds} interleaved paired rounds (off, on).\n\n"
+        + harness.markdown_table(["", "validation off", "validation on (every epoch)"], [
+            [f"mean epoch time, epochs 2..{args.epochs} (median of rounds)", f"{summary['off_epoch_s_median']:.2f} s",
+             f"{summary['on_epoch_s_median']:.2f} s"],
+            ["validation task (kNN over the bank + held-out split)", "–", f"{summary['val_task_s_median']:.2f} s"]])
+        + f"\n\nMedian paired ratio on/off: **{paired['median_ratio']:.3f}** (rounds: "
+        + ", ".join(f"{x:.3f}" for x in paired["ratios"]) + "); the target was within 1.05.")
+    bench.write_section(f"validation-on-off-{args.loader}",
+                        f"Held-out validation beside training: epoch time on vs off ({bench.date}"
+                        + ("" if args.loader == "memory" else f", `data.loader={args.loader}`") + ")", body,
+                        question=f"Does validation slow training (`data.loader={args.loader}`)?",
+                        summary=f"{paired['median_ratio']:.3f}× epoch time with validation on (median of "
+                                f"{args.rounds} paired rounds, range {paired['ratio_range'][0]:.3f}–"
+                                f"{paired['ratio_range'][1]:.3f})")
+    return summary
 
 
 if __name__ == "__main__":

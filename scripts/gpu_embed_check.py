@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from byol_ray.data.sources import read_image  # noqa: E402
 from byol_ray.encoders import build_encoder  # noqa: E402
@@ -35,8 +36,8 @@ def encode(encoder, images: torch.Tensor, bf16: bool, batch: int) -> torch.Tenso
     return torch.cat(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", required=True)
     parser.add_argument("--encoder", default="resnet50")
     parser.add_argument("--resolution", type=int, default=224)
@@ -44,8 +45,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=8, help="the image set repeated this often for timing")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default="gpu_embed.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="gpu_embed.json", help="the JSON record (also printed)")
+    args = parser.parse_args(argv)
+    bench = harness.Bench("gpu_embed_check.py", argv, args, python="python")
     files = sorted(p for p in Path(args.images).rglob("*.jpg"))
     crops = torch.stack([eval_crop(read_image(p), args.resolution) for p in files]).to(args.device)
     torch.manual_seed(0)
@@ -65,23 +67,26 @@ def main() -> None:
     timed = crops.repeat(args.repeat, 1, 1, 1)
     for bf in (False, True):  # warm-up (cuDNN autotuning)
         encode(encoder, timed[: 2 * args.batch], bf, args.batch)
-    rounds = []
-    for _ in range(args.rounds):
-        rates = []
-        for bf in (False, True):
+
+    def rate(bf: bool):
+        def run(_round):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             began = time.perf_counter()
             encode(encoder, timed, bf, args.batch)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            rates.append(len(timed) / (time.perf_counter() - began))
-        rounds.append(rates)
-    record.update(fp32_img_s=[r[0] for r in rounds], bf16_img_s=[r[1] for r in rounds],
-                  bf16_over_fp32_median=statistics.median(b / a for a, b in rounds), timed_images=len(timed),
-                  batch=args.batch)
+            return len(timed) / (time.perf_counter() - began)
+        return run
+
+    done = harness.interleaved({"fp32": rate(False), "bf16": rate(True)}, args.rounds)  # fp32, bf16, fp32, ...
+    record.update(fp32_img_s=done.values("fp32"), bf16_img_s=done.values("bf16"),
+                  bf16_over_fp32_median=done.paired("bf16", "fp32", digits=4)["median_ratio"],
+                  timed_images=len(timed), batch=args.batch)
+    bench.finish(record)
     print(json.dumps(record, indent=1))
     Path(args.out).write_text(json.dumps(record, indent=1))
+    return record
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import harness  # noqa: E402
 from byol_ray.augment import VIEW1, VIEW2, AugmentParams, apply_params, sample_params  # noqa: E402
 from byol_ray.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from byol_ray.config import derive, load_config  # noqa: E402
@@ -268,8 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parts = args.parts.split(",")
     global DEVICE
     DEVICE = args.device
+    bench = harness.Bench("gpu_evidence.py", argv, args, python="python3")  # the load, the command, the machine
     header = {"part": "machine", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-              "cuda": torch.version.cuda, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d")}
+              "cuda": torch.version.cuda, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
+              "command": bench.command, "machine": harness.machine(), "git": harness.git_commit(),
+              "load_average_at_start": bench.load_before}
 
     def emit(record: dict) -> None:
         print(json.dumps(record)[:3000], flush=True)
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     if "throughput" in parts:
         emit(byol_throughput("--compile", "--steps", "30", "--warmup", "10"))
         emit(largest_batch())
+    emit({"part": "load", **bench.load()})
 
 
 if __name__ == "__main__":

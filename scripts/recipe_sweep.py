@@ -9,21 +9,19 @@ point must beat).
 Usage:
   .venv/bin/python scripts/recipe_sweep.py --data /tmp/cifar10 --epochs 10 \\
       --point random --point optim.base_lr=0.1 --point optim.base_lr=0.2 --point optim.base_lr=0.5
-  (each --point is one space-separated override set; ``--write`` appends the table to docs/benchmarks.md)
+  (each --point is one space-separated override set; ``--write`` replaces its section of docs/benchmarks.md)
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation  # noqa: E402  (the same prepare / checkpoint / kNN helpers as the ablation)
-
-ROOT = ablation.ROOT
+import harness  # noqa: E402
 
 
 def run_point(point: str, index: int, args, train: Path, test: Path, work: Path, log: Path) -> dict:
@@ -57,29 +55,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-fraction", type=float, default=0.2, help="class-balanced share of train/ used")
     p.add_argument("--override", nargs="*", default=[], help="overrides applied to every point")
-    p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
+    harness.add_arguments(p)
     args = p.parse_args(argv)
+    bench = harness.Bench("recipe_sweep.py", argv, args, timed=False)  # accuracy figures: the load is noted only
     start = time.perf_counter()
     work, log, train, test = ablation.workspace(args, "byol-sweep-")
     rows = [run_point(point, i, args, train, test, work, log) for i, point in enumerate(args.point)]
     out = {"benchmark": "recipe_sweep", "preset": ablation.PRESET, "epochs": args.epochs, "seed": args.seed,
-           "train_fraction": args.train_fraction, "override": args.override, "cpu_count": os.cpu_count(),
-           "wall_s": round(time.perf_counter() - start, 1), "load_average": os.getloadavg(), "rows": rows}
+           "train_fraction": args.train_fraction, "override": args.override,
+           "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
+    bench.finish(out)
     (work / "sweep.json").write_text(json.dumps(out, indent=2))
-    if args.write:
-        points = " ".join(f"--point '{pt}'" for pt in args.point)
-        cmd = (f".venv/bin/python scripts/recipe_sweep.py --data {args.data} --epochs {args.epochs} --seed {args.seed} "
-               f"--train-fraction {args.train_fraction}{' --override ' + ' '.join(args.override) if args.override else ''}"
-               f" {points} --write")
-        lines = [f"\n## Short-run recipe sweep on CIFAR-10 (CPU, {time.strftime('%Y-%m-%d')})\n",
-                 f"Command: `{cmd}`. Preset `{ablation.PRESET}` plus each point's overrides, {args.epochs} epochs on a "
-                 f"class-balanced {args.train_fraction:g} share of CIFAR-10 train, seed {args.seed}; kNN (k=200, T=0.1) "
-                 f"on the 10,000 test images. {out['cpu_count']} cores, {out['wall_s'] / 60:.1f} min in all.\n",
-                 "| point | kNN top-1 % | final loss | projection std | train s |", "|---|---|---|---|---|",
-                 *[f"| {r['point']} | {100 * r['knn_top1']:.1f} | {r.get('final_loss', '–')} | "
-                   f"{r.get('projection_std', '–')} | {r['train_s']:.0f} |" for r in rows]]
-        with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+    table = harness.markdown_table(["point", "kNN top-1 %", "final loss", "projection std", "train s"],
+                                   [[r["point"], f"{100 * r['knn_top1']:.1f}", r.get("final_loss", "–"),
+                                     r.get("projection_std", "–"), f"{r['train_s']:.0f}"] for r in rows])
+    best = max(rows, key=lambda r: r["knn_top1"])
+    bench.write_section(
+        "recipe-sweep", f"Short-run learning-rate sweep on CIFAR-10 (CPU, {bench.date})",
+        f"Preset `{ablation.PRESET}` plus each point's overrides, {args.epochs} epochs on a class-balanced "
+        f"{args.train_fraction:g} share of CIFAR-10 train, seed {args.seed}; kNN (k=200, T=0.1) on the 10,000 test "
+        f"images; {out['wall_s'] / 60:.1f} min in all.\n\n{table}",
+        question="Which learning rate for a short CPU run?",
+        summary=f"best kNN top-1 {100 * best['knn_top1']:.1f} % at `{best['point']}` ({args.epochs} epochs, seed "
+                f"{args.seed})")
     return out
 
 

@@ -56,15 +56,21 @@ def test_crop_statistics_of_the_reference_law_per_stored_side():
     assert rec["side"] == 384 and rec["share_not_upsampled"] > 0.5
 
 
-def test_bench_resolution_stats_only_appends_a_section(tmp_path, monkeypatch):
+def test_bench_resolution_stats_only_writes_its_section(tmp_path, monkeypatch):
     br = _script("bench_resolution")
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n")
-    monkeypatch.setattr(br, "REPO", tmp_path)  # --write appends to REPO/docs/benchmarks.md
-    out = br.main(["--stats-only", "--draws", "5000", "--write"])
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # no timing: a loaded machine may --write
+    out = br.main(["--stats-only", "--draws", "5000", "--write", "--markdown", str(docs)])
     assert "throughput" not in out and out["recommendation"]["side"] == 384
-    text = (tmp_path / "docs" / "benchmarks.md").read_text()
+    text = docs.read_text()
     assert text.startswith("# Benchmarks\n") and "| 256 | 256x192 |" in text and "`torchvision` law" in text
+    assert '<a id="stored-resolution-imagenet"></a>' in text and "## Stored resolution for ImageNet" in text
+    # a second run replaces the section of the same id; the first moves to the history file beside it
+    br.main(["--stats-only", "--draws", "4000", "--write", "--markdown", str(docs)])
+    text, history = docs.read_text(), (tmp_path / "benchmarks-history.md").read_text()
+    assert text.count("## Stored resolution for ImageNet") == 1 and "4000 draws" in text and "5000 draws" not in text
+    assert "5000 draws" in history and '<a id="' not in history
 
 
 def test_bench_resolution_measures_every_side_on_real_images(cifar_archive, work):
@@ -73,7 +79,7 @@ def test_bench_resolution_measures_every_side_on_real_images(cifar_archive, work
     out = br.main(["--cifar", str(cifar_archive), "--work-dir", str(work), *TINY, "--batches", "2",
                    "--batch-size", "8", "--draws", "5000", "--workers", workers])
     assert out["sides"] == [256, 384, 512] and out["data"]["images"] == 40
-    assert len(out["load_average_start"]) == 3 and len(out["load_average_end"]) == 3
+    assert len(out["run"]["load"]["before"]) == 3 and len(out["run"]["load"]["after"]) == 3
     for side in ("256", "384", "512"):
         t = out["throughput"][side]
         assert t["pairs_per_s"] > 0 and t["pairs_per_cpu_s"] > 0 and t["bytes_per_image"] > 0
@@ -96,10 +102,10 @@ def test_bench_resolution_measures_every_side_on_real_images(cifar_archive, work
 
 def test_bench_prepare_runs_the_cli_and_extrapolates(cifar_archive, work, tmp_path, monkeypatch):
     bp = _script("bench_prepare")
-    (tmp_path / "docs").mkdir()
-    monkeypatch.setattr(bp, "REPO", tmp_path)  # --write appends to REPO/docs/benchmarks.md
+    docs = tmp_path / "docs" / "benchmarks.md"  # not there yet: --write starts it
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # a quiet machine, so --write is allowed
     out = bp.main(["--cifar", str(cifar_archive), "--work-dir", str(work), *TINY, "--workers", "1", "2",
-                   "--cores", "32", "--machines", "1", "4", "--write"])
+                   "--cores", "32", "--machines", "1", "4", "--write", "--markdown", str(docs)])
     assert set(out["summary"]) == {"1", "2"} and out["side"] == 384
     for n, s in out["summary"].items():
         assert s["images_per_s"] > 0 and s["prepare_images_per_s"] > 0 and s["images_per_cpu_s"] > 0
@@ -113,4 +119,4 @@ def test_bench_prepare_runs_the_cli_and_extrapolates(cifar_archive, work, tmp_pa
     assert set(hours) == {(1, 1), (32, 1), (32, 4)}
     assert hours[(1, 1)] > 0 and hours[(1, 1)] >= hours[(32, 1)] >= hours[(32, 4)] >= 0
     assert out["scaling_efficiency"] > 0
-    assert "Extrapolation, not a measurement" in (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "Extrapolation, not a measurement" in docs.read_text()

@@ -69,14 +69,17 @@ def test_data_benchmark_pairs_rounds_and_reports_the_median_ratio_and_load(cifar
         assert r["torchvision"]["pairs_per_s"] > 0 and r["ours"]["pairs_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["ours"]["pairs_per_s"] / r["torchvision"]["pairs_per_s"], rel=1e-2)
     assert cifar["median_ratio"] == pytest.approx(statistics.median(cifar["ratios"]), abs=0.01)
-    assert out["load_average_at_start"] == [0.25, 0.5, 0.75] and len(out["load_average_at_end"]) == 3
-    assert out["quiet"] and "not_a_result" not in out
+    load = out["run"]["load"]  # scripts/harness.py's record: the load before and after, and the verdict
+    assert load["before"] == [0.25, 0.5, 0.75] and len(load["after"]) == 3 and load["cores"] >= 1
+    assert load["quiet"] and "warning" not in load
+    assert out["run"]["command"].endswith("--markdown " + str(markdown)) and out["run"]["machine"]["cores"] >= 1
     captured = capsys.readouterr()
     assert json.loads(captured.out)["cifar"]["median_ratio"] == cifar["median_ratio"]  # stdout is the JSON alone
     assert "round 1/2" in captured.err and "round 2/2" in captured.err
     section = markdown.read_text()
     assert "paired rounds" in section and f"**B is {cifar['median_ratio']}x A**" in section
     assert "--pairs 16" in section and "[0.25, 0.5, 0.75]" in section
+    assert section.count('<a id="data-two-views"></a>') == 1  # the section of its question, keyed by its id
 
     # Other jobs on the cores: the figures are marked, and --write is refused before any work.
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
