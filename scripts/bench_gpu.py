@@ -87,7 +87,7 @@ def build(args, device: torch.device):
                  f"train.batch_size={args.batch}", f"train.precision={args.precision}",
                  f"train.channels_last={str(args.channels_last).lower()}", "train.epochs=100",
                  f"model.cifar_stem={str(args.resolution <= 64).lower()}", "mlflow.enabled=false",
-                 f"train.device={device.type}", *args.override]
+                 f"train.device={device.type}", f"train.compile={str(args.compile).lower()}", *args.override]
     cfg = load_config([args.preset], overrides)
     images = torch.randint(0, 256, (args.dataset_size, 3, args.stored, args.stored), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -96,10 +96,7 @@ def build(args, device: torch.device):
     batches = MemoryTwoViewBatches(images, labels, batch_size=args.batch, resolution=args.resolution,
                                    scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio, flip_prob=cfg.data.flip_prob,
                                    law=cfg.data.crop_law, seed=0, shuffle=True, rank=0, world_size=1, drop_last=True)
-    engine = BYOLEngine(cfg, derive(cfg, args.dataset_size, 1), device)
-    if args.compile:
-        engine.online_ddp = torch.compile(engine.online)
-        engine.target = torch.compile(engine.target)  # the EMA reads its parameters through the wrapper
+    engine = BYOLEngine(cfg, derive(cfg, args.dataset_size, 1), device)  # train.compile: the engine compiles
     return cfg, engine, batches
 
 
