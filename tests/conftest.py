@@ -26,6 +26,18 @@ CIFAR_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 pytest_plugins = ["fixtures_s3", "fixtures_mlflow", "fixtures_ray"]
 
 
+# The session's Ray cluster and MLflow server take tens of seconds to start on 2 cores (and to stop): a test that
+# uses either, itself or through another fixture, is `slow` wherever it lives, so `make test-fast` starts neither.
+SESSION_SERVICES = frozenset({"ray_cluster", "mlflow_server"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SESSION_SERVICES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cifar_archive() -> Path:
     if not CIFAR_ARCHIVE.exists():
