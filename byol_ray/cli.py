@@ -320,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: unrecognized arguments: {' '.join(unknown)} (key.sub=value settings go after "
               f"the flags; see {prefix} --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from byol_ray.ray_connect import VERBOSE_ENV, quiet_ray_console
+
     if getattr(args, "verbose", False):
-        os.environ["BYOL_RAY_VERBOSE"] = "1"  # read by the Ray launcher and its workers
+        os.environ[VERBOSE_ENV] = "1"  # read by the Ray launcher and its workers
+    quiet_ray_console()  # first thing, before any command imports Ray (`tune` does at import): Ray reads it then
     try:
         with _stdout_to_stderr(args.json):
             code, result = _run(args)

@@ -5,9 +5,21 @@ import sys
 import time
 
 
+def write_line(text: str, stream=None) -> None:
+    """``text`` and a newline on ``stream`` (default stderr), flushed: written directly, never through ``print``.
+
+    In its workers Ray Train V2 replaces ``builtins.print`` (``RAY_TRAIN_ENABLE_PRINT_PATCH``, on by default) with
+    one that logs the text and, since a Ray worker's ``sys.stderr`` is a wrapper, prints it as well: every line
+    twice on the driver and under ``ray job logs``. A write is one line in any process.
+    """
+    stream = stream or sys.stderr
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
 def say(message: str) -> None:
     """One line for a person: stderr, prefixed (stdout is kept for a command's ``--json`` result)."""
-    print(f"[byol-ray] {message}", file=sys.stderr, flush=True)
+    write_line(f"[byol-ray] {message}")
 
 
 def fmt_eta(seconds: float) -> str:
@@ -39,4 +51,4 @@ class ProgressPrinter:
         return " | ".join(parts)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
-        print(self.line(metrics, step), file=self.stream or sys.stderr, flush=True)
+        write_line(self.line(metrics, step), self.stream)

@@ -15,6 +15,38 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
+# What a driver prints of its workers' output (Ray's log forwarding) skips the lines this regex matches: Ray's own
+# knob, read once when Ray is imported. Ray's log files keep every line.
+SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
+# Lines that Ray prints on every successful run although nothing is wrong, each with why; `--verbose` shows them.
+# Only these exact messages: an error line of any other kind, or this one about another actor, still shows.
+BENIGN_RAY_LINES = (
+    # Ray Train V2's controller starts its PreemptionWatcher actor (ray.train.v2...callbacks.preemption_callback)
+    # with max_restarts=-1 and the training workers' actor handles as constructor arguments. Ray Core logs an E line
+    # (core_worker.cc, once per process) for any restartable actor whose arguments hold references: a restart would
+    # fail if those were lost (ray-project/ray#53727). Here they are the live workers' handles, and a new worker
+    # group gets a new watcher: nothing for anyone to do.
+    r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' and ID: '[0-9a-f]+' has constructor arguments "
+    r"in the object store and max_restarts > 0\.",
+)
+
+
+def quiet_ray_console() -> None:
+    """Unless ``--verbose``: the driver's console skips :data:`BENIGN_RAY_LINES` (a user's own skip regex stays;
+    with ``--verbose``, one inherited from a quiet ``byol-ray`` is taken out again).
+
+    Takes effect for a Ray imported after it (the CLI calls it first thing; :func:`init_ray` again, for callers
+    from Python). Repeated calls add nothing.
+    """
+    ours = "|".join(f"(?:{line})" for line in BENIGN_RAY_LINES)
+    own = [part for part in os.environ.get(SKIP_ENV, "").split(f"|{ours}") if part and part != ours]
+    value = "|".join(own if verbose() else [*own, ours])
+    if value:
+        os.environ[SKIP_ENV] = value
+    else:
+        os.environ.pop(SKIP_ENV, None)
+
+
 # Options of the in-process local Ray (the embedded default), set only when this process starts it.
 # The dashboard stays: Ray Train V2's controller and placement-group cleaner query the State API it
 # serves (without it, every run logs "Failed to query Ray Train Controller actor state" and stalls).
@@ -43,6 +75,7 @@ def init_ray(address: str = "") -> None:
     recorded on the machine, another user's or a dead one): the embedded default is private. Says which it uses.
     """
     address = address or os.environ.get("RAY_ADDRESS", "")
+    quiet_ray_console()  # before Ray is imported: Ray reads it then
     import ray
 
     if ray.is_initialized():
@@ -58,6 +91,10 @@ def init_ray(address: str = "") -> None:
         port = _free_port(8265)
         local = {"dashboard_port": port}
         os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        if not verbose():
+            # Ray 2.60 turns token authentication on for a new local Ray unless RAY_AUTH_MODE says otherwise, and
+            # says so in a WARNING at every start; this one is private to the process and bound to loopback
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     global _embedded
     _embedded = not address
     context = ray.init(address=address or "local", log_to_driver=True,

@@ -1,0 +1,198 @@
+"""The console a person reads: a successful run prints no Ray-internal log lines, each progress line once (in a
+terminal and under `ray job logs`), and Ray's own detail only behind --verbose."""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from byol_ray import ray_connect
+
+BIN = Path(sys.executable).parent
+TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
+        "train.batch_size=64", "train.log_every_steps=10", "train.epochs=1"]
+STEPS_PER_EPOCH = 1797 // 64  # the demo's built-in digits, full batches
+
+# Ray's C++ log format ("[2026-12-04 19:37:45,777 E 12205 12265] core_worker.cc:2465: ...") and glog's
+# ("E1204 19:37:45.777 12205 core_worker.cc:2465] ...")
+RAY_INTERNAL = re.compile(r"\[[\d-]+ [\d:,.]+ [EWF] \d+ \d+\] \S+\.(?:cc|h):\d+:"
+                          r"|\b[EWF]\d{4} [\d:.]+ +\d+ \S+\.(?:cc|h):\d+\]")
+PROGRESS = re.compile(r"epoch +[\d.]+/\d+ \| step (\d+)/\d+ \|.*")
+# The line Ray Train V2's controller makes Ray Core log on every run (measured on Ray 2.60, a successful run)
+PREEMPTION_WATCHER_LINE = (
+    "[2026-12-04 19:37:45,777 E 12205 12265] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
+    "ID: '67884821a63c07f38027c33001000000' has constructor arguments in the object store and max_restarts > 0. If "
+    "the arguments in the object store go out of scope or are lost, the actor restart will fail. See "
+    "https://github.com/ray-project/ray/issues/53727 for more details.")
+
+
+def _progress(console: str) -> collections.Counter:
+    """Each progress line (from "epoch" on, without Ray's "(RayTrainWorker pid=...)" prefix) and how often."""
+    return collections.Counter(m.group(0) for m in PROGRESS.finditer(console))
+
+
+def _expected_steps(epochs: int = 1, every: int = 10) -> set[int]:
+    return set(range(every, epochs * STEPS_PER_EPOCH + 1, every))
+
+
+# ----------------------------------------------------------------------------- the filter itself (fast)
+
+
+def _skip(monkeypatch, own: str | None = None, *, verbose: bool = False) -> re.Pattern | None:
+    monkeypatch.setenv(ray_connect.SKIP_ENV, own or "")  # (restored after the test, whatever it was)
+    if own is None:
+        monkeypatch.delenv(ray_connect.SKIP_ENV)
+    monkeypatch.setenv(ray_connect.VERBOSE_ENV, "1" if verbose else "")
+    ray_connect.quiet_ray_console()
+    ray_connect.quiet_ray_console()  # idempotent: a second call (CLI, then init_ray) adds nothing
+    value = os.environ.get(ray_connect.SKIP_ENV)
+    return re.compile(value) if value else None
+
+
+def test_only_the_benign_line_is_filtered(monkeypatch):
+    skip = _skip(monkeypatch)
+    assert skip is not None and skip.search(f"(TrainController pid=1) {PREEMPTION_WATCHER_LINE}")
+    real_errors = [
+        # the same warning about an actor of a user's own: a restart of it could really fail
+        PREEMPTION_WATCHER_LINE.replace("PreemptionWatcher", "MyActor"),
+        "[2026-12-04 19:37:45,777 E 12205 12265] core_worker.cc:2602: Failed to register actor. Error message: x",
+        "[2026-12-04 19:37:45,777 E 12205 12265] task_manager.cc:1103: Task failed: IOError: worker died",
+        "Traceback (most recent call last):",
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+        "epoch   0.36/2 | step 5/28 | loss 3.7237 | lr 0.07143",
+    ]
+    assert [line for line in real_errors if skip.search(line)] == []
+
+
+def test_verbose_filters_nothing_and_a_users_own_skip_regex_stays(monkeypatch):
+    assert _skip(monkeypatch, verbose=True) is None
+    assert _skip(monkeypatch, "my-noise", verbose=True).pattern == "my-noise"
+    combined = _skip(monkeypatch, "my-noise")
+    assert combined.search("some my-noise here") and combined.search(PREEMPTION_WATCHER_LINE)
+    # inherited from a quiet byol-ray (a parent process): --verbose takes ours out, the user's stays
+    assert _skip(monkeypatch, combined.pattern, verbose=True).pattern == "my-noise"
+
+
+def test_rays_log_forwarding_drops_the_line_and_keeps_errors(monkeypatch):
+    """Through Ray's own deduplicator, the object that decides what a driver prints of its workers' output."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    skip = _skip(monkeypatch)
+    error = "[2026-12-04 19:37:45,777 E 12205 12265] core_worker.cc:2602: Failed to register actor."
+    batch = {"ip": "127.0.0.1", "pid": 12205, "job": "01000000", "is_err": True,
+             "lines": [PREEMPTION_WATCHER_LINE, error]}
+    printed = LogDeduplicator(5, None, skip.pattern).deduplicate(batch)
+    assert [line for b in printed for line in b["lines"]] == [error]
+
+
+def test_progress_and_messages_once_under_ray_trains_print_patch(monkeypatch):
+    """Ray Train V2's print patch as a worker has it: ``builtins.print`` logs through the root logger (a console
+    handler in a worker) and, as a worker's ``sys.stderr`` is a wrapper, prints too. Our lines skip it."""
+    import builtins
+    import io
+    import logging
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from byol_ray.progress import ProgressPrinter, say
+
+    stream = io.StringIO()  # a wrapped stderr: not sys.__stderr__, as in a Ray worker
+    monkeypatch.setattr(sys, "stderr", stream)
+    root, handler = logging.getLogger(), logging.StreamHandler(stream)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    try:
+        print("a line of a user's own", file=sys.stderr)  # what the patch does to print: the same line twice
+        ProgressPrinter(total_steps=28, epochs=1)({"epoch": 0.36, "loss": 3.5, "lr": 0.08, "tau": 0.99,
+                                                   "projection_std": 0.1, "images_per_s": 200.0}, 10)
+        say("run quiet finished")
+    finally:
+        monkeypatch.undo()
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = collections.Counter(stream.getvalue().splitlines())
+    assert lines.pop("a line of a user's own") == 2  # the mechanism is there
+    assert list(lines.values()) == [1, 1] and any(PROGRESS.match(line) for line in lines), lines
+
+
+# ----------------------------------------------------------------------------- real runs (slow)
+
+
+@pytest.mark.slow
+def test_embedded_default_console_is_quiet(tmp_path):
+    """`byol-ray train` as a newcomer runs it (no RAY_ADDRESS, no RAY_AUTH_MODE, the local MLflow store): no
+    Ray-internal or Ray WARNING line, each progress line once, the run's outputs all there."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", ray_connect.VERBOSE_ENV,
+                        ray_connect.SKIP_ENV)}
+    env["HOME"] = str(tmp_path / "home")  # Ray keeps the token it makes for a new local cluster here
+    start = time.monotonic()
+    out = subprocess.run([str(BIN / "byol-ray"), "train", *TINY, "run_name=quiet", f"data.cache_dir={tmp_path}/cache"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-4000:]
+    print(f"embedded run: {time.monotonic() - start:.0f} s")
+    assert not RAY_INTERNAL.findall(console) and "Traceback" not in console, console[-4000:]
+    assert not re.search(r"\t(WARNING|ERROR) \S+\.py:\d+ -- ", console), console[-4000:]  # Ray's own logger
+    progress = _progress(console)
+    assert {int(PROGRESS.match(line).group(1)) for line in progress} == _expected_steps(), console[-4000:]
+    assert set(progress.values()) == {1}, progress
+    run = tmp_path / "runs" / "quiet"
+    assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "epoch_0001" / "state.pt").is_file()
+    assert "registered encoder: models:/byol-demo-encoder/1" in console
+
+
+@pytest.mark.slow
+def test_embedded_default_verbose_shows_rays_own_detail(tmp_path):
+    """--verbose brings Ray's own lines back: its log lines and the line filtered by default (even with the filter
+    inherited from a quiet byol-ray that started this one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env[ray_connect.SKIP_ENV] = "|".join(f"(?:{line})" for line in ray_connect.BENIGN_RAY_LINES)
+    out = subprocess.run([str(BIN / "byol-ray"), "train", "--verbose", *TINY, "run_name=loud", "mlflow.enabled=false",
+                          f"data.cache_dir={tmp_path}/cache"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-4000:]
+    assert "'PreemptionWatcher'" in console and RAY_INTERNAL.search(console), console[-4000:]
+    assert re.search(r"\tINFO \S+\.py:\d+ -- ", console), console[-4000:]  # Ray's (and Ray Train's) INFO lines
+    assert set(_progress(console).values()) == {1}
+
+
+@pytest.mark.slow
+def test_each_progress_line_once_under_ray_job_logs(ray_cluster, mlflow_server, tmp_path):
+    """`ray job submit` on the session's cluster, then `ray job logs`: each progress line once, no Ray-internal
+    line, and the run's outputs all there."""
+    from mlflow import MlflowClient
+
+    _, dashboard = ray_cluster
+    shared = tmp_path / "shared"
+    job_id = f"console-{os.getpid()}-{int(time.time())}"
+    start = time.monotonic()
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--",
+         "byol-ray", "train", *TINY, "run_name=job", f"output_dir={shared}", f"data.cache_dir={shared}/cache",
+         f"mlflow.tracking_uri={mlflow_server}"],
+        capture_output=True, text=True, timeout=900)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", dashboard, job_id],
+                          capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    console = logs.stdout
+    print(f"job: {time.monotonic() - start:.0f} s")
+    progress = _progress(console)
+    assert {int(PROGRESS.match(line).group(1)) for line in progress} == _expected_steps(), console[-4000:]
+    assert set(progress.values()) == {1}, progress
+    assert not RAY_INTERNAL.findall(console), console[-4000:]
+    assert console.count("run job finished: epoch 1") == 1, console[-4000:]
+    run = shared / "job"
+    assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "epoch_0001" / "state.pt").is_file()
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    assert MlflowClient(tracking_uri=mlflow_server).get_run(run_id).info.status == "FINISHED"
