@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: unrecognized arguments: {' '.join(unknown)} (key.sub=value settings go after "
               f"the flags; see {prefix} --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from byol_ray.ray_connect import VERBOSE_ENV, quiet_ray_console
+    from byol_ray.progress import VERBOSE_ENV
+    from byol_ray.ray_connect import quiet_ray_console
 
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"  # read by the Ray launcher and its workers

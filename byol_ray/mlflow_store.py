@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from byol_ray.config import ConfigError
+from byol_ray.progress import verbose
 
 # Schemes MLflow's own store registry understands (plus databricks/uc, which need their own auth).
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -170,6 +171,7 @@ def client(uri: str):
     exists``, or an alembic "expected to match one row" error, when two first runs start together)."""
     from mlflow import MlflowClient
 
+    quiet_mlflow_console()
     if uri not in _READY:
         with _sqlite_lock(uri):
             made = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -240,3 +242,27 @@ def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+class _DeliberatePickle:
+    """Drops mlflow.pytorch's caution about the pickle format, which the registry chooses on purpose (a pt2 model
+    cannot switch BatchNorm to training mode for fine-tuning; registry.SERIALIZATION_FORMAT) and whose files its
+    own loaders open knowing so. Any other MLflow warning passes."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle or CloudPickle format")
+
+
+def quiet_mlflow_console() -> None:
+    """Unless ``--verbose``: MLflow's INFO lines (database set-up, system-metrics monitor start and stop) stay out
+    of a run's console, and the registry's deliberate pickle format is not warned about at every registration.
+    MLflow's warnings and errors still show."""
+    import logging
+
+    if verbose():
+        return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    pytorch = logging.getLogger("mlflow.pytorch")
+    if not any(isinstance(f, _DeliberatePickle) for f in pytorch.filters):
+        pytorch.addFilter(_DeliberatePickle())

@@ -1,8 +1,16 @@
 """The progress line of a training run: epoch, step, loss, throughput and an ETA, on stderr."""
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+VERBOSE_ENV = "BYOL_RAY_VERBOSE"  # set by `byol-ray --verbose`: Ray's, Tune's and MLflow's own output comes back
+
+
+def verbose() -> bool:
+    """``byol-ray --verbose`` (or ``BYOL_RAY_VERBOSE=1``) in this process or the one that started it."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
 def write_line(text: str, stream=None) -> None:

@@ -3,16 +3,11 @@
 Shared by every command that runs on Ray (``train``, ``tune``, ``embed``, ``serve``).
 """
 from __future__ import annotations
-from byol_ray.progress import say
 
 import logging
 import os
 
-VERBOSE_ENV = "BYOL_RAY_VERBOSE"  # set by `byol-ray --verbose`: Ray's and Tune's own progress output comes back
-
-
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+from byol_ray.progress import say, verbose
 
 
 # What a driver prints of its workers' output (Ray's log forwarding) skips the lines this regex matches: Ray's own

@@ -21,7 +21,7 @@ from byol_ray.engine import Reporter
 from byol_ray.history import append_history
 from byol_ray.launch import check_start, cleanup_on_failure
 from byol_ray.progress import ProgressPrinter, say
-from byol_ray.ray_connect import VERBOSE_ENV, verbose
+from byol_ray.progress import VERBOSE_ENV, verbose
 from byol_ray.resume import announce_resume, check_new_or_resume, load_resume_state
 from byol_ray.run_folder import (RunOutcome, checkpoint_dir, forget_run_id, read_outcome, run_dir, storage_root,
                                  write_config)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from byol_ray import ray_connect
+from byol_ray.progress import VERBOSE_ENV
 
 BIN = Path(sys.executable).parent
 TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
@@ -48,7 +49,7 @@ def _skip(monkeypatch, own: str | None = None, *, verbose: bool = False) -> re.P
     monkeypatch.setenv(ray_connect.SKIP_ENV, own or "")  # (restored after the test, whatever it was)
     if own is None:
         monkeypatch.delenv(ray_connect.SKIP_ENV)
-    monkeypatch.setenv(ray_connect.VERBOSE_ENV, "1" if verbose else "")
+    monkeypatch.setenv(VERBOSE_ENV, "1" if verbose else "")
     ray_connect.quiet_ray_console()
     ray_connect.quiet_ray_console()  # idempotent: a second call (CLI, then init_ray) adds nothing
     value = os.environ.get(ray_connect.SKIP_ENV)
@@ -131,7 +132,7 @@ def test_embedded_default_console_is_quiet(tmp_path):
     """`byol-ray train` as a newcomer runs it (no RAY_ADDRESS, no RAY_AUTH_MODE, the local MLflow store): no
     Ray-internal or Ray WARNING line, each progress line once, the run's outputs all there."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", ray_connect.VERBOSE_ENV,
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", VERBOSE_ENV,
                         ray_connect.SKIP_ENV)}
     env["HOME"] = str(tmp_path / "home")  # Ray keeps the token it makes for a new local cluster here
     start = time.monotonic()
@@ -142,6 +143,7 @@ def test_embedded_default_console_is_quiet(tmp_path):
     print(f"embedded run: {time.monotonic() - start:.0f} s")
     assert not RAY_INTERNAL.findall(console) and "Traceback" not in console, console[-4000:]
     assert not re.search(r"\t(WARNING|ERROR) \S+\.py:\d+ -- ", console), console[-4000:]  # Ray's own logger
+    assert not re.search(r" (INFO|WARNING) mlflow\.", console), console[-4000:]  # MLflow's set-up and monitor lines
     progress = _progress(console)
     assert {int(PROGRESS.match(line).group(1)) for line in progress} == _expected_steps(), console[-4000:]
     assert set(progress.values()) == {1}, progress
