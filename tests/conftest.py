@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local heads in tests (docs/design.md, "Facts about the tools")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("NUMBA_OPT", "0")  # FFCV pipelines compile ~3x faster; tests use tiny data
+# Ray Train's controller looks at its workers every 2 s: a run's end, each validation's result and a failed worker
+# are noticed up to 2 s late, a wait that tiny test runs (a few seconds of training each) add up over the session.
+# Ray Train hands the variable on from the driver to its controller; Ray nodes started here inherit it as well.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # As with an activated virtual environment: `byol-ray` and `ray` on PATH, for this process and for the Ray
 # nodes and job entrypoints it starts (the README's commands name them without a path).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

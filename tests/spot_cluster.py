@@ -8,6 +8,9 @@ answers each with one JSON line:
     kill NODE_ID  kill every process of that node -> {"killed": NODE_ID}
     quit          shut the cluster down
 
+Tests share one such cluster across cases (``SpotCluster.with_workers`` sets it up as the next case needs it:
+a node that a case killed or drained is replaced, one that it added is kept).
+
     python tests/spot_cluster.py --head-cpus 3 --node-cpus 2 --nodes 1 --temp-dir /tmp/rs-x
 """
 from __future__ import annotations
@@ -19,17 +22,19 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
 class SpotCluster:
     """Drives this program from a test or a benchmark: its nodes can be killed and added while a run goes on."""
 
-    def __init__(self, temp_dir: Path, log: Path, nodes: int = 1) -> None:
+    def __init__(self, temp_dir: Path, log: Path, nodes: int = 1, coordinator_tick_s: float = 0,
+                 env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--temp-dir", str(temp_dir),
-                                      "--nodes", str(nodes)],
+                                      "--nodes", str(nodes), "--coordinator-tick-s", str(coordinator_tick_s)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
         info = self._answer()
         self.address, self.dashboard, self.head, self.node = info["address"], info["dashboard"], info["head"], info["node"]
 
@@ -49,6 +54,29 @@ class SpotCluster:
         self.proc.stdin.flush()
         return self._answer()["added"]
 
+    def alive_workers(self) -> list[str]:
+        """The worker nodes (the head left out) that the cluster's GCS counts as alive now."""
+        from ray._raylet import GcsClient
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        infos = GcsClient(address=self.address).get_all_node_info(timeout=10).values()
+        return sorted(info.node_id.hex() for info in infos
+                      if info.state == GcsNodeInfo.GcsNodeState.ALIVE and info.node_id.hex() != self.head)
+
+    def with_workers(self, count: int, timeout: float = 60) -> None:
+        """Leave exactly ``count`` worker nodes alive (kill the extra ones and wait until the cluster has declared
+        them dead, so their resources are gone; add the missing ones); ``node`` becomes the first of them."""
+        alive = self.alive_workers()
+        for node_id in alive[count:]:
+            self.kill(node_id)
+        deadline = time.monotonic() + timeout
+        while len(alive := self.alive_workers()) > count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"killed worker nodes still alive after {timeout} s: {alive}")
+            time.sleep(0.2)
+        alive += [self.add() for _ in range(count - len(alive))]
+        self.node = alive[0] if alive else None
+
     def close(self) -> None:
         try:
             self.proc.stdin.write("quit\n")
@@ -67,12 +95,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quick_coordinator(address: str, head: str, tick_s: float) -> None:
+    """Ray Train sizes an elastic worker group by the nodes that Ray's AutoscalingCoordinator (a detached actor,
+    made on first use) last saw, and it looks every 20 s: a lost node still counts, and a node that joined does not
+    yet, for up to 20 s (a restart then waits out RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for a group that cannot
+    be placed). Made here first, under its name and with its options, the same actor looks every ``tick_s``."""
+    import contextlib
+
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class QuickCoordinator(_AutoscalingCoordinatorActor):
+        TICK_INTERVAL_S = tick_s
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer channel
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        try:
+            actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(QuickCoordinator).options(
+                name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", get_if_exists=True,
+                lifetime="detached", scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+            ray.get(actor.__ray_ready__.remote(), timeout=120)
+        finally:
+            ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--head-cpus", type=int, default=3)
     parser.add_argument("--node-cpus", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=1, help="worker nodes at the start (0: the head only)")
     parser.add_argument("--temp-dir", required=True)
+    parser.add_argument("--coordinator-tick-s", type=float, default=0,
+                        help="how often Ray's AutoscalingCoordinator looks at the nodes (0: Ray's own 20 s)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
     # Ray records "the current cluster" under its temp dir; keep that record here, not where the test session's
@@ -99,6 +154,8 @@ def main() -> None:
 
     first = [add() for _ in range(args.nodes)][0] if args.nodes else None
     cluster.wait_for_nodes()
+    if args.coordinator_tick_s > 0:
+        _quick_coordinator(cluster.address, cluster.head_node.node_id, args.coordinator_tick_s)
     print(json.dumps({"address": cluster.address, "dashboard": f"http://127.0.0.1:{dashboard_port}",
                       "head": cluster.head_node.node_id, "node": first}), flush=True)
     for line in sys.stdin:
