@@ -20,6 +20,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_the_job_agent(head_node_id: str, timeout_s: float = 120) -> None:
+    """`ray job submit` goes to the head node's dashboard agent, which registers itself (in Ray's internal KV) a
+    while after the node is up: on a busy 2-core machine later than the 10 s the job server waits for it, and a
+    first job then fails with "No available agent to submit job"."""
+    import time
+
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + timeout_s
+    while not _internal_kv_get(f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_node_id}", namespace=KV_NAMESPACE_DASHBOARD):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the head node's dashboard agent did not register within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """Yield ``(cluster, dashboard_url)``; the test process is connected as a driver."""
@@ -29,12 +46,17 @@ def ray_cluster():
     dashboard_port = _free_port()
     cluster = Cluster(
         initialize_head=True,
+        # the head's dashboard agent, which runs `ray job submit`'s jobs, on a free port too: Ray's fixed default
+        # (52365) is taken by any other Ray head on the machine (a second test session, an embedded default), and
+        # an agent that cannot bind it stays up without its HTTP service, so every job submission fails
         head_node_args={"num_cpus": 2, "resources": {"head_node": 1}, "include_dashboard": True,
-                        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port},
+                        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+                        "dashboard_agent_listen_port": _free_port()},
     )
     cluster.add_node(num_cpus=2, resources={"second_node": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    _wait_for_the_job_agent(cluster.head_node.node_id)
     try:
         yield cluster, f"http://127.0.0.1:{dashboard_port}"
     finally:

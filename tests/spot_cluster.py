@@ -144,7 +144,8 @@ def main() -> None:
     dashboard_port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": args.head_cpus, "gcs_server_port": _free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port, "temp_dir": args.temp_dir, "resources": {"spot_head": 1}})
+        "dashboard_port": dashboard_port, "dashboard_agent_listen_port": _free_port(),  # not Ray's fixed 52365
+        "temp_dir": args.temp_dir, "resources": {"spot_head": 1}})
     nodes = {}
 
     def add():

@@ -275,26 +275,38 @@ def test_a_run_killed_mid_epoch_resumes_from_the_bucket_with_the_same_losses(ray
               f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
               f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=s3-resume", "mlflow.register_name=",
               "mlflow.system_metrics_every_s=0"]
-    whole = subprocess.run([str(BYOL_RAY), "train", *common, "run_name=whole"], capture_output=True, text=True,
-                           timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    # the uninterrupted run goes on beside the interrupted one (1 of the cluster's 4 CPUs each), started first so
+    # that the MLflow experiment exists before the second run looks it up
+    whole_log = open(tmp_path / "whole.log", "wb")
+    whole = subprocess.Popen([str(BYOL_RAY), "train", *common, "run_name=whole"], stdout=whole_log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "runs" / "whole" / "mlflow_run_id").exists():
+            assert whole.poll() is None and time.monotonic() < deadline, (tmp_path / "whole.log").read_text()[-3000:]
+            time.sleep(0.3)
 
-    log = open(tmp_path / "cut.log", "wb")
-    proc = subprocess.Popen([str(BYOL_RAY), "train", *common, "run_name=cut"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    mid = "ckpt/cut/checkpoints/epoch_0000-step_00000006/state.pt"  # 9 steps an epoch: inside the first one
-    deadline = time.monotonic() + 300
-    while mid not in s3_server.keys(bucket, "ckpt/cut/") and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-    assert proc.poll() is None, (tmp_path / "cut.log").read_text()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-epoch; its Train run dies with it
-    proc.wait()
-    assert "ckpt/cut/checkpoints/epoch_0002/state.pt" not in s3_server.keys(bucket)
-    resumed = subprocess.run([str(BYOL_RAY), "train", "--resume", "cut", f"output_dir={tmp_path / 'runs'}"],
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming cut from the latest checkpoint Ray Train recorded as complete" in resumed.stderr, \
-        resumed.stderr[-3000:]
+        log = open(tmp_path / "cut.log", "wb")
+        proc = subprocess.Popen([str(BYOL_RAY), "train", *common, "run_name=cut"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        mid = "ckpt/cut/checkpoints/epoch_0000-step_00000006/state.pt"  # 9 steps an epoch: inside the first one
+        deadline = time.monotonic() + 300
+        while mid not in s3_server.keys(bucket, "ckpt/cut/") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+        assert proc.poll() is None, (tmp_path / "cut.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-epoch; its Train run dies with it
+        proc.wait()
+        assert "ckpt/cut/checkpoints/epoch_0002/state.pt" not in s3_server.keys(bucket)
+        resumed = subprocess.run([str(BYOL_RAY), "train", "--resume", "cut", f"output_dir={tmp_path / 'runs'}"],
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming cut from the latest checkpoint Ray Train recorded as complete" in resumed.stderr, \
+            resumed.stderr[-3000:]
+        whole.wait(timeout=600)
+    finally:
+        if whole.poll() is None:  # the test failed before it ended
+            os.killpg(whole.pid, signal.SIGKILL)
+    assert whole.returncode == 0, (tmp_path / "whole.log").read_text()[-3000:]
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("s3-resume")

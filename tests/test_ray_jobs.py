@@ -59,7 +59,7 @@ def _wait_job(dashboard: str, job_id: str, timeout_s: float = 600) -> str:
         status = _job_status(dashboard, job_id)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     return "TIMEOUT"
 
 
@@ -124,7 +124,7 @@ def test_job_stop_marks_the_run_killed_and_a_resumed_job_continues_it(ray_cluste
     marker = shared / name / "mlflow_run_id"
     deadline = time.monotonic() + 400
     while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.25)
     assert marker.exists(), _logs(dashboard, first)[-3000:]
     run_id = marker.read_text().strip()
     time.sleep(3)  # into training

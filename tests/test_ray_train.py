@@ -322,7 +322,7 @@ def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(ray_cluster, tmp_path
     import signal
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=3", "run_name=ctrlc",
+    cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=2", "run_name=ctrlc",
            f"output_dir={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache", "mlflow.enabled=false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                             start_new_session=True)
@@ -340,4 +340,4 @@ def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(ray_cluster, tmp_path
     done = subprocess.run([*resume.split(), "mlflow.enabled=false"], capture_output=True, text=True, timeout=600,
                           env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming ctrlc from the latest checkpoint Ray Train recorded" in done.stderr and "run ctrlc finished: epoch 3" in done.stderr
+    assert "resuming ctrlc from the latest checkpoint Ray Train recorded" in done.stderr and "run ctrlc finished: epoch 2" in done.stderr
