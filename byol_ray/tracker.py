@@ -341,10 +341,6 @@ class TrackingReporter(Reporter):
         if state is not None:
             self._record_commit(int(metrics["step"]))
 
-    @property
-    def writes_checkpoints(self) -> bool:
-        return self.inner.writes_checkpoints
-
     def replay(self, metrics: dict[str, float]) -> None:
         self.inner.replay(metrics)
 
