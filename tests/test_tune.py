@@ -71,7 +71,7 @@ def test_trial_larger_than_cluster_fails_fast(ray_cluster, tmp_path):
     path = _search(tmp_path, "big")
     with pytest.raises(ConfigError, match="more than the cluster has"):
         run_search(str(path), name="big", overrides=["ray.num_workers=8", "mlflow.enabled=false",
-                                                      f"ray.storage_path={tmp_path}/ray"])
+                                                      f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray"])
 
 
 @pytest.mark.slow
