@@ -79,6 +79,7 @@ def test_a_step_under_cpu_autocast_trains_and_round_trips(precision, tmp_path):
 # ----------------------------------------------------------------------------- (b) torch.compile
 
 
+@pytest.mark.slow  # inductor compiles the step's C++ kernels: ~40 s of CPU, the fast tier's largest case
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor compiles CPU kernels with a C++ compiler; none (g++/c++) on PATH")
 def test_compiled_step_matches_eager():

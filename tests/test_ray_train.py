@@ -315,7 +315,8 @@ def test_embedded_default_starts_a_lean_in_process_ray(ray_cluster, tmp_path):
     assert "Traceback" not in log and "PlacementGroupCleaner" not in log, log[-3000:]
 
 
-def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(ray_cluster, tmp_path):
+# the embedded default starts a Ray of its own: the case needs neither the session's cluster nor its xdist worker
+def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(tmp_path):
     """Ctrl-C as a terminal sends it (SIGINT to the whole foreground group) to the embedded default: Ray aborts
     the workers, the driver exits 130 with the line that resumes the run, and that line, run as printed,
     continues from the run's checkpoint to the end."""
