@@ -35,11 +35,50 @@ pytest_plugins = ["fixtures_s3", "fixtures_mlflow", "fixtures_ray"]
 SESSION_SERVICES = frozenset({"ray_cluster", "mlflow_server"})
 
 
+# `make test` spreads the tests over a few pytest-xdist workers (`-n 3 --dist loadgroup`). The MLflow server and
+# the object store are shared by all of them (tests/shared_services.py). A Ray cluster is not: its tests count on
+# having its CPUs to themselves (a 4-CPU group placed on both nodes, a group that must not fit), so every test that
+# uses the session's cluster runs in one group, on one worker, one after another; so do the spot cases, which share
+# their own cluster (a module fixture).
+XDIST_GROUPS = {"ray_cluster": "ray-cluster", "shared_cluster": "spot-cluster"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if SESSION_SERVICES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SESSION_SERVICES & fixtures:
             item.add_marker(pytest.mark.slow)
+        for fixture, group in XDIST_GROUPS.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")  # after pytest-xdist's own hook
+def pytest_collection_modifyitems_xdist_groups(config, items) -> None:
+    """pytest-xdist's `loadgroup` tells the controller an item's group by a suffix on its node id
+    (``tests/x.py::test@group``). xdist 3.8 writes it to ``item._nodeid``, which pytest 9.2 no longer reads (the
+    id is ``item._id`` now), so the suffix never arrives and grouped tests are spread over every worker: each
+    would start the session's Ray cluster itself. Written here the way pytest 9 keeps it."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = coerce_node_id(item.nodeid + suffix)
+            assert item.nodeid.endswith(suffix)
+
+
+def pytest_sessionfinish(session) -> None:
+    """The session's root process stops the shared servers once every worker is done (tests/shared_services.py)."""
+    from shared_services import is_worker, stop_all
+
+    if not is_worker():
+        stop_all(session.config._tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

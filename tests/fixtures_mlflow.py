@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from shared_services import shared
+
 _SERVER_START_TIMEOUT_S = 240  # first start creates the schema; ~40 s on 2 cores
 
 
@@ -33,47 +35,42 @@ def _healthy(uri: str) -> bool:
 MLFLOW_ARTIFACTS_BUCKET = "mlflow-artifacts"
 
 
+def _mlflow_starter(s3_server):
+    def start(root: Path) -> tuple[dict, int]:
+        port = _free_port()
+        uri = f"http://127.0.0.1:{port}"
+        s3_server.client().create_bucket(Bucket=MLFLOW_ARTIFACTS_BUCKET)
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", f"s3://{MLFLOW_ARTIFACTS_BUCKET}/",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        log = open(root / "server.log", "wb")
+        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}  # the server's boto3 finds the store
+        # Own process group: uvicorn forks workers; stopping the group stops exactly what was started here.
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
+        while not _healthy(uri):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError(f"mlflow server did not become healthy (exit code {proc.poll()}):\n"
+                                   f"{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        return {"uri": uri}, proc.pid
+    return start
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_server) -> str:
-    """Start ``mlflow server`` on 127.0.0.1 and a free port; yields its http URI; stopped at session end.
+    """``mlflow server`` on 127.0.0.1 and a free port, one per test session (shared by its xdist workers; the
+    session's root process stops it at the end: tests/shared_services.py); yields its http URI.
 
     As on a cluster without a shared disk, it serves (proxies) artifacts kept in the session's object store
     (``--artifacts-destination s3://mlflow-artifacts/``): every registered encoder, plot and config of the
     tests lives in that bucket, and clients reach it only through the server.
     """
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    s3_server.client().create_bucket(Bucket=MLFLOW_ARTIFACTS_BUCKET)
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", f"s3://{MLFLOW_ARTIFACTS_BUCKET}/",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = open(root / "server.log", "wb")
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}  # the server's boto3 finds the store
-    # Own process group: uvicorn forks workers; stopping the group stops exactly what this fixture started.
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
-        while not _healthy(uri):
-            if proc.poll() is not None:
-                log_tail = (root / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log_tail}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after {_SERVER_START_TIMEOUT_S}s:\n"
-                                   f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+    return shared(tmp_path_factory, "mlflow", _mlflow_starter(s3_server))["uri"]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ job entrypoints, the MLflow server); the secret is distinctive so tests can chec
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from shared_services import shared
 
 TEST_SECRET = "byol-ray-test-secret-7f3a9c"
 os.environ["AWS_ACCESS_KEY_ID"] = "byol-ray-test-key"
@@ -62,11 +63,9 @@ class ObjectStore:
         self.client().upload_file(str(local), bucket, key)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> ObjectStore:
-    """Start moto's S3 server on 127.0.0.1 and a free port; stopped at session end."""
+def _start_moto(folder: Path) -> tuple[dict, int]:
     port = _free_port()
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    log = folder / "moto.log"
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -78,13 +77,14 @@ def s3_server(tmp_path_factory) -> ObjectStore:
                 break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
                 raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-2000:]}") from None
             time.sleep(0.3)
-    try:
-        yield ObjectStore(endpoint)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    return {"endpoint": endpoint}, proc.pid
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> ObjectStore:
+    """moto's S3 server on 127.0.0.1 and a free port, one per test session (shared by its xdist workers; the
+    session's root process stops it at the end: tests/shared_services.py)."""
+    return ObjectStore(shared(tmp_path_factory, "s3", _start_moto)["endpoint"])

@@ -25,7 +25,9 @@ import torch
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-NAME = "embed-encoder"
+# one name per pytest-xdist worker: the module's fixtures register it (and move its @champion) on the session's
+# shared MLflow server, and a worker must not pull another worker's version
+NAME = "embed-encoder" + (f"-{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
 
 
 def _client(uri: str):
