@@ -35,11 +35,11 @@ pytest_plugins = ["fixtures_s3", "fixtures_mlflow", "fixtures_ray"]
 SESSION_SERVICES = frozenset({"ray_cluster", "mlflow_server"})
 
 
-# `make test` spreads the tests over a few pytest-xdist workers (`-n 3 --dist loadgroup`). The MLflow server and
-# the object store are shared by all of them (tests/shared_services.py). A Ray cluster is not: its tests count on
-# having its CPUs to themselves (a 4-CPU group placed on both nodes, a group that must not fit), so every test that
-# uses the session's cluster runs in one group, on one worker, one after another; so do the spot cases, which share
-# their own cluster (a module fixture).
+# Under pytest-xdist (`make test-fast`: two workers; the whole suite with `-n 3 --dist loadgroup` if asked) the
+# MLflow server and the object store are shared by all workers (tests/shared_services.py). A Ray cluster is not: its
+# tests count on having its CPUs to themselves (a 4-CPU group placed on both nodes, a group that must not fit), so
+# every test that uses the session's cluster runs in one group, on one worker, one after another; so do the spot
+# cases, which share their own cluster (a module fixture).
 XDIST_GROUPS = {"ray_cluster": "ray-cluster", "shared_cluster": "spot-cluster"}
 
 

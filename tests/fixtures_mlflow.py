@@ -1,6 +1,7 @@
 """MLflow fixtures: one real ``mlflow server`` (SQLite backend, artifacts in the object store) per test session."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -35,42 +36,40 @@ def _healthy(uri: str) -> bool:
 MLFLOW_ARTIFACTS_BUCKET = "mlflow-artifacts"
 
 
-def _mlflow_starter(s3_server):
-    def start(root: Path) -> tuple[dict, int]:
-        port = _free_port()
-        uri = f"http://127.0.0.1:{port}"
-        s3_server.client().create_bucket(Bucket=MLFLOW_ARTIFACTS_BUCKET)
-        mlflow_bin = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", f"s3://{MLFLOW_ARTIFACTS_BUCKET}/",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        log = open(root / "server.log", "wb")
-        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}  # the server's boto3 finds the store
-        # Own process group: uvicorn forks workers; stopping the group stops exactly what was started here.
+def _start_mlflow(s3_server, root: Path) -> tuple[dict, int]:
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    s3_server.client().create_bucket(Bucket=MLFLOW_ARTIFACTS_BUCKET)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", f"s3://{MLFLOW_ARTIFACTS_BUCKET}/",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}  # the server's boto3 finds the store
+    # Own process group: uvicorn forks workers; stopping the group stops exactly what was started here.
+    with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
-        while not _healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"mlflow server did not become healthy (exit code {proc.poll()}):\n"
-                                   f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        return {"uri": uri}, proc.pid
-    return start
+    deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
+    while not _healthy(uri):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"mlflow server did not become healthy (exit code {proc.poll()}):\n"
+                               f"{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    return {"uri": uri}, proc.pid
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_server) -> str:
     """``mlflow server`` on 127.0.0.1 and a free port, one per test session (shared by its xdist workers; the
-    session's root process stops it at the end: tests/shared_services.py); yields its http URI.
+    session's root process stops it at the end: tests/shared_services.py); returns its http URI.
 
     As on a cluster without a shared disk, it serves (proxies) artifacts kept in the session's object store
     (``--artifacts-destination s3://mlflow-artifacts/``): every registered encoder, plot and config of the
     tests lives in that bucket, and clients reach it only through the server.
     """
-    return shared(tmp_path_factory, "mlflow", _mlflow_starter(s3_server))["uri"]
+    return shared(tmp_path_factory, "mlflow", functools.partial(_start_mlflow, s3_server))["uri"]
 
 
 @pytest.fixture

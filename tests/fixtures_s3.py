@@ -67,8 +67,9 @@ def _start_moto(folder: Path) -> tuple[dict, int]:
     port = _free_port()
     log = folder / "moto.log"
     moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

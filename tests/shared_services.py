@@ -1,11 +1,10 @@
 """Servers that one test session shares across its pytest-xdist worker processes (the object store, MLflow).
 
-`make test` runs the suite in a few worker processes (pytest-xdist) on the same machine. A session-scoped
-fixture runs once per *worker*, so left alone each worker would start its own MLflow server and object store.
-Instead, the first worker that needs a service starts it, in a process group of its own that outlives that
-worker, and records where it listens; the other workers read the record. The session's root process (the xdist
-controller, or the only process of a plain `pytest` run) stops every recorded service when the session ends,
-after all workers are done with them.
+Under pytest-xdist (`make test-fast` runs on two workers) a session-scoped fixture runs once per *worker*, so left
+alone each worker would start its own MLflow server and object store. Instead, the first worker that needs a
+service starts it, in a process group of its own that outlives that worker, and records where it listens; the
+other workers read the record. The session's root process (the xdist controller, or the only process of a plain
+`pytest` run such as `make test`) stops every recorded service when the session ends, after all workers are done.
 
 The record lives in the session's temporary root: the controller's basetemp, which xdist makes the parent of
 every worker's basetemp (``.../pytest-N/popen-gw0``).
@@ -50,28 +49,21 @@ def shared(tmp_path_factory, name: str, start: Callable[[Path], tuple[dict, int]
 
 
 def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a group whose processes have all exited but not yet been reaped by their (foreign) parent still answers;
-    # reap what is ours, and count zombies as gone
+    """Whether any process of the group still runs. Zombies do not count: a service started by a worker that has
+    exited is an orphan, and nothing may reap it here; what is this process's own child is reaped first."""
     try:
         while os.waitpid(-pgid, os.WNOHANG)[0]:
             pass
     except ChildProcessError:
         pass
-    states = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
             continue
-        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ...
-            states.append(fields[0])
-    return any(state != "Z" for state in states)
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def stop_all(tmp_path_factory) -> None:
