@@ -11,7 +11,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from byol_ray.augment import ViewAugment
+from byol_ray.augment_recipe import ViewAugment
 from byol_ray.errors import ConfigError, NoSpaceError  # noqa: F401 - their home for every caller
 
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "byol_ray"
 # The pure core (docs/design.md): it runs where Ray, MLflow and FFCV cannot be installed.
-CORE = ("augment", "byol", "cadence", "checkpoint", "config", "dist", "encoders", "engine", "errors", "lars", "loss",
+CORE = ("augment", "augment_recipe", "byol", "cadence", "checkpoint", "config", "dist", "encoders", "engine", "errors", "lars", "loss",
         "preprocess", "progress", "schedules")
 EDGE_PACKAGES = ("ray", "mlflow", "ffcv", "numba")
 
@@ -136,3 +136,24 @@ def test_evaluation_sits_below_validation_and_the_downstream_jobs():
                                                                 "byol_ray.session", "byol_ray.registry")))
         assert not upward, f"{name} imports upward: {upward}"
     assert not any(t.startswith("byol_ray.downstream") for t in edges["byol_ray.validation"])
+
+
+def test_the_config_and_a_commands_bad_input_load_without_torch():
+    """`byol-ray config` and a mistyped key answer without importing torch (about 1.3 s of a 2-core machine's CPU
+    per command, and every refused command pays it before its one line)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from byol_ray.config import load_config\n"
+             "load_config(['demo'], ['train.epochs=2'])\n"
+             "try:\n"
+             "    load_config(['demo'], ['train.epoch=2'])\n"
+             "except ValueError as exc:\n"
+             "    assert 'train.epochs' in str(exc), exc\n"
+             "else:\n"
+             "    raise AssertionError('a mistyped key was accepted')\n"
+             "print(sorted(m for m in ('torch', 'numpy', 'ray', 'mlflow') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
