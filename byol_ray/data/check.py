@@ -28,6 +28,7 @@ def require_ffcv(hint: str) -> None:
 
     threads = torch.get_num_threads()
     try:
+        _cache_numba_typed_dict()
         import ffcv  # noqa: F401
         import ffcv.loader  # noqa: F401
         import ffcv.writer  # noqa: F401
@@ -36,6 +37,29 @@ def require_ffcv(hint: str) -> None:
     finally:
         torch.set_num_threads(threads)
     _ignore_numba_finalizer_race()
+
+
+def _cache_numba_typed_dict() -> None:
+    """Keep numba's compiled typed-dict operations on disk, so that importing FFCV costs a process about 2 s less.
+
+    FFCV fills a numba typed dict when it is imported (``ffcv.fields.rgb_image.IMAGE_MODES``), and numba compiles
+    the dict's operations for it in every process, anew: about 2 s of CPU on the 2-core machine, in each Ray Train
+    worker, driver and ``prepare`` (measured: docs/design.md, "The test suite"). Numba's own on-disk cache (what
+    ``@njit(cache=True)`` turns on: next to numba's sources, else the user's cache folder, or ``NUMBA_CACHE_DIR``)
+    makes that a load. The compiled code is the same; where nothing can be cached, nothing changes.
+    """
+    try:
+        from numba.core.dispatcher import Dispatcher
+        from numba.typed import typeddict
+    except ImportError:  # no numba: FFCV's own import names what is missing
+        return
+    for name in ("_make_dict", "_setitem", "_getitem", "_length", "_contains"):
+        dispatcher = getattr(typeddict, name, None)
+        if isinstance(dispatcher, Dispatcher) and dispatcher._cache.__class__.__name__ == "NullCache":
+            try:
+                dispatcher.enable_caching()
+            except RuntimeError:  # no writable cache location: compile as before
+                return
 
 
 def _ignore_numba_finalizer_race() -> None:
