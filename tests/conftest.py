@@ -18,6 +18,12 @@ os.environ.setdefault("NUMBA_OPT", "0")  # FFCV pipelines compile ~3x faster; te
 # are noticed up to 2 s late, a wait that tiny test runs (a few seconds of training each) add up over the session.
 # Ray Train hands the variable on from the driver to its controller; Ray nodes started here inherit it as well.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The test session's Ray clusters (its own two nodes, the spot cluster) run lean, as the embedded default does
+# (byol_ray.ray_connect.LOCAL_RAY_ENV): no Prometheus export from each process, and no idle workers pre-started for
+# a new job's driver (each a Python process start, ~2 s of CPU here). The nodes, and every job and driver started
+# here, inherit it.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # As with an activated virtual environment: `byol-ray` and `ray` on PATH, for this process and for the Ray
 # nodes and job entrypoints it starts (the README's commands name them without a path).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

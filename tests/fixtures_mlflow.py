@@ -45,7 +45,10 @@ def _start_mlflow(s3_server, root: Path) -> tuple[dict, int]:
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", f"s3://{MLFLOW_ARTIFACTS_BUCKET}/",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}  # the server's boto3 finds the store
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,  # the server's boto3 finds the store
+           # MLflow 3's server also starts a job runner and seven huey consumer processes for its own jobs (trace
+           # roll-ups, scorers), which nothing here uses: about 25 s of a 2-core machine's CPU at each start
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # Own process group: uvicorn forks workers; stopping the group stops exactly what was started here.
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
