@@ -127,26 +127,54 @@ def test_progress_and_messages_once_under_ray_trains_print_patch(monkeypatch):
 # ----------------------------------------------------------------------------- real runs (slow)
 
 
-@pytest.mark.slow
-def test_embedded_default_console_is_quiet(tmp_path):
-    """`byol-ray train` as a newcomer runs it (no RAY_ADDRESS, no RAY_AUTH_MODE, the local MLflow store): no
-    Ray-internal or Ray WARNING line, each progress line once, the run's outputs all there."""
+def test_embedded_default_is_a_lean_private_ray_with_a_quiet_console(ray_cluster, tmp_path):
+    """`byol-ray train` as a newcomer runs it (no RAY_ADDRESS, no RAY_AUTH_MODE, the local MLflow store): it starts
+    a lean in-process Ray of its own and prints no Ray-internal or Ray WARNING line, each progress line once, with
+    the run's outputs all there.
+
+    It does not join the cluster `ray start` (here: this test session's) last recorded on the machine, which is
+    what Ray's own `ray.init()` without an address would do. Here that record names a dead cluster (a killed
+    `ray start`): Ray's own init then waited forever, and Ray Train's placement-group cleaner, which looked the
+    State API up through the record, hung at the end and printed a traceback. One run checks both, as each costs
+    a Ray start and a training run on 2 cores."""
+    import socket
+    import tempfile
+
+    recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    assert recorded.is_file(), "no cluster recorded on this machine: the case under test is not set up"
+    with socket.socket() as probe:  # a port nothing listens on: the dead cluster's address
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    before = set(Path(tempfile.gettempdir()).glob("ray/session_*"))
+    # the product's own settings for its private Ray, not the ones this test session gives its clusters
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", VERBOSE_ENV,
-                        ray_connect.SKIP_ENV)}
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", VERBOSE_ENV, ray_connect.SKIP_ENV,
+                        *ray_connect.LOCAL_RAY_ENV)}
     env["HOME"] = str(tmp_path / "home")  # Ray keeps the token it makes for a new local cluster here
     start = time.monotonic()
-    out = subprocess.run([str(BIN / "byol-ray"), "train", *TINY, "run_name=quiet", f"data.cache_dir={tmp_path}/cache"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    live = recorded.read_text()
+    recorded.write_text(dead)
+    try:
+        out = subprocess.run([str(BIN / "byol-ray"), "train", *TINY, "run_name=quiet",
+                              f"data.cache_dir={tmp_path}/cache"],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    finally:
+        recorded.write_text(live)  # the session cluster's record, for whatever reads it later
+    started_here = set(Path(tempfile.gettempdir()).glob("ray/session_*")) - before
     console = out.stdout + out.stderr
     assert out.returncode == 0, console[-4000:]
     print(f"embedded run: {time.monotonic() - start:.0f} s")
+    assert "Ray: an in-process local Ray of its own" in out.stderr and started_here, console[-4000:]
     assert not RAY_INTERNAL.findall(console) and "Traceback" not in console, console[-4000:]
+    assert "PlacementGroupCleaner" not in console, console[-4000:]
     assert not re.search(r"\t(WARNING|ERROR) \S+\.py:\d+ -- ", console), console[-4000:]  # Ray's own logger
     assert not re.search(r" (INFO|WARNING) mlflow\.", console), console[-4000:]  # MLflow's set-up and monitor lines
+    # our progress lines, not Ray Train's per-report dumps
+    assert "Reporting training result" not in console, console[-4000:]
     progress = _progress(console)
     assert {int(PROGRESS.match(line).group(1)) for line in progress} == _expected_steps(), console[-4000:]
     assert set(progress.values()) == {1}, progress
+    assert "run quiet finished: epoch 1" in console, console[-4000:]
     run = tmp_path / "runs" / "quiet"
     assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "epoch_0001" / "state.pt").is_file()
     assert "registered encoder: models:/byol-demo-encoder/1" in console

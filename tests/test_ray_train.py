@@ -4,10 +4,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -277,42 +275,6 @@ def test_validation_without_cpus_of_its_own_fails_fast(ray_cluster, workdir, cif
     with pytest.raises(ConfigError, match=r"validation \(data.val\) needs eval.cpus=4 CPU\(s\) beside the 1 of the "
                                           r"workers, but the cluster has 4"):
         launch(cfg)
-
-
-def test_embedded_default_starts_a_lean_in_process_ray(ray_cluster, tmp_path):
-    """`byol-ray train` with no address starts a Ray of its own (without metrics export or pre-started idle
-    workers, whose CPU is the training's on a small machine), and the run completes with its summary. It does
-    not join the cluster `ray start` (here: this test session's) last recorded on the machine, which is what
-    Ray's own `ray.init()` without an address would do. Here that record names a dead cluster (a killed
-    `ray start`): Ray's own init then waited forever, and Ray Train's placement-group cleaner, which looked the
-    State API up through the record, hung at the end and printed a traceback."""
-    import socket
-
-    recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    assert recorded.is_file(), "no cluster recorded on this machine: the case under test is not set up"
-    with socket.socket() as probe:  # a port nothing listens on: the dead cluster's address
-        probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
-    before = set(Path(tempfile.gettempdir()).glob("ray/session_*"))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=1", "run_name=embedded",
-           f"output_dir={tmp_path}/runs", f"ray.storage_path={tmp_path}/ray", f"data.cache_dir={tmp_path}/cache"]
-    live = recorded.read_text()
-    recorded.write_text(dead)
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    finally:
-        recorded.write_text(live)  # the session cluster's record, for whatever reads it later
-    started_here = set(Path(tempfile.gettempdir()).glob("ray/session_*")) - before
-    assert "Ray: an in-process local Ray of its own" in out.stderr, out.stderr[-3000:]
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-3000:]
-    assert started_here, "the run did not start a Ray of its own"
-    assert "run embedded finished: epoch 1" in log
-    assert (tmp_path / "ray" / "embedded" / "checkpoints" / "epoch_0001" / "state.pt").exists()
-    # quiet by default: our progress lines, not Ray Train's per-report dumps
-    assert "step " in log and "Reporting training result" not in log, log[-3000:]
-    assert "Traceback" not in log and "PlacementGroupCleaner" not in log, log[-3000:]
 
 
 # the embedded default starts a Ray of its own: the case needs neither the session's cluster nor its xdist worker
