@@ -24,6 +24,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # here, inherit it.
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# `ray job stop` leaves a job's driver RAY_JOB_STOP_WAIT_TIME_S between SIGTERM and SIGKILL (Ray's default 3 s), in
+# which it marks its MLflow run KILLED; under a parallel session's load that took longer (README: a busy head sets it).
+os.environ.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "30")
 # Under pytest-xdist each worker gets its share of the cores for torch's threads (and OpenMP's, in the commands it
 # starts): with two workers on two cores each otherwise runs two threads, and OpenMP's spinning threads made the
 # in-process training cases run 5x slower than alone (measured: test_engine's mid-epoch resume, 10 s alone, 53 s).
@@ -53,6 +56,9 @@ SESSION_SERVICES = frozenset({"ray_cluster", "mlflow_server"})
 # every test that uses the session's cluster runs in one group, on one worker, one after another; so do the spot
 # cases, which share their own cluster (a module fixture).
 XDIST_GROUPS = {"ray_cluster": "ray-cluster", "shared_cluster": "spot-cluster"}
+# The session cluster's tests are the longest chain (some 15 minutes in one process), so they form two groups by
+# module, of about equal time: each group runs on one worker, which starts a session cluster of its own.
+RAY_CLUSTER_FIRST_HALF = frozenset({"test_tune", "test_object_store", "test_console", "test_bench_scripts"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
@@ -63,6 +69,8 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
         for fixture, group in XDIST_GROUPS.items():
             if fixture in fixtures:
+                if fixture == "ray_cluster":
+                    group += "-a" if item.path.stem in RAY_CLUSTER_FIRST_HALF else "-b"
                 item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -127,40 +127,42 @@ def test_progress_and_messages_once_under_ray_trains_print_patch(monkeypatch):
 # ----------------------------------------------------------------------------- real runs (slow)
 
 
-def test_embedded_default_is_a_lean_private_ray_with_a_quiet_console(ray_cluster, tmp_path):
+@pytest.mark.slow
+def test_embedded_default_is_a_lean_private_ray_with_a_quiet_console(tmp_path):
     """`byol-ray train` as a newcomer runs it (no RAY_ADDRESS, no RAY_AUTH_MODE, the local MLflow store): it starts
     a lean in-process Ray of its own and prints no Ray-internal or Ray WARNING line, each progress line once, with
     the run's outputs all there.
 
-    It does not join the cluster `ray start` (here: this test session's) last recorded on the machine, which is
-    what Ray's own `ray.init()` without an address would do. Here that record names a dead cluster (a killed
-    `ray start`): Ray's own init then waited forever, and Ray Train's placement-group cleaner, which looked the
-    State API up through the record, hung at the end and printed a traceback. One run checks both, as each costs
-    a Ray start and a training run on 2 cores."""
+    It does not join the cluster `ray start` last recorded on the machine, which is what Ray's own `ray.init()`
+    without an address would do. Here that record names a dead cluster (a killed `ray start`): Ray's own init
+    then waited forever, and Ray Train's placement-group cleaner, which looked the State API up through the
+    record, hung at the end and printed a traceback. One run checks both, as each costs a Ray start and a training
+    run on 2 cores. The machine is the command's own temporary folder (TMPDIR, where Ray keeps the record and its
+    sessions), so that no other Ray of this test session reads the dead record."""
+    import shutil
     import socket
     import tempfile
 
-    recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    assert recorded.is_file(), "no cluster recorded on this machine: the case under test is not set up"
+    machine_tmp = Path(tempfile.mkdtemp(prefix="bq", dir="/tmp"))  # short: Ray's socket paths live below it
+    recorded = machine_tmp / "ray" / "ray_current_cluster"
+    recorded.parent.mkdir()
     with socket.socket() as probe:  # a port nothing listens on: the dead cluster's address
         probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
-    before = set(Path(tempfile.gettempdir()).glob("ray/session_*"))
+        recorded.write_text(f"127.0.0.1:{probe.getsockname()[1]}")
     # the product's own settings for its private Ray, not the ones this test session gives its clusters
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", VERBOSE_ENV, ray_connect.SKIP_ENV,
-                        *ray_connect.LOCAL_RAY_ENV)}
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_TMPDIR", VERBOSE_ENV,
+                        ray_connect.SKIP_ENV, *ray_connect.LOCAL_RAY_ENV)}
     env["HOME"] = str(tmp_path / "home")  # Ray keeps the token it makes for a new local cluster here
+    env["TMPDIR"] = str(machine_tmp)
     start = time.monotonic()
-    live = recorded.read_text()
-    recorded.write_text(dead)
     try:
         out = subprocess.run([str(BIN / "byol-ray"), "train", *TINY, "run_name=quiet",
                               f"data.cache_dir={tmp_path}/cache"],
                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        started_here = list(machine_tmp.glob("ray/session_2*"))
     finally:
-        recorded.write_text(live)  # the session cluster's record, for whatever reads it later
-    started_here = set(Path(tempfile.gettempdir()).glob("ray/session_*")) - before
+        shutil.rmtree(machine_tmp, ignore_errors=True)
     console = out.stdout + out.stderr
     assert out.returncode == 0, console[-4000:]
     print(f"embedded run: {time.monotonic() - start:.0f} s")

@@ -180,11 +180,16 @@ def _kill_a_worker_after_first_checkpoint(cfg, done: threading.Event, killed: li
     while not done.is_set() and not (snapshot.exists() and "epoch_0001" in snapshot.read_text()):
         time.sleep(0.2)
     time.sleep(1.0)  # into epoch 2
-    for proc in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and not done.is_set():
-            proc.kill()
-            killed.append(proc.pid)
-            return
+    # a worker of this cluster's run, as the cluster lists them: another test's run on another Ray of the machine
+    # (pytest-xdist) is not this one's to kill
+    from ray.util.state import list_actors
+
+    for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000):
+        if actor.pid and not done.is_set():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(actor.pid).kill()
+                killed.append(actor.pid)
+                return
 
 
 def launch_killing_a_worker(cfg) -> None:
