@@ -26,13 +26,12 @@ setup:
 demo: setup
 	$(VENV)/bin/byol-ray train
 
-# `make test` runs the suite in one process. `make test-fast` (no Ray cluster, no MLflow server) spreads its tests
-# over two pytest-xdist workers, one per core. The whole suite can run the same way (`pytest -n 3 --dist loadgroup`;
-# tests/conftest.py keeps the tests of the session's Ray cluster and of the spot cluster each on one worker, and the
-# MLflow server and object store are shared by all workers: tests/shared_services.py), but it is CPU-bound, so that
-# gained a fifth, not the 20-minute target (docs/design.md, "The test suite").
+# Both spread the tests over pytest-xdist workers: `make test` over three (tests/conftest.py keeps the tests of each
+# session Ray cluster, and the spot cases, each on one worker; the MLflow server and object store are shared by all
+# workers: tests/shared_services.py), `make test-fast` (no Ray cluster, no MLflow server) over two. The suite is
+# CPU-bound on two cores; measured times: docs/design.md, "The test suite". One process: `.venv/bin/python -m pytest`.
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow"

@@ -118,7 +118,7 @@ def test_job_stop_marks_the_run_killed_and_a_resumed_job_continues_it(ray_cluste
     shared = tmp_path / "shared"
     name = "stopped"
     args = ["byol-ray", "train", "--config", "demo", f"run_name={name}", f"output_dir={shared}",
-            f"mlflow.tracking_uri={mlflow_server}", f"data.cache_dir={shared}/cache", "train.epochs=3"]
+            f"mlflow.tracking_uri={mlflow_server}", f"data.cache_dir={shared}/cache", "train.epochs=4"]
     first = f"stop-{os.getpid()}-{int(time.time())}"
     _submit_no_wait(dashboard, first, *args)
     marker = shared / name / "mlflow_run_id"
@@ -127,7 +127,12 @@ def test_job_stop_marks_the_run_killed_and_a_resumed_job_continues_it(ray_cluste
         time.sleep(0.25)
     assert marker.exists(), _logs(dashboard, first)[-3000:]
     run_id = marker.read_text().strip()
-    time.sleep(3)  # into training
+    # into the second epoch: a new run stopped before its first epoch ends leaves nothing to resume (its folder is
+    # removed, so that the name is free again), whatever the machine's load
+    epoch_end = shared / name / "metrics.jsonl"
+    while not epoch_end.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert epoch_end.exists(), _logs(dashboard, first)[-3000:]
     stop = _ray("job", "stop", "--address", dashboard, first, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert _wait_job(dashboard, first, 120) == "STOPPED"
@@ -146,4 +151,4 @@ def test_job_stop_marks_the_run_killed_and_a_resumed_job_continues_it(ray_cluste
     # the curve continues on the global-step axis (an epoch the stop cut short is trained, and logged, again)
     steps = sorted({m.step for m in client.get_metric_history(run_id, "epoch_loss")})
     final = json.loads((shared / name / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["epoch"] == 3 and steps == [final["step"] // 3 * k for k in (1, 2, 3)]
+    assert final["epoch"] == 4 and steps == [final["step"] // 4 * k for k in (1, 2, 3, 4)]

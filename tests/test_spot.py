@@ -210,7 +210,7 @@ def test_spot_watch_turns_an_ec2_notice_into_a_checkpoint_at_once_and_the_run_fi
         # garbage first: a malformed notice, then a failing service; one log line each, and nothing drains
         # (the run below gets a worker on that node)
         def logged(text: str, count: int = 1):
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a wait, not a speed limit: the machine may be running other tests
             while watch_log.read_text().count(text) < count:
                 assert watcher.poll() is None and time.monotonic() < deadline, watch_log.read_text()
                 time.sleep(0.2)
@@ -224,8 +224,8 @@ def test_spot_watch_turns_an_ec2_notice_into_a_checkpoint_at_once_and_the_run_fi
         metadata.status = None
         logged("metadata readable again", 2)
         polls = metadata.gets("/latest/meta-data/spot/instance-action")
-        time.sleep(1)
-        assert metadata.gets("/latest/meta-data/spot/instance-action") >= polls + 3  # still polling, every 0.2 s
+        time.sleep(2)
+        assert metadata.gets("/latest/meta-data/spot/instance-action") >= polls + 3  # still polling (every 0.2 s)
         lines = watch_log.read_text().splitlines()
         assert sum("malformed" in line for line in lines) == 1 and sum("HTTP 500" in line for line in lines) == 1
         proc, log = _start_run(spot_cluster, tmp_path, "spot", cifar_small, mlflow_server, "train.epochs=5",
@@ -233,27 +233,27 @@ def test_spot_watch_turns_an_ec2_notice_into_a_checkpoint_at_once_and_the_run_fi
         _wait("an epoch on two workers", lambda: any(r["world_size"] == 2 for r in _history(tmp_path, "spot")),
               proc, log)
         assert watcher.poll() is None, watch_log.read_text()
-        # the notice: EC2 gives the time the instance goes, two minutes out there, 20 s here
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 20))
+        # the notice: EC2 gives the time the instance goes, two minutes out there, 30 s here
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
         metadata.instance_action = json.dumps({"action": "terminate", "time": stamp})
         drained = json.loads(watcher.communicate(timeout=30)[0])
         assert watcher.returncode == 0 and drained["node_id"] == spot_cluster.node
-        assert 15 <= drained["deadline_s"] <= 20
+        assert 15 <= drained["deadline_s"] <= 30  # the notice's time, not a default
         assert f"terminate at {stamp}: drained Ray node {spot_cluster.node[:12]}" in watch_log.read_text()
 
         client, run_id = _mlflow_run(mlflow_server, tmp_path, "spot")
         step = int(_wait("the preemption notice in MLflow", lambda: client.get_run(run_id).data.tags.get(
-            "preemption.last_notice_step"), proc, log, timeout=60))
+            "preemption.last_notice_step"), proc, log, timeout=120))
         # its checkpoint: mid-epoch, or the epoch end's when the notice came at an epoch's last step
         name = f"epoch_{step // 9:04d}" if step % 9 == 0 else f"epoch_{step // 9:04d}-step_{step:08d}"
         checkpoint = tmp_path / "runs" / "spot" / "checkpoints" / name / "state.pt"
-        _wait(f"the checkpoint {name}", checkpoint.exists, proc, log, timeout=60)
+        _wait(f"the checkpoint {name}", checkpoint.exists, proc, log, timeout=120)
         committed = float(_wait("the checkpoint's commit in MLflow", lambda: client.get_run(run_id).data.tags.get(
-            "preemption.last_committed_at"), proc, log, timeout=60))
+            "preemption.last_committed_at"), proc, log, timeout=120))
         # Ray Train restarts the group without the draining node; the node, idle then, leaves the cluster
         # before the cloud's deadline, and Ray keeps the cloud's words as the reason
         gone = _wait("the drained node to leave", lambda: _dead_node(spot_cluster, spot_cluster.node), proc, log,
-                     timeout=60)
+                     timeout=120)
         text = _finish(proc, log)
     finally:
         metadata.close()
@@ -262,7 +262,7 @@ def test_spot_watch_turns_an_ec2_notice_into_a_checkpoint_at_once_and_the_run_fi
 
     tags = client.get_run(run_id).data.tags
     assert int(tags["preemption.last_notice_step"]) == step  # the checkpoint is at the step of the notice
-    assert json.loads(tags["preemption.last_notice"])["deadline_s"] <= 20
+    assert json.loads(tags["preemption.last_notice"])["deadline_s"] <= 30
     assert gone.death_info.reason == gone.death_info.AUTOSCALER_DRAIN_PREEMPTED
     assert f"aws spot instance-action: terminate at {stamp}" in gone.death_info.reason_message  # the cloud's words
     # committed inside the deadline the cloud gave
