@@ -4,7 +4,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torchvision
 from torch import nn
 
 # feature dimension after global average pooling
@@ -56,6 +55,8 @@ def build_encoder(name: str, *, cifar_stem: bool = False, bn_momentum: float = 0
         return TinyEncoder(norm_layer=norm_layer, widths=TINY_WIDTHS[name])
     if name not in FEATURE_DIMS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join([*TINY_WIDTHS, *FEATURE_DIMS])}")
+    import torchvision.models  # here, not at the top: about 1 s of import that the tiny and small encoders skip
+
     net = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -157,3 +157,21 @@ def test_the_config_and_a_commands_bad_input_load_without_torch():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_run_of_the_tiny_encoder_imports_no_torchvision():
+    """torchvision (about 1 s of import on 2 cores) is for the ResNets only: every process of a tiny-encoder run (the
+    demo, the tests), its Ray Train workers among them, starts without it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "import byol_ray.ray_train, byol_ray.train, byol_ray.registry\n"
+             "from byol_ray.encoders import build_encoder\n"
+             "assert build_encoder('tiny').feature_dim == 128\n"
+             "print('torchvision' in sys.modules)\n"
+             "assert build_encoder('resnet18').feature_dim == 512\n"
+             "print('torchvision' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"], out.stdout
