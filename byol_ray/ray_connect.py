@@ -4,6 +4,7 @@ Shared by every command that runs on Ray (``train``, ``tune``, ``embed``, ``serv
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -75,6 +76,17 @@ def init_ray(address: str = "") -> None:
 
     if ray.is_initialized():
         return
+    global _embedded
+    _embedded = not address
+    with _one_local_start_at_a_time() if not address else contextlib.nullcontext():
+        context = _init(ray, address)
+    where = (f"the cluster at {address}" if address else
+             "an in-process local Ray of its own (set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
+    say(f"Ray: {where}; dashboard {getattr(context, 'dashboard_url', '') or 'off'}")
+
+
+def _init(ray, address: str):
+    """``ray.init``: to the cluster at ``address``, else a new local Ray with the embedded default's options."""
     local = {}
     if not address:
         for key, value in LOCAL_RAY_ENV.items():
@@ -90,13 +102,26 @@ def init_ray(address: str = "") -> None:
             # Ray 2.60 turns token authentication on for a new local Ray unless RAY_AUTH_MODE says otherwise, and
             # says so in a WARNING at every start; this one is private to the process and bound to loopback
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    global _embedded
-    _embedded = not address
-    context = ray.init(address=address or "local", log_to_driver=True,
-                       logging_level=logging.INFO if verbose() else logging.WARNING, **local)
-    where = (f"the cluster at {address}" if address else
-             "an in-process local Ray of its own (set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
-    say(f"Ray: {where}; dashboard {getattr(context, 'dashboard_url', '') or 'off'}")
+    return ray.init(address=address or "local", log_to_driver=True,
+                    logging_level=logging.INFO if verbose() else logging.WARNING, **local)
+
+
+@contextlib.contextmanager
+def _one_local_start_at_a_time():
+    """A machine-wide lock around choosing the local Ray's dashboard port and starting it (``ray.init`` returns once
+    the dashboard listens): two commands started at the same moment both found 8265 free, and the second one's
+    dashboard then failed to bind it, printing a traceback and leaving Ray Train without its State API. Without a
+    writable /tmp there is no lock, as before. /tmp, not $TMPDIR: ports belong to the machine."""
+    import fcntl
+
+    try:
+        lock = open("/tmp/byol-ray-local-ray-start.lock", "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _free_port(preferred: int) -> int:

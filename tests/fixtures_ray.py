@@ -44,6 +44,29 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     dashboard_port = _free_port()
+    # Ray's own processes (Ray Train's placement-group cleaner, for one) find the State API through
+    # RAY_API_SERVER_ADDRESS, else by looking for a GCS process on the machine, which under pytest-xdist finds
+    # several clusters and takes the newest ("Found multiple active Ray instances"). This cluster's processes, and
+    # the jobs they start, inherit its own dashboard's address; this process and the commands tests start do not.
+    api_server = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        cluster = _start_cluster(Cluster, dashboard_port)
+    finally:
+        if api_server is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS")
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = api_server
+    ray.init(address=cluster.address)
+    _wait_for_the_job_agent(cluster.head_node.node_id)
+    try:
+        yield cluster, f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _start_cluster(Cluster, dashboard_port: int):
     cluster = Cluster(
         initialize_head=True,
         # the head's dashboard agent, which runs `ray job submit`'s jobs, on a free port too: Ray's fixed default
@@ -55,10 +78,4 @@ def ray_cluster():
     )
     cluster.add_node(num_cpus=2, resources={"second_node": 1})
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    _wait_for_the_job_agent(cluster.head_node.node_id)
-    try:
-        yield cluster, f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    return cluster

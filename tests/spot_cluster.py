@@ -142,6 +142,9 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     dashboard_port = _free_port()
+    # the State API of this cluster, not the newest of the machine's Ray instances (the test session's own clusters
+    # run beside it): what Ray Train's placement-group cleaner and controller look up
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": args.head_cpus, "gcs_server_port": _free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard_port, "dashboard_agent_listen_port": _free_port(),  # not Ray's fixed 52365

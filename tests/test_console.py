@@ -198,33 +198,5 @@ def test_embedded_default_verbose_shows_rays_own_detail(tmp_path):
     assert set(_progress(console).values()) == {1}
 
 
-@pytest.mark.slow
-def test_each_progress_line_once_under_ray_job_logs(ray_cluster, mlflow_server, tmp_path):
-    """`ray job submit` on the session's cluster, then `ray job logs`: each progress line once, no Ray-internal
-    line, and the run's outputs all there."""
-    from mlflow import MlflowClient
-
-    _, dashboard = ray_cluster
-    shared = tmp_path / "shared"
-    job_id = f"console-{os.getpid()}-{int(time.time())}"
-    start = time.monotonic()
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--",
-         "byol-ray", "train", *TINY, "run_name=job", f"output_dir={shared}", f"data.cache_dir={shared}/cache",
-         f"mlflow.tracking_uri={mlflow_server}"],
-        capture_output=True, text=True, timeout=900)
-    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
-    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", dashboard, job_id],
-                          capture_output=True, text=True, timeout=120)
-    assert logs.returncode == 0, logs.stderr[-2000:]
-    console = logs.stdout
-    print(f"job: {time.monotonic() - start:.0f} s")
-    progress = _progress(console)
-    assert {int(PROGRESS.match(line).group(1)) for line in progress} == _expected_steps(), console[-4000:]
-    assert set(progress.values()) == {1}, progress
-    assert not RAY_INTERNAL.findall(console), console[-4000:]
-    assert console.count("run job finished: epoch 1") == 1, console[-4000:]
-    run = shared / "job"
-    assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "epoch_0001" / "state.pt").is_file()
-    run_id = (run / "mlflow_run_id").read_text().strip()
-    assert MlflowClient(tracking_uri=mlflow_server).get_run(run_id).info.status == "FINISHED"
+# Each progress line once under `ray job logs`, on the session's cluster: checked on the README's own `ray job submit`
+# command, in tests/test_ray_jobs.py (test_readme_cluster_command_keeps_every_output), one job for both.

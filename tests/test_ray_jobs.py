@@ -101,6 +101,25 @@ def test_readme_cluster_command_keeps_every_output(ray_cluster, mlflow_server, t
     name, version = tags["registered_model"].split("/")
     assert client.get_model_version(name, version).run_id == run_id
 
+    # `ray job logs`, as its user reads the job again: each progress line once (Ray Train V2's print patch had
+    # doubled them), no Ray-internal line, the end once
+    import yaml
+
+    from test_console import PROGRESS, RAY_INTERNAL, _progress
+
+    logs = _ray("job", "logs", "--address", dashboard, tags["ray.submission_id"], timeout=120)
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    console = logs.stdout
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    every, epochs = config["train"]["log_every_steps"], config["train"]["epochs"]
+    last_step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    progress = _progress(console)
+    assert {int(PROGRESS.match(line).group(1)) for line in progress} == set(range(every, last_step + 1, every)), \
+        console[-4000:]
+    assert set(progress.values()) == {1}, progress
+    assert not RAY_INTERNAL.findall(console), console[-4000:]
+    assert console.count(f"run {config['run_name']} finished: epoch {epochs}") == 1, console[-4000:]
+
 
 def test_relative_outputs_under_a_job_are_refused_before_any_work(ray_cluster, tmp_path):
     _, dashboard = ray_cluster

@@ -152,7 +152,7 @@ def test_multi_node_run_places_workers_on_both_nodes_and_listens_on_loopback_onl
 
     cfg = _cfg(workdir, "multinode", "train.epochs=1", "ray.num_workers=2", "ray.cpus_per_worker=2")
     def workers():
-        return list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)
+        return list_actors(address=_this_cluster(), filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)
 
     before = {a.actor_id for a in workers()}
     done, listening = threading.Event(), set()
@@ -172,6 +172,14 @@ def test_multi_node_run_places_workers_on_both_nodes_and_listens_on_loopback_onl
     assert all(ip.removeprefix("::ffff:") == "127.0.0.1" for ip in listening), sorted(listening)
 
 
+def _this_cluster() -> str:
+    """The GCS address of the cluster this process is connected to: the State API's own discovery would take the
+    newest Ray instance on the machine, another test's under pytest-xdist."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def _kill_a_worker_after_first_checkpoint(cfg, done: threading.Event, killed: list):
     import psutil
 
@@ -184,7 +192,9 @@ def _kill_a_worker_after_first_checkpoint(cfg, done: threading.Event, killed: li
     # (pytest-xdist) is not this one's to kill
     from ray.util.state import list_actors
 
-    for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000):
+    alive = list_actors(address=_this_cluster(), limit=10_000,
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    for actor in alive:
         if actor.pid and not done.is_set():
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(actor.pid).kill()
