@@ -132,15 +132,21 @@ def test_each_rank_sees_a_disjoint_half(ray_cluster, workdir, tmp_path):
     assert seen[0] | seen[1] == set(range(n))
 
 
-def _watch_worker_listeners(done: threading.Event, seen: set[str]) -> None:
-    """Every listening TCP address of the training workers, polled until ``done``."""
+def _watch_worker_listeners(done: threading.Event, seen: set[str], before: set[str]) -> None:
+    """Every listening TCP address of this run's training workers (this cluster's live ``RayTrainWorker`` actors
+    that were not there ``before``; other tests' runs on other clusters of the machine are not this run's),
+    polled until ``done``."""
     import psutil
+    from ray.util.state import list_actors
 
     while not done.is_set():
-        for proc in psutil.process_iter(["cmdline"]):
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                with contextlib.suppress(psutil.Error):
-                    seen.update(c.laddr.ip for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+        for actor in list_actors(address=_this_cluster(), limit=10_000,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+            if actor.actor_id in before or not actor.pid:
+                continue
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(actor.pid)
+                seen.update(c.laddr.ip for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
         time.sleep(0.3)
 
 
@@ -156,7 +162,7 @@ def test_multi_node_run_places_workers_on_both_nodes_and_listens_on_loopback_onl
 
     before = {a.actor_id for a in workers()}
     done, listening = threading.Event(), set()
-    watcher = threading.Thread(target=_watch_worker_listeners, args=(done, listening))
+    watcher = threading.Thread(target=_watch_worker_listeners, args=(done, listening, before))
     watcher.start()
     try:
         launch(cfg)  # 2 CPUs per worker and 2 CPUs per node: one worker on each node
