@@ -72,6 +72,9 @@ def init_ray(address: str = "") -> None:
     """
     address = address or os.environ.get("RAY_ADDRESS", "")
     quiet_ray_console()  # before Ray is imported: Ray reads it then
+    if not address:
+        for key, value in LOCAL_RAY_ENV.items():  # before Ray is imported too (the loopback choice is read then)
+            os.environ.setdefault(key, value)  # a user's own setting wins
     import ray
 
     if ray.is_initialized():
@@ -81,7 +84,8 @@ def init_ray(address: str = "") -> None:
     with _one_local_start_at_a_time() if not address else contextlib.nullcontext():
         context = _init(ray, address)
     where = (f"the cluster at {address}" if address else
-             "an in-process local Ray of its own (set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
+             f"an in-process local Ray of its own on {ray.util.get_node_ip_address()} "
+             "(set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
     say(f"Ray: {where}; dashboard {getattr(context, 'dashboard_url', '') or 'off'}")
 
 
@@ -89,8 +93,6 @@ def _init(ray, address: str):
     """``ray.init``: to the cluster at ``address``, else a new local Ray with the embedded default's options."""
     local = {}
     if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)  # a user's own setting wins
         # Ray's own processes (Train's controller, its placement-group cleaner) find the State API through
         # RAY_API_SERVER_ADDRESS, else the cluster `ray start` last recorded on the machine: a stale record
         # made the cleaner hang and print a traceback at the end of a successful run. Pin this cluster's
