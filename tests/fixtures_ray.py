@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from unittest import mock
 
 import pytest
 
@@ -48,15 +49,8 @@ def ray_cluster():
     # RAY_API_SERVER_ADDRESS, else by looking for a GCS process on the machine, which under pytest-xdist finds
     # several clusters and takes the newest ("Found multiple active Ray instances"). This cluster's processes, and
     # the jobs they start, inherit its own dashboard's address; this process and the commands tests start do not.
-    api_server = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    try:
+    with mock.patch.dict(os.environ, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}):
         cluster = _start_cluster(Cluster, dashboard_port)
-    finally:
-        if api_server is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS")
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = api_server
     ray.init(address=cluster.address)
     _wait_for_the_job_agent(cluster.head_node.node_id)
     try:

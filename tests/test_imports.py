@@ -138,12 +138,19 @@ def test_evaluation_sits_below_validation_and_the_downstream_jobs():
     assert not any(t.startswith("byol_ray.downstream") for t in edges["byol_ray.validation"])
 
 
-def test_the_config_and_a_commands_bad_input_load_without_torch():
-    """`byol-ray config` and a mistyped key answer without importing torch (about 1.3 s of a 2-core machine's CPU
-    per command, and every refused command pays it before its one line)."""
+def _in_a_fresh_process(code: str) -> str:
+    """What ``code`` prints, run by this interpreter in a new process (nothing imported yet); it must succeed."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_the_config_and_a_commands_bad_input_load_without_torch():
+    """`byol-ray config` and a mistyped key answer without importing torch (about 1.3 s of a 2-core machine's CPU
+    per command, and every refused command pays it before its one line)."""
     probe = ("import sys\n"
              "from byol_ray.config import load_config\n"
              "load_config(['demo'], ['train.epochs=2'])\n"
@@ -154,17 +161,13 @@ def test_the_config_and_a_commands_bad_input_load_without_torch():
              "else:\n"
              "    raise AssertionError('a mistyped key was accepted')\n"
              "print(sorted(m for m in ('torch', 'numpy', 'ray', 'mlflow') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]", out.stdout
+    printed = _in_a_fresh_process(probe)
+    assert printed.strip() == "[]", printed
 
 
 def test_a_run_of_the_tiny_encoder_imports_no_torchvision():
     """torchvision (about 1 s of import on 2 cores) is for the ResNets only: every process of a tiny-encoder run (the
     demo, the tests), its Ray Train workers among them, starts without it."""
-    import subprocess
-    import sys
-
     probe = ("import sys\n"
              "import byol_ray.ray_train, byol_ray.train, byol_ray.registry\n"
              "from byol_ray.encoders import build_encoder\n"
@@ -172,6 +175,5 @@ def test_a_run_of_the_tiny_encoder_imports_no_torchvision():
              "print('torchvision' in sys.modules)\n"
              "assert build_encoder('resnet18').feature_dim == 512\n"
              "print('torchvision' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["False", "True"], out.stdout
+    printed = _in_a_fresh_process(probe)
+    assert printed.split() == ["False", "True"], printed

@@ -55,7 +55,7 @@ def _cache_numba_typed_dict() -> None:
         return
     for name in ("_make_dict", "_setitem", "_getitem", "_length", "_contains"):
         dispatcher = getattr(typeddict, name, None)
-        if isinstance(dispatcher, Dispatcher) and dispatcher._cache.__class__.__name__ == "NullCache":
+        if isinstance(dispatcher, Dispatcher):
             try:
                 dispatcher.enable_caching()
             except RuntimeError:  # no writable cache location: compile as before
