@@ -5,6 +5,7 @@ Each edge keeps its fixtures in its own module (``fixtures_*.py``), imported her
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ os.environ.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "30")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+# Ctrl-C reaches the commands the tests start as it reaches a terminal's foreground job. A suite started in the
+# background (`make test &`, a CI runner's shell) has SIGINT ignored, and an ignored signal stays ignored across exec:
+# the Ctrl-C cases' commands would not see it (prepare then ran to its end and exited 0). A handler of its own here is
+# reset to the default in every process started from this one.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # As with an activated virtual environment: `byol-ray` and `ray` on PATH, for this process and for the Ray
 # nodes and job entrypoints it starts (the README's commands name them without a path).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -56,20 +63,24 @@ SESSION_SERVICES = frozenset({"ray_cluster", "mlflow_server"})
 # every test that uses the session's cluster runs in one group, on one worker, one after another; so do the spot
 # cases, which share their own cluster (a module fixture).
 XDIST_GROUPS = {"ray_cluster": "ray-cluster", "shared_cluster": "spot-cluster"}
-# The session cluster's tests are the longest chain (some 15 minutes in one process), so they form two groups by
-# module, of about equal time: each group runs on one worker, which starts a session cluster of its own.
+# The session cluster's tests are the longest chain (about 10 minutes in one process). On three or more workers they
+# form two groups by module, of about equal time: each group runs on one worker, which starts a session cluster of its
+# own. On two workers (`make test`) they stay one group on one cluster: a third Ray cluster on two cores costs more
+# CPU than the split saves.
 RAY_CLUSTER_FIRST_HALF = frozenset({"test_tune", "test_object_store", "test_console", "test_bench_scripts"})
+SPLIT_RAY_CLUSTER_FROM_WORKERS = 3
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
 def pytest_collection_modifyitems(config, items) -> None:
+    split = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0) >= SPLIT_RAY_CLUSTER_FROM_WORKERS
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if SESSION_SERVICES & fixtures:
             item.add_marker(pytest.mark.slow)
         for fixture, group in XDIST_GROUPS.items():
             if fixture in fixtures:
-                if fixture == "ray_cluster":
+                if fixture == "ray_cluster" and split:
                     group += "-a" if item.path.stem in RAY_CLUSTER_FIRST_HALF else "-b"
                 item.add_marker(pytest.mark.xdist_group(group))
 

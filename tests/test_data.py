@@ -713,7 +713,8 @@ def test_ctrl_c_stops_prepare_promptly_and_leaves_no_file(phase, cifar_class, tm
         took = time.monotonic() - sent
     finally:
         proc.kill()
-    assert proc.returncode != 0 and took < 5, f"exit code {proc.returncode} after {took:.1f} s"
+    # about 1-2 s on an idle machine; 6.5 s was seen with the whole suite on three xdist workers (load 15-26)
+    assert proc.returncode != 0 and took < 10, f"exit code {proc.returncode} after {took:.1f} s"
     assert list(out.iterdir()) == [], "an interrupted prepare left files behind"
     assert not any(map(_running, workers)), "worker processes outlived the interrupted prepare"
 
