@@ -184,19 +184,45 @@ def test_embedded_default_is_a_lean_private_ray_with_a_quiet_console(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_default_verbose_shows_rays_own_detail(tmp_path):
-    """--verbose brings Ray's own lines back: its log lines and the line filtered by default (even with the filter
-    inherited from a quiet byol-ray that started this one)."""
+def test_ctrl_c_exits_130_with_the_resume_line_and_verbose_brings_rays_detail_back(tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole foreground group) to the embedded default: Ray aborts
+    the workers, the driver exits 130 with the line that resumes the run and no traceback. That line, run as
+    printed with --verbose, continues from the run's checkpoint to the end and brings Ray's own lines back: its log
+    lines and the line filtered by default (even with the filter inherited from a quiet byol-ray that started this
+    one). One case for both, as each costs a Ray start and a training run on 2 cores."""
+    import signal
+
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    cmd = [str(BIN / "byol-ray"), "train", *TINY, "train.epochs=2", "train.checkpoint_every_epochs=1",
+           "run_name=ctrlc", f"output_dir={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache", "mlflow.enabled=false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    first = tmp_path / "runs" / "ctrlc" / "checkpoints" / "epoch_0001" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "byol-ray train: interrupted" in err and "Traceback" not in err, err[-3000:]
+    resume = f"byol-ray train --resume ctrlc output_dir={tmp_path}/runs"
+    assert f"Continue with: {resume}" in err
+
     env[ray_connect.SKIP_ENV] = "|".join(f"(?:{line})" for line in ray_connect.BENIGN_RAY_LINES)
-    out = subprocess.run([str(BIN / "byol-ray"), "train", "--verbose", *TINY, "run_name=loud", "mlflow.enabled=false",
-                          f"data.cache_dir={tmp_path}/cache"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    console = out.stdout + out.stderr
-    assert out.returncode == 0, console[-4000:]
+    byol_ray, train, *rest = resume.split()  # as printed, with --verbose among its flags
+    done = subprocess.run([byol_ray, train, "--verbose", *rest, "mlflow.enabled=false"], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-4000:]
+    assert "resuming ctrlc from the latest checkpoint Ray Train recorded" in console, console[-4000:]
+    assert "run ctrlc finished: epoch 2" in console, console[-4000:]
     assert "'PreemptionWatcher'" in console and RAY_INTERNAL.search(console), console[-4000:]
     assert re.search(r"\tINFO \S+\.py:\d+ -- ", console), console[-4000:]  # Ray's (and Ray Train's) INFO lines
-    assert set(_progress(console).values()) == {1}
+    progress = _progress(console)
+    assert set(progress.values()) == {1}, progress
+    steps = {int(PROGRESS.match(line).group(1)) for line in progress}  # epoch 2's: the run goes on, not again
+    assert max(_expected_steps(epochs=2)) in steps and min(steps) > STEPS_PER_EPOCH, console[-4000:]
 
 
 # Each progress line once under `ray job logs`, on the session's cluster: checked on the README's own `ray job submit`

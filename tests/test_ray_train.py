@@ -296,32 +296,3 @@ def test_validation_without_cpus_of_its_own_fails_fast(ray_cluster, workdir, cif
     with pytest.raises(ConfigError, match=r"validation \(data.val\) needs eval.cpus=4 CPU\(s\) beside the 1 of the "
                                           r"workers, but the cluster has 4"):
         launch(cfg)
-
-
-# the embedded default starts a Ray of its own: the case needs neither the session's cluster nor its xdist worker
-def test_ctrl_c_under_ray_exits_130_and_says_how_to_resume(tmp_path):
-    """Ctrl-C as a terminal sends it (SIGINT to the whole foreground group) to the embedded default: Ray aborts
-    the workers, the driver exits 130 with the line that resumes the run, and that line, run as printed,
-    continues from the run's checkpoint to the end."""
-    import signal
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [str(Path(sys.executable).parent / "byol-ray"), "train", *TINY, "train.epochs=2", "run_name=ctrlc",
-           f"output_dir={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache", "mlflow.enabled=false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                            start_new_session=True)
-    first = tmp_path / "runs" / "ctrlc" / "checkpoints" / "epoch_0001" / "state.pt"
-    deadline = time.monotonic() + 300
-    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err[-3000:]
-    assert "byol-ray train: interrupted" in err and "Traceback" not in err, err[-3000:]
-    resume = f"byol-ray train --resume ctrlc output_dir={tmp_path}/runs"
-    assert f"Continue with: {resume}" in err
-    done = subprocess.run([*resume.split(), "mlflow.enabled=false"], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming ctrlc from the latest checkpoint Ray Train recorded" in done.stderr and "run ctrlc finished: epoch 2" in done.stderr
