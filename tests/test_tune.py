@@ -150,9 +150,11 @@ def test_killed_driver_restores_from_the_bucket_without_rerunning_finished_trial
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     log = open(tmp_path / "first.log", "w")
     # two trials, one at a time: the driver is killed once trial 1 has finished and trial 2 has checkpointed its
-    # first epoch. The first driver saves Tune's experiment state at every step, so by then the saved state knows
-    # trial 1 ended (trial 2 starts only after trial 1)
-    driver = subprocess.Popen(cmd, env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "0"}, stdout=log,
+    # first epoch. The first driver saves Tune's experiment state every second (Tune's own period is at least 10 s),
+    # so by then the saved state knows trial 1 ended: trial 2 starts only after trial 1, and its group's start and
+    # first epoch take several seconds. (Every step, TUNE_GLOBAL_CHECKPOINT_S=0, was some 14,000 requests to the
+    # object store in this case alone: most of its CPU time.)
+    driver = subprocess.Popen(cmd, env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     finished: set[str] = set()
     deadline = time.monotonic() + 400
