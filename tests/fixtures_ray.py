@@ -60,6 +60,17 @@ def ray_cluster():
         cluster.shutdown()
 
 
+@pytest.fixture(scope="session")
+def two_worker_run(ray_cluster, tmp_path_factory):
+    """The reference uninterrupted two-worker run (tests/ray_runs.py, STRAIGHT): ``(cfg, result)``. The Ray Train
+    cases read it; the end-to-end case's run, the same recipe with a worker killed, must end with its weights."""
+    from byol_ray.ray_train import launch
+    from ray_runs import STRAIGHT, run_config
+
+    cfg = run_config(tmp_path_factory.mktemp("straight"), "straight", *STRAIGHT)
+    return cfg, launch(cfg)
+
+
 def _start_cluster(Cluster, dashboard_port: int):
     cluster = Cluster(
         initialize_head=True,
