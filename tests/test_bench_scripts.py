@@ -153,7 +153,7 @@ def test_recipe_sweep_scores_the_random_baseline_and_each_point(cifar_root, tmp_
 
 @pytest.mark.slow
 def test_ray_overhead_benchmark_compares_runs_and_accounts_cpu(ray_cluster):
-    out = _script("bench_ray").main(["--epochs", "3", "--rounds", "1", "--threads", "1", "--no-two-workers",
+    out = _script("bench_ray").main(["--epochs", "2", "--rounds", "1", "--threads", "1", "--no-two-workers",
                                      "--idle-seconds", "2", "--overrides", "train.batch_size=64"])
     results = out["results"]
     assert set(results) == {"plain_engine", "plain_engine_ray_idle", "ray_1_worker"}

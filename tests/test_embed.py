@@ -247,12 +247,12 @@ def test_a_prepared_beton_is_embedded_with_its_labels(registered, cifar_small, r
 
 
 @pytest.mark.slow
-def test_a_killed_embed_resumes_without_recomputing_complete_shards(registered, cifar_small, tmp_path):
+def test_a_killed_embed_resumes_without_recomputing_complete_shards(registered, cifar_small, ray_cluster, tmp_path):
+    # on the session's cluster (RAY_ADDRESS): the embedded default's own Ray is the README command's case above
     out = tmp_path / "val"
     args = [str(BIN / "byol-ray"), "embed", "--model", registered["ref"], "--data", str(cifar_small[0]), "--out",
             str(out), "--shard-size", "20", "--batch-size", "20"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "RAY_ADDRESS": ray_cluster[0].address}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
