@@ -26,14 +26,13 @@ setup:
 demo: setup
 	$(VENV)/bin/byol-ray train
 
-# `make test` runs the suite in one process. `make test-fast` (no Ray cluster, no MLflow server) spreads its tests over
-# two pytest-xdist workers. The whole suite also runs on three (`.venv/bin/python -m pytest -n 3 --dist loadgroup`:
-# tests/conftest.py keeps each session Ray cluster's tests, and the spot cases, on one worker each; the MLflow server
-# and object store are shared, tests/shared_services.py), about 23 minutes instead of 31 from a fresh clone, but on
-# two cores that load still fails a timed case now and then, so it is not the default (docs/design.md, "The test
-# suite").
+# `make test` spreads the suite over two pytest-xdist workers (`--dist loadgroup`): tests/conftest.py keeps the
+# session Ray cluster's tests on one worker and the spot cases on one worker (each group on its own cluster); the
+# MLflow server and the object store are shared (tests/shared_services.py). `make test-fast` (no Ray cluster, no MLflow
+# server) runs on two workers as well. In one process (`.venv/bin/python -m pytest`) the suite takes about 23 minutes
+# instead of 17 (docs/design.md, "The test suite").
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow"
