@@ -76,7 +76,10 @@ elif [ "$MODE" = system ]; then
   $PIP install -q -c "$LOCK" .
 else
   echo "[setup] installing byol-ray and its dependencies into $VENV (constraints: $LOCK; FFCV builds from source, ~15 s)"
-  $PIP install -q -c "$LOCK" -e ".[dev]"
+  # --no-compile: pip would byte-compile every module of every package (torch, Ray and MLflow hold tens of
+  # thousands, most never imported), about 30 s of a fresh set-up on 2 cores; Python compiles and caches the ones
+  # that are imported, on first import
+  $PIP install -q --no-compile -c "$LOCK" -e ".[dev]"
 fi
 "$PYBIN" -c "import torch, torchvision, ffcv, ray, mlflow; print('[setup] ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__, 'ffcv', ffcv.__version__)"
 if [ "$MODE" = venv ]; then

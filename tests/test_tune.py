@@ -81,16 +81,16 @@ def test_cpu_smoke_search_selects_on_held_out_knn_stops_nan_and_registers_best(r
 
     from byol_ray.tune import run_search
 
-    # 4 trials on real CIFAR-10 images with a held-out split, 2 at a time: three sane learning rates and one so
+    # 3 trials on real CIFAR-10 images with a held-out split, 2 at a time: two sane learning rates and one so
     # large that the loss turns NaN at once. No metric in the file: held-out kNN top-1 (val_knn_top1) is used.
     train, val = cifar_small
     path = _search(tmp_path, "smoke", overrides=[*TINY, "train.epochs=3", f"data.train={train}", f"data.val={val}"],
-                   space={"optim.base_lr": {"grid": [1.0, 1.0e5, 3.0, 0.3]}}, num_samples=1,
+                   space={"optim.base_lr": {"grid": [1.0, 1.0e5, 0.3]}}, num_samples=1,
                    max_concurrent_trials=2, scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})
     summary = run_search(str(path), name="smoke", overrides=_common(tmp_path, mlflow_server))
     assert summary["metric"] == "val_knn_top1"
     rows = {r["params"]["optim.base_lr"]: r for r in summary["rows"]}
-    assert len(rows) == 4
+    assert len(rows) == 3
     assert rows[1.0e5]["stopped_by"] == "nan_loss" and rows[1.0e5]["epochs"] < 3
     finished = [r for r in summary["rows"] if r["stopped_by"] == "completed"]
     assert finished and all(0.0 <= r["val_knn_top1"] <= 1.0 for r in finished)
@@ -107,7 +107,7 @@ def test_cpu_smoke_search_selects_on_held_out_knn_stops_nan_and_registers_best(r
     parents = client.search_runs([exp.experiment_id], "tags.`byol_ray.search` = 'smoke'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert len(children) == 4
+    assert len(children) == 3
     by_lr = {float(c.data.params["optim.base_lr"]): c for c in children}
     assert by_lr[1.0e5].data.tags["stop_reason"] == "nan_loss"
     assert all(c.info.status != "RUNNING" for c in children)
