@@ -76,10 +76,11 @@ elif [ "$MODE" = system ]; then
   $PIP install -q -c "$LOCK" .
 else
   echo "[setup] installing byol-ray and its dependencies into $VENV (constraints: $LOCK; FFCV builds from source, ~15 s)"
-  # --no-compile: pip would byte-compile every module of every package (torch, Ray and MLflow hold tens of
-  # thousands, most never imported), about 30 s of a fresh set-up on 2 cores; Python compiles and caches the ones
-  # that are imported, on first import
-  $PIP install -q --no-compile -c "$LOCK" -e ".[dev]"
+  # pip byte-compiles every module it installs (about 30 s of a fresh set-up on 2 cores). Kept: where
+  # PYTHONDONTWRITEBYTECODE is set (this project's CI machine has it), Python never caches what it compiles on
+  # import, and without pip's .pyc files every process compiled torch, Ray and MLflow from source again
+  # (`--no-compile` made the suite minutes slower there)
+  $PIP install -q -c "$LOCK" -e ".[dev]"
 fi
 "$PYBIN" -c "import torch, torchvision, ffcv, ray, mlflow; print('[setup] ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__, 'ffcv', ffcv.__version__)"
 if [ "$MODE" = venv ]; then
