@@ -14,11 +14,11 @@ import pytest
 
 from byol_ray import ray_connect
 from byol_ray.progress import VERBOSE_ENV
+from ray_runs import STEPS_PER_EPOCH
 
 BIN = Path(sys.executable).parent
 TINY = ["model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
         "train.batch_size=64", "train.log_every_steps=10", "train.epochs=1"]
-STEPS_PER_EPOCH = 1797 // 64  # the demo's built-in digits, full batches
 
 # Ray's C++ log format ("[2026-12-04 19:37:45,777 E 12205 12265] core_worker.cc:2465: ...") and glog's
 # ("E1204 19:37:45.777 12205 core_worker.cc:2465] ...")
