@@ -188,6 +188,20 @@ def test_demo_set_is_real_digits_as_rgb():
     assert load_demo(size=8)[0].shape == (1797, 8, 8, 3)
 
 
+def test_demo_set_is_read_without_importing_scikit_learn_and_equals_load_digits():
+    code = ("import sys; from byol_ray.data.demo import _digits; scans, target = _digits(); "
+            "print(scans.shape, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1797,", "8,", "8)", "False"], out
+    from sklearn.datasets import load_digits
+
+    from byol_ray.data.demo import _digits
+
+    digits, (scans, target) = load_digits(), _digits()
+    assert scans.dtype == digits.images.dtype and np.array_equal(scans, digits.images)
+    assert np.array_equal(target, digits.target)
+
+
 def test_bad_sources_fail_with_clear_errors(tmp_path, cifar_jpegs):
     with pytest.raises(FileNotFoundError, match="does not exist.*'demo'"):
         open_source(tmp_path / "nope")
