@@ -87,11 +87,10 @@ class RayReporter(Reporter):
     def poll(self, step: int) -> dict[str, Any] | None:
         """A new preemption notice (identical on every rank), or None. Cheap: one call every N steps.
 
-        ``get_preemption_info`` is a barrier of Ray Train's, but once the controller has seen the drain it relaxes
-        its barriers to the surviving ranks: a rank on the draining node may then get another answer than the
-        others (seen: rank 0 saw the notice and waited in its checkpoint's report while rank 1 went on to the
-        next step's all-reduce, until the deadline; the notice's checkpoint was lost). So the ranks agree on it
-        themselves, over the process group that the training step uses anyway: one small all-gather per poll.
+        ``get_preemption_info`` is a barrier of Ray Train's that hands every rank rank 0's view. The ranks also
+        agree on the notice themselves, over the process group that the training step uses anyway (one small
+        all-gather per poll), so that they act on it at the same step whatever Ray's barrier does during a drain
+        (with relaxed barriers, once seen: rank 0 took the notice while the other rank went on to the next step).
         """
         import ray.train
 
@@ -275,11 +274,14 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
             name="checkpoints", **storage_args(checkpoint_dir(cfg).parent),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-            # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors
-            # relax_collectives_on_preemption: the surviving ranks can commit a just-in-time checkpoint even if
-            # the workers of the preempted node are gone before they finish their part of the report
+            # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors.
+            # Ray Train's barriers stay strict during a drain (relax_collectives_on_preemption=False, Ray's default):
+            # a drained node's workers live until its deadline, so they take part in the notice's poll and report.
+            # Relaxed, Ray 2.60's barrier deadlocks the group: once it releases rank 0 alone it forgets that
+            # collective, so a rank of the draining node that arrives after rank 0 left waits for it forever,
+            # while rank 0 waits for that rank in the next all-reduce (docs/design.md, "Facts about the tools", spot notices).
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3,
-                                         max_preemption_failures=-1, relax_collectives_on_preemption=True),
+                                         max_preemption_failures=-1, relax_collectives_on_preemption=False),
             # Train V2 re-routes print() through its logger, which shows every progress line twice.
             worker_runtime_env={"env_vars": env},
             # the controller's INFO lines (resource requests, worker group, each validation task) behind --verbose
