@@ -277,9 +277,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
             # preemptions are retried without limit (Ray's default), apart from ray.max_failures for real errors.
             # Ray Train's barriers stay strict during a drain (relax_collectives_on_preemption=False, Ray's default):
             # a drained node's workers live until its deadline, so they take part in the notice's poll and report.
-            # Relaxed, Ray 2.60's barrier deadlocks the group: once it releases rank 0 alone it forgets that
-            # collective, so a rank of the draining node that arrives after rank 0 left waits for it forever,
-            # while rank 0 waits for that rank in the next all-reduce (docs/design.md, "Facts about the tools", spot notices).
+            # Relaxed, Ray 2.60 can deadlock the group (docs/design.md, "Facts about the tools", spot notices).
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3,
                                          max_preemption_failures=-1, relax_collectives_on_preemption=False),
             # Train V2 re-routes print() through its logger, which shows every progress line twice.

@@ -84,10 +84,7 @@ else
   # and MLflow from source again (pip's `--no-compile` made the suite minutes slower there).
   # uv itself comes from the lock; where it cannot be installed or fails, pip does the same install.
   echo "[setup] installing byol-ray and its dependencies into $VENV (constraints: $LOCK; FFCV builds from source, ~15 s)"
-  UV="$VENV/bin/uv"
-  if $PIP install -q -c "$LOCK" uv && "$UV" pip install -q -c "$LOCK" --python "$PYBIN" --compile-bytecode -e ".[dev]"; then
-    :
-  else
+  if ! { $PIP install -q -c "$LOCK" uv && "$VENV/bin/uv" pip install -q -c "$LOCK" --python "$PYBIN" --compile-bytecode -e ".[dev]"; }; then
     echo "[setup] uv was not usable here; installing with pip instead (slower)"
     $PIP install -q -c "$LOCK" -e ".[dev]"
   fi
