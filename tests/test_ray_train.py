@@ -160,6 +160,18 @@ def test_explicit_resume_of_a_finished_run_is_a_no_op_and_a_rerun_is_refused(two
     assert sorted(p.name for p in folder.glob("epoch_*")) == before
     assert final_state(cfg)["step"] == state["step"]
 
+    # Ray Train's own record of the run gone, as when its controller is stopped (Ctrl-C, a stopped job) between a
+    # checkpoint's upload and its registration: the run still continues from its newest checkpoint, not from scratch
+    # over the checkpoints it has (observed in CI: a Ctrl-C'd run resumed at step 0 and rewrote them)
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    (folder / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink()
+    written = {p: p.stat().st_mtime_ns for p in folder.glob("epoch_*/*")}
+    result = launch(cfg, resume=True)
+    assert result.metrics["epoch"] == 4 and result.metrics["epoch_loss"] == history[-1]["epoch_loss"]
+    assert read_history(cfg) == history
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("epoch_*/*")} == written
+
 
 @pytest.mark.parametrize("override,pattern", [
     ("ray.use_gpu=true", r"asks for 1 GPU worker\(s\) but the cluster has 0 GPU"),
