@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 
 from byol_ray.progress import say, verbose
 
@@ -81,8 +82,11 @@ def init_ray(address: str = "") -> None:
         return
     global _embedded
     _embedded = not address
-    with _one_local_start_at_a_time() if not address else contextlib.nullcontext():
+    if address:
         context = _init(ray, address)
+    else:
+        with _one_local_start_at_a_time(), _ctrl_c_for_this_process_only():
+            context = _init(ray, address)
     where = (f"the cluster at {address}" if address else
              f"an in-process local Ray of its own on {ray.util.get_node_ip_address()} "
              "(set ray.address=HOST:PORT or RAY_ADDRESS to use a cluster)")
@@ -106,6 +110,39 @@ def _init(ray, address: str):
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     return ray.init(address=address or "local", log_to_driver=True,
                     logging_level=logging.INFO if verbose() else logging.WARNING, **local)
+
+
+_children_ignore_sigint = False  # set while the local Ray starts its processes
+_hook_registered = False
+
+
+def _after_fork_in_child() -> None:
+    if _children_ignore_sigint:
+        with contextlib.suppress(ValueError):  # forked from a thread that is not the main one: left as it is
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIG_IGN survives exec; Python then leaves it ignored
+
+
+@contextlib.contextmanager
+def _ctrl_c_for_this_process_only():
+    """The processes the local Ray starts meanwhile ignore SIGINT (they inherit it); this process keeps its handler.
+
+    A terminal's Ctrl-C goes to its whole foreground process group, and the local Ray's dashboard and its State
+    API processes are in it and stop on SIGINT. Ray Train's abort then waited for its placement-group cleaner,
+    which queries that State API, until its timeout: the workers trained on for 8 s after Ctrl-C and wrote
+    checkpoints that Ray Train no longer recorded (Ray 2.60; docs/design.md, "Facts about the tools").
+
+    Only the children change: Ray starts each process with a ``preexec_fn``, so Python runs its at-fork hooks in
+    them. This process's own disposition is left alone: made SIG_IGN process-wide, a Ctrl-C during the start
+    would be dropped by whichever of torch's or Ray's threads the kernel handed it to."""
+    global _children_ignore_sigint, _hook_registered
+    if not _hook_registered:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _hook_registered = True
+    _children_ignore_sigint = True
+    try:
+        yield
+    finally:
+        _children_ignore_sigint = False
 
 
 @contextlib.contextmanager

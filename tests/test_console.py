@@ -42,6 +42,28 @@ def _expected_steps(epochs: int = 1, every: int = 10) -> set[int]:
     return set(range(every, epochs * STEPS_PER_EPOCH + 1, every))
 
 
+def _process_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
+def _ignores_or_blocks_sigint(pid: int) -> "bool | str":
+    try:
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:120]
+    except OSError:  # gone meanwhile
+        return True
+    bit = 1 << (2 - 1)  # SIGINT's bit in the masks
+    return True if (int(status["SigIgn"], 16) | int(status["SigBlk"], 16)) & bit else f"hears SIGINT: {cmdline}"
+
+
 # ----------------------------------------------------------------------------- the filter itself (fast)
 
 
@@ -124,6 +146,26 @@ def test_progress_and_messages_once_under_ray_trains_print_patch(monkeypatch):
     assert list(lines.values()) == [1, 1] and any(PROGRESS.match(line) for line in lines), lines
 
 
+def test_processes_started_for_the_local_ray_ignore_ctrl_c_and_this_one_still_hears_it():
+    """What the local Ray's processes inherit from its start: SIGINT ignored (a terminal's Ctrl-C is for byol-ray's
+    own handler, not for Ray's dashboard). Ray starts them as Popen with a preexec_fn; this process's own handler
+    stays, so a Ctrl-C during the start still interrupts it."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+    with pytest.raises(KeyboardInterrupt):
+        with ray_connect._ctrl_c_for_this_process_only():
+            child = subprocess.run(probe, capture_output=True, text=True, check=True, preexec_fn=lambda: None)
+            assert signal.getsignal(signal.SIGINT) is before
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            pytest.fail("a Ctrl-C during the start did not interrupt this process")
+    assert child.stdout.strip() == "True", child.stdout
+    outside = subprocess.run(probe, capture_output=True, text=True, check=True, preexec_fn=lambda: None)
+    assert outside.stdout.strip() == "False" and signal.getsignal(signal.SIGINT) is before
+
+
 # ----------------------------------------------------------------------------- real runs (slow)
 
 
@@ -202,10 +244,18 @@ def test_ctrl_c_exits_130_with_the_resume_line_and_verbose_brings_rays_detail_ba
     while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    # the Ctrl-C is byol-ray's alone: every other process in its group (the local Ray's) ignores or blocks it
+    deaf = {pid: _ignores_or_blocks_sigint(pid) for pid in _process_group(proc.pid) if pid != proc.pid}
+    assert len(deaf) >= 3 and all(v is True for v in deaf.values()), deaf
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err[-3000:]
     assert "byol-ray train: interrupted" in err and "Traceback" not in err, err[-3000:]
+    # Ray Train aborted the workers at once: they did not train on to the run's end (with Ray's dashboard stopped
+    # by the Ctrl-C, its abort used to wait 8 s for the placement-group cleaner, and the workers trained on)
+    checkpoints = tmp_path / "runs" / "ctrlc" / "checkpoints"
+    assert not (checkpoints / "epoch_0003").exists(), sorted(p.name for p in checkpoints.iterdir())
+    assert "Failed to query Ray Train Controller actor state" not in err, err[-3000:]
     resume = f"byol-ray train --resume ctrlc output_dir={tmp_path}/runs"
     assert f"Continue with: {resume}" in err
 
