@@ -102,7 +102,8 @@ def _init(ray, address: str):
         # made the cleaner hang and print a traceback at the end of a successful run. Pin this cluster's
         # dashboard (8265 when free) and tell them; Ray's processes inherit this environment.
         port = _free_port(8265)
-        local = {"dashboard_port": port}
+        local = {"dashboard_port": port,
+                 "runtime_env": {"worker_process_setup_hook": f"{__name__}.{restore_sigint.__name__}"}}
         os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
         if not verbose():
             # Ray 2.60 turns token authentication on for a new local Ray unless RAY_AUTH_MODE says otherwise, and
@@ -118,8 +119,19 @@ _hook_registered = False
 
 def _after_fork_in_child() -> None:
     if _children_ignore_sigint:
-        with contextlib.suppress(ValueError):  # forked from a thread that is not the main one: left as it is
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIG_IGN survives exec; Python then leaves it ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIG_IGN survives exec; Python then leaves it ignored
+
+
+def restore_sigint() -> None:
+    """The local Ray's ``worker_process_setup_hook``: Python's own SIGINT handler again in each worker process.
+
+    The raylet passes the ignored SIGINT it was started with on to the workers it starts, and Ray's ``ray.cancel``
+    interrupts a running task through that handler (``_thread.interrupt_main``, a no-op while SIGINT is ignored).
+    A terminal's Ctrl-C still does not reach them: each worker has a process group of its own and SIGINT blocked."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager

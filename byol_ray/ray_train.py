@@ -22,9 +22,9 @@ from byol_ray.history import append_history
 from byol_ray.launch import check_start, cleanup_on_failure
 from byol_ray.progress import ProgressPrinter, say
 from byol_ray.progress import VERBOSE_ENV, verbose
-from byol_ray.resume import announce_resume, check_new_or_resume, load_resume_state
-from byol_ray.run_folder import (RunOutcome, checkpoint_dir, checkpoints_newest_first, forget_run_id, read_outcome,
-                                 run_dir, storage_root, write_config)
+from byol_ray.resume import announce_resume, check_new_or_resume, load_resume_state, unrecorded_resume_state
+from byol_ray.run_folder import (RunOutcome, checkpoint_dir, forget_run_id, read_outcome, run_dir, storage_root,
+                                 write_config)
 from byol_ray.run_tags import SUBMISSION_ID_ENV, ray_job_submission_id
 from byol_ray.signals import sigterm_raises
 from byol_ray.storage import Location, is_uri
@@ -189,18 +189,12 @@ def train_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             # an unreadable one (truncated in a crash) falls back to the newest intact checkpoint of the run
-            state = load_resume_state(cfg, where.device, restored=ckpt_dir,
-                                              restored_name=Path(checkpoint.path).name)
+            state = load_resume_state(cfg, where.device, restored=ckpt_dir, restored_name=Path(checkpoint.path).name,
+                                      announce=where.rank == 0)
         if where.rank == 0:
             say(f"resuming from epoch {state['epoch']}, step {state['step']}")
-    elif checkpoints_newest_first(cfg):
-        # Ray Train recorded none, yet the run holds some: its controller was stopped (Ctrl-C, a stopped job)
-        # between a checkpoint's upload and its registration. From scratch, the run would overwrite them.
-        state = load_resume_state(cfg, where.device)
-        if where.rank == 0:
-            say(f"Ray Train recorded no checkpoint of {cfg.run_name} (it was stopped before registering one): "
-                f"resuming from epoch {state['epoch']}, step {state['step']}, the newest intact checkpoint in "
-                f"{checkpoint_dir(cfg)}")
+    else:  # none recorded, yet the run folder may hold some (a controller stopped before registering them)
+        state = unrecorded_resume_state(cfg, where.device, announce=where.rank == 0)
     folder = run_dir(cfg)
     session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder, cfg))
 

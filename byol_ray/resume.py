@@ -104,28 +104,67 @@ def announce_resume(cfg: Config, *, ray_picks: bool = False) -> "Path | Location
 
 
 def load_resume_state(cfg: Config, map_location: Any, restored: "str | Path | None" = None,
-                      restored_name: str = "") -> dict[str, Any]:
+                      restored_name: str = "", *, announce: bool = True) -> dict[str, Any]:
     """The state a resumed run continues from: ``restored`` (the checkpoint folder Ray Train hands back) or the
     run's newest checkpoint (``restored_name``: the name of Ray's folder in the storage, ``epoch_NNNN...``; Ray
     may hand back a local copy under another name). One that cannot be read (truncated by a crash, a full disk
-    or a bad copy) is skipped for the next newest intact one, and said so; a run with checkpoints never silently
-    trains from scratch.
+    or a bad copy) is skipped for the next newest intact one, and said so (``announce``: by this process; the
+    other ranks of a group stay quiet); a run with checkpoints never silently trains from scratch.
 
     Raises:
         ConfigError: when no checkpoint of the run can be read (naming each and why).
     """
-    from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from byol_ray.checkpoint import load_checkpoint
 
+    tell = say if announce else (lambda _: None)
     failed: list[str] = []
     if restored is not None:
         try:
             return load_checkpoint(restored, map_location=map_location)
         except ConfigError as exc:
             failed.append(str(exc))
-            say(f"{exc}; falling back to the newest intact checkpoint")
+            tell(f"{exc}; falling back to the newest intact checkpoint")
+    below = (restored_name or Path(str(restored)).name) if restored is not None else None
+    state = _newest_intact(cfg, map_location, failed, tell, below=below)
+    if state is None:
+        raise ConfigError(f"cannot resume {cfg.run_name!r}: no checkpoint in {checkpoint_dir(cfg)} can be read ("
+                          + "; ".join(failed) + "); start a new run (run_name=...)")
+    return state
+
+
+def unrecorded_resume_state(cfg: Config, map_location: Any, *, announce: bool = True) -> dict[str, Any] | None:
+    """The state a Ray Train attempt continues from when Ray hands back no checkpoint although the run folder
+    holds some: its controller was stopped (Ctrl-C, a stopped job) between a checkpoint's upload and its
+    registration. From step 0, the run would overwrite them. The newest intact one is taken; when none can be read
+    (a copy cut short, as Ray never finished recording it), the run starts from step 0, as Ray Train would, and
+    says so.
+
+    Returns:
+        The state, or None (no checkpoint state.pt in the run folder, or none readable).
+    """
+    if latest_checkpoint(cfg) is None:
+        return None
+    tell = say if announce else (lambda _: None)
+    failed: list[str] = []
+    state = _newest_intact(cfg, map_location, failed, tell)
+    if state is None:
+        tell(f"Ray Train recorded no checkpoint of {cfg.run_name}, and none in {checkpoint_dir(cfg)} can be read ("
+             + "; ".join(failed) + "): starting it from step 0")
+        return None
+    tell(f"Ray Train recorded no checkpoint of {cfg.run_name} (it was stopped before registering one): resuming "
+         f"from epoch {state['epoch']}, step {state['step']}, the newest intact checkpoint in {checkpoint_dir(cfg)}")
+    return state
+
+
+def _newest_intact(cfg: Config, map_location: Any, failed: list[str], tell, *,
+                   below: str | None = None) -> dict[str, Any] | None:
+    """The newest readable checkpoint state of the run (older than the folder named ``below``, when given: Ray's
+    own, and any newer that Ray did not register as complete), or None; each unreadable one is added to ``failed``."""
+    from byol_ray.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
     for folder in checkpoints_newest_first(cfg):
-        if restored is not None and folder.name >= (restored_name or Path(str(restored)).name):
-            continue  # the one Ray handed back, and any newer that Ray did not register as complete
+        if below is not None and folder.name >= below:
+            continue
         state_file = folder / CHECKPOINT_NAME
         if not state_file.is_file():
             continue
@@ -138,10 +177,9 @@ def load_resume_state(cfg: Config, map_location: Any, restored: "str | Path | No
                 state = load_checkpoint(Path(state_file), map_location=map_location)
         except ConfigError as exc:
             failed.append(str(exc))
-            say(f"{exc}; trying the one before it")
+            tell(f"{exc}; trying the one before it")
             continue
         if failed:
-            say(f"resuming {cfg.run_name} from {folder.name}, its newest intact checkpoint")
+            tell(f"resuming {cfg.run_name} from {folder.name}, its newest intact checkpoint")
         return state
-    raise ConfigError(f"cannot resume {cfg.run_name!r}: no checkpoint in {checkpoint_dir(cfg)} can be read ("
-                      + "; ".join(failed) + "); start a new run (run_name=...)")
+    return None

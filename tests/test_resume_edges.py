@@ -58,6 +58,32 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_cleans_partial_files(tmp
     assert load_checkpoint(checkpoints / "epoch_0003")["epoch"] == 3
 
 
+def test_checkpoints_ray_train_never_recorded_are_resumed_from_when_intact(tmp_path, capsys):
+    """A Ray Train attempt that Ray hands no checkpoint (its controller stopped before registering them) continues
+    from the newest intact one in the run folder; when none can be read (a copy cut short), from step 0, said."""
+    from byol_ray.resume import unrecorded_resume_state
+
+    runs = tmp_path / "runs"
+    cfg = load_config(["demo"], [*TINY, "train.epochs=2", f"output_dir={runs}", "run_name=unrec"])
+    train_local(cfg)
+    checkpoints = runs / "unrec" / "checkpoints"
+    capsys.readouterr()
+    assert unrecorded_resume_state(cfg, "cpu")["epoch"] == 2
+    assert "Ray Train recorded no checkpoint of unrec" in capsys.readouterr().err
+    newest = checkpoints / "epoch_0002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert unrecorded_resume_state(cfg, "cpu", announce=False)["epoch"] == 1
+    assert capsys.readouterr().err == ""  # the other ranks of a group stay quiet
+    oldest = checkpoints / "epoch_0001" / "state.pt"
+    oldest.write_bytes(oldest.read_bytes()[:1000])
+    assert unrecorded_resume_state(cfg, "cpu") is None
+    err = capsys.readouterr().err
+    assert "none in" in err and "can be read" in err and "starting it from step 0" in err
+    for state_file in (newest, oldest):
+        state_file.unlink()  # folders without a checkpoint: nothing to resume, nothing said
+    assert unrecorded_resume_state(cfg, "cpu") is None and capsys.readouterr().err == ""
+
+
 def test_resume_with_every_checkpoint_unreadable_is_one_line_and_keeps_the_files(tmp_path):
     runs = tmp_path / "runs"
     train_local(load_config(["demo"], [*TINY, "train.epochs=1", f"output_dir={runs}", "run_name=bad"]))
