@@ -114,12 +114,14 @@ def _init(ray, address: str):
 
 
 _children_ignore_sigint = False  # set while the local Ray starts its processes
-_hook_registered = False
 
 
 def _after_fork_in_child() -> None:
     if _children_ignore_sigint:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIG_IGN survives exec; Python then leaves it ignored
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def restore_sigint() -> None:
@@ -146,10 +148,7 @@ def _ctrl_c_for_this_process_only():
     Only the children change: Ray starts each process with a ``preexec_fn``, so Python runs its at-fork hooks in
     them. This process's own disposition is left alone: made SIG_IGN process-wide, a Ctrl-C during the start
     would be dropped by whichever of torch's or Ray's threads the kernel handed it to."""
-    global _children_ignore_sigint, _hook_registered
-    if not _hook_registered:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        _hook_registered = True
+    global _children_ignore_sigint
     _children_ignore_sigint = True
     try:
         yield

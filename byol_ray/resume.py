@@ -142,11 +142,11 @@ def unrecorded_resume_state(cfg: Config, map_location: Any, *, announce: bool = 
     Returns:
         The state, or None (no checkpoint state.pt in the run folder, or none readable).
     """
-    if latest_checkpoint(cfg) is None:
-        return None
     tell = say if announce else (lambda _: None)
     failed: list[str] = []
     state = _newest_intact(cfg, map_location, failed, tell)
+    if state is None and not failed:  # no checkpoint file at all: a run's first attempt
+        return None
     if state is None:
         tell(f"Ray Train recorded no checkpoint of {cfg.run_name}, and none in {checkpoint_dir(cfg)} can be read ("
              + "; ".join(failed) + "): starting it from step 0")
