@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port
 from shared_services import shared
 
 _SERVER_START_TIMEOUT_S = 240  # first start creates the schema; ~40 s on 2 cores
-
-
-def _free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _healthy(uri: str) -> bool:
@@ -37,7 +30,7 @@ MLFLOW_ARTIFACTS_BUCKET = "mlflow-artifacts"
 
 
 def _start_mlflow(s3_server, root: Path) -> tuple[dict, int]:
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     s3_server.client().create_bucket(Bucket=MLFLOW_ARTIFACTS_BUCKET)
     mlflow_bin = Path(sys.executable).with_name("mlflow")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from unittest import mock
 
 import pytest
+
+from ports import free_port
 
 # Keep every Ray address on 127.0.0.1: without this Ray binds the host's interface address. The
 # variable's name is historical; on Linux it only makes Ray pick the loopback IP. Multi-node is
@@ -13,12 +14,6 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_the_job_agent(head_node_id: str, timeout_s: float = 120) -> None:
@@ -44,7 +39,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     # Ray's own processes (Ray Train's placement-group cleaner, for one) find the State API through
     # RAY_API_SERVER_ADDRESS, else by looking for a GCS process on the machine, which under pytest-xdist finds
     # several clusters and takes the newest ("Found multiple active Ray instances"). This cluster's processes, and
@@ -79,7 +74,7 @@ def _start_cluster(Cluster, dashboard_port: int):
         # an agent that cannot bind it stays up without its HTTP service, so every job submission fails
         head_node_args={"num_cpus": 2, "resources": {"head_node": 1}, "include_dashboard": True,
                         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-                        "dashboard_agent_listen_port": _free_port()},
+                        "dashboard_agent_listen_port": free_port()},
     )
     cluster.add_node(num_cpus=2, resources={"second_node": 1})
     cluster.wait_for_nodes()

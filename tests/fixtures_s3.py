@@ -7,7 +7,6 @@ job entrypoints, the MLflow server); the secret is distinctive so tests can chec
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port
 from shared_services import shared
 
 TEST_SECRET = "byol-ray-test-secret-7f3a9c"
@@ -24,12 +24,6 @@ os.environ["AWS_ACCESS_KEY_ID"] = "byol-ray-test-key"
 os.environ["AWS_SECRET_ACCESS_KEY"] = TEST_SECRET
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups for credentials
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ObjectStore:
@@ -64,7 +58,7 @@ class ObjectStore:
 
 
 def _start_moto(folder: Path) -> tuple[dict, int]:
-    port = _free_port()
+    port = free_port()
     log = folder / "moto.log"
     moto = Path(sys.executable).with_name("moto_server")
     with open(log, "wb") as out:

@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ports import free_port
 
 
 class SpotCluster:
@@ -89,12 +90,6 @@ class SpotCluster:
         subprocess.run(["pkill", "-9", "-g", str(self.proc.pid)], check=False)  # anything left in its group
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _quick_coordinator(address: str, head: str, tick_s: float) -> None:
     """Ray Train sizes an elastic worker group by the nodes that Ray's AutoscalingCoordinator (a detached actor,
     made on first use) last saw, and it looks every 20 s: a lost node still counts, and a node that joined does not
@@ -141,13 +136,13 @@ def main() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     from ray.cluster_utils import Cluster
 
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     # the State API of this cluster, not the newest of the machine's Ray instances (the test session's own clusters
     # run beside it): what Ray Train's placement-group cleaner and controller look up
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": args.head_cpus, "gcs_server_port": _free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port, "dashboard_agent_listen_port": _free_port(),  # not Ray's fixed 52365
+        "num_cpus": args.head_cpus, "gcs_server_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_port(),  # not Ray's fixed 52365
         "temp_dir": args.temp_dir, "resources": {"spot_head": 1}})
     nodes = {}
 

@@ -17,6 +17,8 @@ import pytest
 
 from byol_ray import cli
 
+from ports import free_port
+
 BYOL_RAY = Path(sys.executable).with_name("byol-ray")
 _TIMEOUT_S = 300
 
@@ -161,16 +163,10 @@ def test_unusable_tracking_uri(tmp_path, uri, needle):
     assert_bad_input(proc, "train", needle)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def web_server(tmp_path):
     """A plain web server (``python -m http.server``) on loopback: answers HTTP, is not MLflow."""
-    port = _free_port()
+    port = free_port()
     (tmp_path / "www").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
                             cwd=tmp_path / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

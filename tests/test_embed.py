@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from ports import free_port
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 # one name per pytest-xdist worker: the module's fixtures register it (and move its @champion) on the session's
@@ -323,7 +325,7 @@ def test_readme_serve_and_curl_answer_like_embed(registered, val_embeddings, dir
 
     from byol_ray.preprocess import eval_crop, to_model_input
 
-    port = str(_free_port())
+    port = str(free_port())
     table = _table(val_embeddings["out"])
     cat = next(i for i, p in enumerate(table["path"]) if p.startswith("cat/"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
@@ -376,14 +378,6 @@ def test_readme_serve_and_curl_answer_like_embed(registered, val_embeddings, dir
         os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, as a process manager stops a server
         code = proc.wait(timeout=60)
     assert code == 0 and "stopped serving" in (tmp_path / "serve.log").read_text()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- pure parts, no Ray
