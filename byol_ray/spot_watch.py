@@ -101,9 +101,10 @@ class AwsMetadata:
         return body
 
     def poll(self, now: float | None = None) -> list[Notice]:
-        now = time.time() if now is None else now
         notices = []
         body = self._get("/latest/meta-data/spot/instance-action")
+        # the time left counts from the answer: taken before the request, it was too long by the request's time
+        now = time.time() if now is None else now
         if body is not None:
             try:
                 action = json.loads(body)

@@ -31,6 +31,23 @@ def _stamp(seconds_from_now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds_from_now))
 
 
+def test_aws_time_left_counts_from_the_answer_not_from_before_the_request(metadata):
+    """A slow metadata service: the seconds left are those when the notice was read, never more (a CI run saw
+    20.02 s left of a 20 s notice, counted from before the request)."""
+    when = int(time.time() + 20)
+    metadata.instance_action = json.dumps({"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime(when))})
+
+    class Slow(AwsMetadata):
+        def _get(self, path):
+            time.sleep(1.0)
+            return super()._get(path)
+
+    start = time.time()
+    (notice,) = Slow(metadata.url).poll()
+    assert notice.deadline_s <= when - (start + 1.0) + 0.01, (notice.deadline_s, when - start)
+
+
 def test_aws_no_notice_is_quiet_and_uses_one_session_token(metadata):
     aws = AwsMetadata(metadata.url)
     assert aws.poll() == [] and aws.poll() == []
