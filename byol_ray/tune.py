@@ -1,10 +1,13 @@
 """Ray Tune edge: search spaces as data, one Ray Train run per trial, BYOL-aware early stopping."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -315,7 +318,8 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
     parent = _parent_run(base, spec, search_file, experiment_dir)
     base = dataclasses.replace(base, ray=dataclasses.replace(base.ray, storage_path=storage),
                                mlflow=dataclasses.replace(base.mlflow, parent_run_id=parent.run_id or ""))
-    results = _fit(spec, base, name, storage, concurrency, resume, experiment_dir)
+    with _signal_handlers_kept():
+        results = _fit(spec, base, name, storage, concurrency, resume, experiment_dir)
     summary = _summarise(spec, results, BYOLStopper(spec.stop, experiment_dir / STOP_REASONS_FILE).reasons)
     explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("mlflow.register_name=")]
     register_name = (explicit[-1] if explicit else "") or spec.register_name or f"{name}-encoder"
@@ -323,6 +327,22 @@ def run_search(search_file: str, *, name: str, overrides: list[str] | tuple[str,
                              if spec.register_best else None)
     _log_summary(parent, summary, experiment_dir)
     return summary
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Tune's fit installs SIGINT (and SIGUSR1) handlers that end the search, and leaves them installed after it
+    returns: a Ctrl-C while the best trial is being registered would only set Tune's stop flag, once. Put back what
+    the caller had."""
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()  # Tune installs nothing from another thread
+    before = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
+    try:
+        yield
+    finally:
+        for n, handler in before.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(getattr(signal, n), handler)
 
 
 def _fit(spec: SearchSpec, base: Config, name: str, storage: str, concurrency: int, resume: bool,

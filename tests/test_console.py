@@ -156,18 +156,23 @@ def test_processes_started_for_the_local_ray_ignore_ctrl_c_and_this_one_still_he
     stays, so a Ctrl-C during the start still interrupts it."""
     import signal
 
-    before = signal.getsignal(signal.SIGINT)
-    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
-    with pytest.raises(KeyboardInterrupt):
-        with ray_connect._ctrl_c_for_this_process_only():
-            child = subprocess.run(probe, capture_output=True, text=True, check=True, preexec_fn=lambda: None)
-            assert signal.getsignal(signal.SIGINT) is before
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-            pytest.fail("a Ctrl-C during the start did not interrupt this process")
-    assert child.stdout.strip() == "True", child.stdout
-    outside = subprocess.run(probe, capture_output=True, text=True, check=True, preexec_fn=lambda: None)
-    assert outside.stdout.strip() == "False" and signal.getsignal(signal.SIGINT) is before
+    # Python's own handler, as a byol-ray command has it (whatever an earlier case in this process left aside)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+        with pytest.raises(KeyboardInterrupt):
+            with ray_connect._ctrl_c_for_this_process_only():
+                child = subprocess.run(probe, capture_output=True, text=True, check=True, preexec_fn=lambda: None)
+                assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+                pytest.fail("a Ctrl-C during the start did not interrupt this process")
+        assert child.stdout.strip() == "True", child.stdout
+        outside = subprocess.run(probe, capture_output=True, text=True, check=True, preexec_fn=lambda: None)
+        assert outside.stdout.strip() == "False"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ----------------------------------------------------------------------------- real runs (slow)

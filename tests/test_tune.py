@@ -87,7 +87,10 @@ def test_cpu_smoke_search_selects_on_held_out_knn_stops_nan_and_registers_best(r
     path = _search(tmp_path, "smoke", overrides=[*TINY, "train.epochs=3", f"data.train={train}", f"data.val={val}"],
                    space={"optim.base_lr": {"grid": [1.0, 1.0e5, 0.3]}}, num_samples=1,
                    max_concurrent_trials=2, scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})
+    before = signal.getsignal(signal.SIGINT)
     summary = run_search(str(path), name="smoke", overrides=_common(tmp_path, mlflow_server))
+    # Tune's own Ctrl-C handler is gone once the search is over (a Ctrl-C while the best is registered interrupts)
+    assert signal.getsignal(signal.SIGINT) is before
     assert summary["metric"] == "val_knn_top1"
     rows = {r["params"]["optim.base_lr"]: r for r in summary["rows"]}
     assert len(rows) == 3
