@@ -144,6 +144,10 @@ class RayConfig:
     resize_check_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # torch's intra-op threads in each worker; 0 = ray.cpus_per_worker. Fewer leaves reserved CPUs to the
+    # worker's loader processes (data.num_workers), or keeps workers from spinning on a node that promises more
+    # CPUs than it has. OMP_NUM_THREADS is not read: Ray's cluster launcher sets it to 1 on every node.
+    torch_threads: int = 0
     # checkpoints go to <storage_path>/<run_name>/checkpoints; '' = output_dir (one rule for every launcher);
     # on a cluster a shared filesystem path or an object-store URI (s3://, gs://)
     storage_path: str = ""
@@ -432,6 +436,7 @@ def validate(cfg: Config) -> None:
     _check(r.preemption_poll_steps >= 1, "ray.preemption_poll_steps", r.preemption_poll_steps, ">= 1")
     _check(r.resize_check_s >= 0, "ray.resize_check_s", r.resize_check_s, ">= 0")
     _check(r.cpus_per_worker >= 1, "ray.cpus_per_worker", r.cpus_per_worker, ">= 1")
+    _check(r.torch_threads >= 0, "ray.torch_threads", r.torch_threads, ">= 0 (0 = ray.cpus_per_worker)")
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, ">= 0, or -1 for unlimited")
     _check(r.num_to_keep >= 1, "ray.num_to_keep", r.num_to_keep, ">= 1")
     if t.batch_size < 2 * r.num_workers:

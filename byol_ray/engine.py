@@ -439,7 +439,7 @@ def fit(cfg: Config, derived: Derived, loader: TwoViewLoader, device: torch.devi
         prefix = None
         epoch_metrics.update(epoch=engine.epoch, step=engine.step, epoch_time_s=elapsed,
                              images_per_s=done * global_batch / elapsed, world_size=derived.world_size,
-                             global_batch=global_batch)
+                             global_batch=global_batch, torch_threads=torch.get_num_threads())
         history.append(epoch_metrics)
         last = engine.epoch == cfg.train.epochs
         due = (last or engine.epoch % cfg.train.checkpoint_every_epochs == 0 or clock.due(engine.step, notice)

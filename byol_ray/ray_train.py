@@ -172,6 +172,11 @@ def quiet_train_reports() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+def worker_threads(cfg: Config) -> int:
+    """torch's intra-op threads in a Ray Train worker: ``ray.torch_threads``, else its ``ray.cpus_per_worker``."""
+    return cfg.ray.torch_threads or cfg.ray.cpus_per_worker
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function: what only Ray knows (rank, device, the checkpoint to resume), then the run."""
     import ray.train
@@ -181,7 +186,7 @@ def train_worker(config: dict[str, Any]) -> None:
         quiet_train_reports()
     cfg = from_dict(config)
     ctx = ray.train.get_context()
-    torch.set_num_threads(cfg.ray.cpus_per_worker)  # the worker's own CPU budget, not the host's
+    torch.set_num_threads(worker_threads(cfg))  # the worker's own CPU budget, not the host's
     where = session.Placement(device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
                               world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank())
     state = None

@@ -19,7 +19,7 @@ from byol_ray.storage import Location, location
 RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.val", "train.log_every_steps",
                   "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.interruptions_per_node_hour",
                   "train.device", "train.compile", "ray.address",
-                  "ray.num_workers", "ray.min_workers", "ray.cpus_per_worker", "ray.max_failures", "ray.num_to_keep",
+                  "ray.num_workers", "ray.min_workers", "ray.cpus_per_worker", "ray.torch_threads", "ray.max_failures", "ray.num_to_keep",
                   "ray.preemption_poll_steps", "ray.wait_for_workers_s", "ray.checkpoint_upload", "ray.resize_check_s",
                   "eval.every_epochs",
                   "eval.cpus", "eval.knn_k", "eval.knn_temperature", "eval.bank_size", "eval.val_size",

@@ -59,10 +59,18 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("data.crop_scale=[0.5]", r"list of 2 numbers"),
     ("train=3", r"is a section"),
     ("nonsense", r"key.sub=value"),
+    ("ray.torch_threads=-1", r"'ray.torch_threads' = -1 is out of range; allowed: >= 0 \(0 = ray.cpus_per_worker\)"),
 ])
 def test_bad_values_are_rejected_with_the_key_named(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(["demo"], [override])
+
+
+def test_a_workers_torch_threads_are_its_cpus_unless_set():
+    from byol_ray.ray_train import worker_threads
+
+    assert worker_threads(load_config(["demo"], ["ray.cpus_per_worker=4"])) == 4
+    assert worker_threads(load_config(["demo"], ["ray.cpus_per_worker=4", "ray.torch_threads=1"])) == 1
 
 
 def test_batch_must_give_every_worker_two_samples():

@@ -27,6 +27,7 @@ def test_two_worker_cpu_run_completes_and_learns(two_worker_run):
     cfg, result = two_worker_run
     history = read_history(cfg)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert {h["torch_threads"] for h in history} == {1}  # ray.cpus_per_worker=1
     assert history[-1]["epoch_loss"] < history[0]["epoch_loss"] - 0.05
     state = final_state(cfg)
     assert state["step"] == 4 * STEPS_PER_EPOCH and state["config"]["derived"]["world_size"] == 2
@@ -121,7 +122,9 @@ def test_multi_node_run_places_workers_on_both_nodes_and_listens_on_loopback_onl
 
     from byol_ray.ray_train import launch
 
-    cfg = run_config(workdir, "multinode", "train.epochs=1", "ray.num_workers=2", "ray.cpus_per_worker=2")
+    # 2 CPUs per worker place one on each node; torch on 1 thread each, as both nodes share this machine's 2 cores
+    cfg = run_config(workdir, "multinode", "train.epochs=1", "ray.num_workers=2", "ray.cpus_per_worker=2",
+                     "ray.torch_threads=1")
     def workers():
         return list_actors(address=this_cluster(), filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)
 
@@ -137,6 +140,7 @@ def test_multi_node_run_places_workers_on_both_nodes_and_listens_on_loopback_onl
     nodes = {a.node_id for a in workers() if a.actor_id not in before}
     assert len(nodes) == 2, f"workers ran on {len(nodes)} node(s)"
     assert final_state(cfg)["epoch"] == 1
+    assert [r["torch_threads"] for r in read_history(cfg)] == [1]
     assert listening, "no listening socket of a training worker was seen"
     everywhere = listening & {"0.0.0.0", "::"}
     assert not everywhere, f"a training worker listened on every interface ({sorted(listening)})"

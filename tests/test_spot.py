@@ -76,13 +76,17 @@ def _no_run_outlives_its_case():
             proc.wait(timeout=30)
 
 
+# Each worker reserves 2 CPUs, so that a node holds one worker and the loss of a node is the loss of a worker; torch
+# runs on 1 thread in each (ray.torch_threads), as the cluster's nodes share this machine's 2 cores (two workers of
+# 2 threads each spun for about twice the CPU time on the same runs).
 def _start_run(cluster: SpotCluster, tmp: Path, name: str, cifar_small, mlflow_server: str, *extra: str):
     train, val = cifar_small
     cmd = [str(BYOL_RAY), "train", "--config", "demo",
            f"data.train={train}", f"data.val={val}", "data.loader=torch", "data.num_workers=1",
            "model.projector_hidden_dim=128", "model.predictor_hidden_dim=128", "model.projector_dim=64",
            "train.batch_size=64", "train.log_every_steps=1", "train.checkpoint_every_steps=3",
-           "ray.num_workers=2", "ray.min_workers=1", "ray.max_failures=5", "ray.cpus_per_worker=2", "ray.resize_check_s=5",
+           "ray.num_workers=2", "ray.min_workers=1", "ray.max_failures=5", "ray.cpus_per_worker=2", "ray.torch_threads=1",
+           "ray.resize_check_s=5",
            "ray.num_to_keep=100", "eval.cpus=1", "mlflow.system_metrics_every_s=0",
            f"mlflow.tracking_uri={mlflow_server}", f"mlflow.experiment=spot-{name}", f"mlflow.register_name=spot-{name}",
            f"ray.address={cluster.address}", f"output_dir={tmp}/runs", f"data.cache_dir={tmp}/cache",
@@ -166,6 +170,8 @@ def test_elastic_run_loses_a_node_finishes_on_one_worker_and_grows_back(spot_clu
     # the recipe did not change with the size: global batch, steps, and the schedules at every epoch
     saved = yaml.safe_load((tmp_path / "runs" / "elastic" / "config.yaml").read_text())["derived"]
     assert all(r["global_batch"] == 64 for r in history)
+    # 2 CPUs reserved per worker (one worker per node), torch on 1 thread: the nodes share this machine's 2 cores
+    assert {r["torch_threads"] for r in history} == {1}
     for epoch, row in by_epoch.items():
         assert row["step"] == epoch * saved["steps_per_epoch"]
         steps = range((epoch - 1) * saved["steps_per_epoch"], epoch * saved["steps_per_epoch"])
