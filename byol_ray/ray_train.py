@@ -152,6 +152,21 @@ def _collective_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def same_start_on_every_rank(state: dict[str, Any] | None, device: torch.device) -> None:
+    """Raise unless every rank continues from the same step. Each rank reads its checkpoint itself (Ray's restore
+    copies it to every worker; without a record, each lists the run folder), and a rank whose copy cannot be read
+    falls back to an older one alone. Ranks that disagree would train different steps and wait forever in each
+    other's collectives; the attempt fails instead, naming the steps, and Ray Train retries it
+    (``ray.max_failures``)."""
+    mine = torch.tensor([-1.0 if state is None else float(state["step"])], dtype=torch.float64, device=device)
+    steps = [int(v) for v in dist.gather(mine)[:, 0].tolist()]
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"rank {r}: {'step 0 (no checkpoint)' if s < 0 else f'step {s}'}" for r, s in enumerate(steps))
+        raise RuntimeError(f"the workers would resume from different checkpoints ({seen}): a checkpoint that one "
+                           "worker could read was unreadable to another; this attempt stops so that Ray Train can "
+                           "retry it (ray.max_failures)")
+
+
 def validate_checkpoint(checkpoint, **_: Any) -> dict[str, float]:
     """Ray Train's validation function (``ValidationConfig``): runs in its own task while training goes on."""
     with checkpoint.as_directory() as folder:
@@ -200,6 +215,7 @@ def train_worker(config: dict[str, Any]) -> None:
             say(f"resuming from epoch {state['epoch']}, step {state['step']}")
     else:  # none recorded, yet the run folder may hold some (a controller stopped before registering them)
         state = unrecorded_resume_state(cfg, where.device, announce=where.rank == 0)
+    same_start_on_every_rank(state, _collective_device(cfg))
     folder = run_dir(cfg)
     session.run(cfg, where, state=state, make_reporter=lambda printer: RayReporter(where.rank, printer, folder, cfg))
 

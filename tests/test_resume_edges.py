@@ -84,6 +84,40 @@ def test_checkpoints_ray_train_never_recorded_are_resumed_from_when_intact(tmp_p
     assert unrecorded_resume_state(cfg, "cpu") is None and capsys.readouterr().err == ""
 
 
+def _resume_rank(rank: int, pg_file: str, steps: list, out: str) -> None:
+    from byol_ray.ray_train import same_start_on_every_rank
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)
+    try:
+        state = None if steps[rank] is None else {"step": steps[rank]}
+        try:
+            same_start_on_every_rank(state, torch.device("cpu"))
+            Path(f"{out}.{rank}").write_text("agreed")
+        except RuntimeError as exc:
+            Path(f"{out}.{rank}").write_text(str(exc))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps,agreed", [([90, 90], True), ([None, None], True), ([90, 81], False),
+                                          ([90, None], False)])
+def test_ranks_that_would_resume_from_different_steps_stop_the_attempt(tmp_path, steps, agreed):
+    """Each rank reads the checkpoint itself; one whose copy was unreadable falls back alone. Two real gloo ranks:
+    they go on only when they hold the same step, and otherwise both stop, naming every rank's step."""
+    out = str(tmp_path / "answer")
+    # fork: the children need nothing but what this process has imported already
+    torch.multiprocessing.start_processes(_resume_rank, args=(str(tmp_path / "pg"), steps, out), nprocs=2,
+                                          start_method="fork")
+    answers = [Path(f"{out}.{rank}").read_text() for rank in (0, 1)]
+    if agreed:
+        assert answers == ["agreed", "agreed"]
+    else:
+        for answer in answers:
+            assert "would resume from different checkpoints" in answer and "ray.max_failures" in answer, answer
+            assert "rank 0: step 90" in answer
+            assert ("rank 1: step 81" if steps[1] else "rank 1: step 0 (no checkpoint)") in answer
+
+
 def test_resume_with_every_checkpoint_unreadable_is_one_line_and_keeps_the_files(tmp_path):
     runs = tmp_path / "runs"
     train_local(load_config(["demo"], [*TINY, "train.epochs=1", f"output_dir={runs}", "run_name=bad"]))
