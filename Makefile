@@ -31,7 +31,7 @@ demo: setup
 # MLflow server and the object store are shared (tests/shared_services.py). `make test-fast` (no Ray cluster, no MLflow
 # server) runs on two workers as well. From a fresh clone, set-up included: 1005 s to 1059 s on two workers before
 # the Ctrl-C fixes; 1070 s, 1252 s and 1393 s for three runs of 218e96c on the same idle machine, 1054 s at c796935,
-# 1000 s and 961 s at d8cc439 (docs/design.md, "The test suite", has every measured run).
+# 1000 s and 961 s at d8cc439, 989 s at 12f5ee0 (docs/design.md, "The test suite", has every measured run).
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
