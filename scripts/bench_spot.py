@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from ports import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every address on loopback
@@ -47,14 +47,8 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 S3_RESNET18_STALL_S = 2.56  # docs/benchmarks.md, "Checkpoint upload ... (2026-12-04)", sync to S3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port",

@@ -4,7 +4,6 @@ wrapping in a real (gloo, one-rank) process group."""
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from byol_ray.byol import build_networks, online_ema_parameters, update_target
 from byol_ray.checkpoint import load_checkpoint, save_checkpoint
 from byol_ray.config import derive, load_config
 from byol_ray.engine import BYOLEngine, place_networks
+from ports import free_port
 
 CPU = torch.device("cpu")
 TINY = ["model.projector_hidden_dim=32", "model.predictor_hidden_dim=32", "model.projector_dim=16",
@@ -104,9 +104,7 @@ def test_compiled_step_matches_eager():
 @pytest.fixture
 def gloo_world_of_one():
     """A real torch.distributed process group (gloo) of one rank on loopback; destroyed afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         yield
